@@ -1,0 +1,1 @@
+"""Data: preprocessing, tokenizer, sample formats, packing and the Grain pipeline."""

@@ -1,0 +1,16 @@
+"""Test setup: CPU jax with a fake 8-device mesh, fp32 matmuls, single-threaded torch."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+try:  # the reference model is only needed by parity tests
+    import torch  # noqa: E402
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
