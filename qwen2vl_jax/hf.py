@@ -1,0 +1,323 @@
+"""Hugging Face <-> qwen2vl_jax weight conversion.
+
+The parameter tree is the contract in WORKSPACE.md ("Parameters"). Every HF tensor maps to exactly one
+leaf (per layer for the stacked blocks) through one `_Spec` row of `_specs(cfg)`:
+
+  HF name (on disk)                                   HF shape               ours                          our shape
+  visual.patch_embed.proj.weight                      [E, C, T, p, p]        visual/patch_embed/kernel     [C*T*p*p, E]
+  visual.blocks.{i}.norm{1,2}.{weight,bias}           [E]                    visual/blocks/norm{1,2}/...   [L, E]
+  visual.blocks.{i}.attn.qkv.weight                   [3E, E]                visual/blocks/attn/qkv/kernel [L, E, 3, H, hd]
+  visual.blocks.{i}.attn.qkv.bias                     [3E]                   .../qkv/bias                  [L, 3, H, hd]
+  visual.blocks.{i}.attn.proj.{weight,bias}           [E, E], [E]            .../proj/{kernel,bias}        [L, H, hd, E], [L, E]
+  visual.blocks.{i}.mlp.fc1 / fc2                     [M, E] / [E, M]        .../mlp/fc1 / fc2 kernel      [L, E, M] / [L, M, E]
+  visual.merger.ln_q.{weight,bias}                    [E]                    visual/merger/ln_q            [E]
+  visual.merger.mlp.0 / mlp.2                         [4E, 4E] / [D, 4E]     visual/merger/mlp_0 / mlp_2   [4E, 4E] / [4E, D]
+  model.embed_tokens.weight                           [V, D]                 decoder/embed_tokens/embedding [V, D]
+  model.layers.{i}.self_attn.{q,k,v}_proj.weight      [H*hd, D]              decoder/layers/self_attn/...  [L, D, H, hd]
+  model.layers.{i}.self_attn.o_proj.weight            [D, Hq*hd]             .../o_proj/kernel             [L, Hq, hd, D]
+  model.layers.{i}.mlp.{gate,up,down}_proj.weight     [I, D] / [D, I]        decoder/layers/mlp/...        [L, D, I] / [L, I, D]
+  model.layers.{i}.{input,post_attention}_layernorm   [D]                    decoder/layers/...            [L, D]
+  model.norm.weight                                   [D]                    decoder/norm/scale            [D]
+  lm_head.weight                                      [V, D]                 lm_head/kernel                [D, V]  (absent when tied)
+
+Torch `Linear` weights are `[out, in]`; our kernels are `x @ kernel`, i.e. the transpose reshaped to
+`(*in_dims, *out_dims)`. The patch-embed Conv3d has stride == kernel, so it is the matmul
+`pixels[N, 1176] @ W.reshape(E, 1176).T`, flattened in the processor's (C, T, h, w) column order.
+
+transformers 4.57 holds the model as `model.language_model.*` / `model.visual.*` in memory and maps them
+back to `model.*` / `visual.*` when saving (`_checkpoint_conversion_mapping`); we read both and write the
+on-disk form.
+
+Orbax layout written by `save_jax_checkpoint` (what `launch/convert.py --hf_to_jax` produces and what
+training can start from):
+
+  DST/
+    model_config.json   dataclasses.asdict(ModelConfig) (vision nested); `model_config_from_dict` rebuilds it
+    params/             orbax StandardCheckpointer checkpoint of the params tree above
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import struct
+from typing import Any, Callable, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from qwen2vl_jax.config import ModelConfig, VisionConfig, from_hf_config, to_hf_config
+
+Progress = Callable[[str], None] | None
+
+# ----------------------------------------------------------------------------------------------
+# The name/shape table
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """One HF tensor family <-> one leaf of our tree.
+
+    hf:        on-disk name; contains "{i}" for per-layer tensors, which are stacked on our leading axis.
+    path:      keys into our params tree.
+    hf_shape:  shape of one HF tensor.
+    our_shape: shape of our leaf for one layer (without the stacked L axis).
+    transpose: HF tensor is a torch Linear/Conv weight [out, *in]: ours = W.reshape(out, -1).T reshaped.
+    """
+    hf: str
+    path: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    our_shape: tuple[int, ...]
+    transpose: bool = False
+    num_layers: int = 0  # > 0 for stacked per-layer tensors
+
+    @property
+    def group(self) -> str:
+        return self.hf.replace(".{i}", ".*")
+
+    def hf_names(self) -> list[str]:
+        if self.num_layers:
+            return [self.hf.format(i=i) for i in range(self.num_layers)]
+        return [self.hf]
+
+    @property
+    def leaf_shape(self) -> tuple[int, ...]:
+        return ((self.num_layers,) if self.num_layers else ()) + self.our_shape
+
+    def to_ours(self, w: np.ndarray) -> np.ndarray:
+        """One HF tensor (hf_shape) -> one layer of our leaf (our_shape)."""
+        if self.transpose:
+            w = w.reshape(self.hf_shape[0], -1).T
+        return w.reshape(self.our_shape)
+
+    def to_hf(self, k: np.ndarray) -> np.ndarray:
+        """One layer of our leaf (our_shape) -> one HF tensor (hf_shape); exact inverse of to_ours."""
+        if self.transpose:
+            k = k.reshape(-1, self.hf_shape[0]).T
+        return np.ascontiguousarray(k.reshape(self.hf_shape))
+
+
+def _specs(cfg: ModelConfig) -> list[_Spec]:
+    v = cfg.vision
+    E, H, hd, M, P = v.embed_dim, v.num_heads, v.head_dim, v.mlp_dim, v.patch_dim
+    ME = v.merger_hidden
+    D, V, I = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    Hq, Hkv, dh, L, Lv = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                          cfg.num_hidden_layers, v.depth)
+
+    def vis(name, path, hf_shape, our_shape, transpose=False):
+        return _Spec(f"visual.blocks.{{i}}.{name}", ("visual", "blocks", *path), hf_shape, our_shape,
+                     transpose, Lv)
+
+    def dec(name, path, hf_shape, our_shape, transpose=False):
+        return _Spec(f"model.layers.{{i}}.{name}", ("decoder", "layers", *path), hf_shape, our_shape,
+                     transpose, L)
+
+    specs = [
+        _Spec("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"),
+              (E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), (P, E), True),
+        vis("norm1.weight", ("norm1", "scale"), (E,), (E,)),
+        vis("norm1.bias", ("norm1", "bias"), (E,), (E,)),
+        vis("norm2.weight", ("norm2", "scale"), (E,), (E,)),
+        vis("norm2.bias", ("norm2", "bias"), (E,), (E,)),
+        vis("attn.qkv.weight", ("attn", "qkv", "kernel"), (3 * E, E), (E, 3, H, hd), True),
+        vis("attn.qkv.bias", ("attn", "qkv", "bias"), (3 * E,), (3, H, hd)),
+        vis("attn.proj.weight", ("attn", "proj", "kernel"), (E, E), (H, hd, E), True),
+        vis("attn.proj.bias", ("attn", "proj", "bias"), (E,), (E,)),
+        vis("mlp.fc1.weight", ("mlp", "fc1", "kernel"), (M, E), (E, M), True),
+        vis("mlp.fc1.bias", ("mlp", "fc1", "bias"), (M,), (M,)),
+        vis("mlp.fc2.weight", ("mlp", "fc2", "kernel"), (E, M), (M, E), True),
+        vis("mlp.fc2.bias", ("mlp", "fc2", "bias"), (E,), (E,)),
+        _Spec("visual.merger.ln_q.weight", ("visual", "merger", "ln_q", "scale"), (E,), (E,)),
+        _Spec("visual.merger.ln_q.bias", ("visual", "merger", "ln_q", "bias"), (E,), (E,)),
+        _Spec("visual.merger.mlp.0.weight", ("visual", "merger", "mlp_0", "kernel"), (ME, ME), (ME, ME), True),
+        _Spec("visual.merger.mlp.0.bias", ("visual", "merger", "mlp_0", "bias"), (ME,), (ME,)),
+        _Spec("visual.merger.mlp.2.weight", ("visual", "merger", "mlp_2", "kernel"), (D, ME), (ME, D), True),
+        _Spec("visual.merger.mlp.2.bias", ("visual", "merger", "mlp_2", "bias"), (D,), (D,)),
+        _Spec("model.embed_tokens.weight", ("decoder", "embed_tokens", "embedding"), (V, D), (V, D)),
+        dec("input_layernorm.weight", ("input_layernorm", "scale"), (D,), (D,)),
+        dec("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), (D,), (D,)),
+        dec("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), (Hq * dh, D), (D, Hq, dh), True),
+        dec("self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), (Hq * dh,), (Hq, dh)),
+        dec("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), (Hkv * dh, D), (D, Hkv, dh), True),
+        dec("self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), (Hkv * dh,), (Hkv, dh)),
+        dec("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), (Hkv * dh, D), (D, Hkv, dh), True),
+        dec("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), (Hkv * dh,), (Hkv, dh)),
+        dec("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), (D, Hq * dh), (Hq, dh, D), True),
+        dec("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (I, D), (D, I), True),
+        dec("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (I, D), (D, I), True),
+        dec("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (D, I), (I, D), True),
+        _Spec("model.norm.weight", ("decoder", "norm", "scale"), (D,), (D,)),
+    ]
+    if not cfg.tie_word_embeddings:
+        specs.append(_Spec("lm_head.weight", ("lm_head", "kernel"), (V, D), (D, V), True))
+    return specs
+
+
+LM_HEAD = "lm_head.weight"
+EMBED = "model.embed_tokens.weight"
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """The contract tree with each leaf's shape (tuple) instead of an array."""
+    tree: dict = {}
+    for s in _specs(cfg):
+        _set(tree, s.path, s.leaf_shape)
+    return tree
+
+
+def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """On-disk HF tensor name -> shape, in save order (what `save_pretrained` writes for `cfg`)."""
+    return {n: s.hf_shape for s in _specs(cfg) for n in s.hf_names()}
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+    for k in path:
+        if not isinstance(tree, Mapping) or k not in tree:
+            raise ValueError(f"params lack {'/'.join(path)}")
+        tree = tree[k]
+    return tree
+
+
+def _leaf_paths(tree: Mapping, prefix=()) -> Iterator[tuple[str, ...]]:
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _leaf_paths(v, prefix + (k,))
+        else:
+            yield prefix + (k,)
+
+
+# ----------------------------------------------------------------------------------------------
+# dtypes
+
+_NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+              "float16": np.dtype(np.float16)}
+
+
+def np_dtype(name: str | np.dtype) -> np.dtype:
+    if isinstance(name, str):
+        if name not in _NP_DTYPES:
+            raise ValueError(f"dtype {name!r} unsupported; valid: {', '.join(_NP_DTYPES)}")
+        return _NP_DTYPES[name]
+    return np.dtype(name)
+
+
+def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# HF state dict <-> params
+
+_IN_MEMORY = ((re.compile(r"^model\.language_model\."), "model."), (re.compile(r"^model\.visual\."), "visual."))
+
+
+def on_disk_name(name: str) -> str:
+    """4.57 in-memory name (`model.language_model.x`, `model.visual.x`) -> on-disk name (`model.x`, `visual.x`)."""
+    for pat, repl in _IN_MEMORY:
+        if pat.match(name):
+            return pat.sub(repl, name, count=1)
+    return name
+
+
+def _normalize_names(names) -> dict[str, str]:
+    """on-disk name -> the key actually present in the state dict."""
+    out: dict[str, str] = {}
+    for key in names:
+        disk = on_disk_name(key)
+        if disk in out:
+            raise ValueError(f"state dict holds {disk!r} twice: as {out[disk]!r} and {key!r}")
+        out[disk] = key
+    return out
+
+
+def params_from_hf_state_dict(cfg: ModelConfig, sd: Mapping[str, Any], progress: Progress = None) -> dict:
+    """HF Qwen2-VL tensors (on-disk or 4.57 in-memory names; numpy or anything `np.asarray` takes)
+    -> the contract params tree as numpy arrays in `cfg.param_dtype`.
+
+    `sd` may be lazy (a Mapping that reads on `__getitem__`): each tensor is read once, converted and
+    written into the preallocated stacked leaf, so peak memory is the output plus one tensor.
+    Raises ValueError listing unexpected / missing tensors, or naming a tensor with a wrong shape.
+    """
+    dtype = np_dtype(cfg.param_dtype)
+    names = _normalize_names(sd.keys())
+    specs = _specs(cfg)
+    expected = {n for s in specs for n in s.hf_names()}
+    extra = sorted(set(names) - expected - ({LM_HEAD} if cfg.tie_word_embeddings else set()))
+    missing = sorted(expected - set(names))
+    if extra or missing:
+        raise ValueError(f"HF state dict does not match config {cfg.name!r}: "
+                         f"unexpected tensors {extra or 'none'}; missing tensors {missing or 'none'}")
+
+    def read(name: str, spec: _Spec) -> np.ndarray:
+        w = np.asarray(sd[names[name]])
+        if tuple(w.shape) != spec.hf_shape:
+            raise ValueError(f"tensor {names[name]!r} has shape {tuple(w.shape)}, expected {spec.hf_shape} "
+                             f"for config {cfg.name!r}")
+        return w
+
+    params: dict = {}
+    for spec in specs:
+        if progress:
+            progress(f"hf->jax {spec.group} {spec.hf_shape} -> {'/'.join(spec.path)} {spec.leaf_shape}")
+        if spec.num_layers:
+            leaf = np.empty(spec.leaf_shape, dtype)
+            for i, name in enumerate(spec.hf_names()):
+                leaf[i] = spec.to_ours(read(name, spec))
+        else:
+            leaf = _cast(spec.to_ours(read(spec.hf, spec)), dtype)
+            leaf = np.ascontiguousarray(leaf)
+        _set(params, spec.path, leaf)
+    if cfg.tie_word_embeddings and LM_HEAD in names:
+        head = np.asarray(sd[names[LM_HEAD]])
+        emb = np.asarray(sd[names[EMBED]])
+        if head.shape != emb.shape or not np.array_equal(head, emb):
+            raise ValueError(f"config {cfg.name!r} ties word embeddings but {names[LM_HEAD]!r} "
+                             f"{tuple(head.shape)} differs from {names[EMBED]!r} {tuple(emb.shape)}")
+    return params
+
+
+def _check_params(cfg: ModelConfig, params: Mapping) -> list[_Spec]:
+    specs = _specs(cfg)
+    want = {s.path: s.leaf_shape for s in specs}
+    have = set(_leaf_paths(params))
+    extra = sorted("/".join(p) for p in have - set(want))
+    missing = sorted("/".join(p) for p in set(want) - have)
+    if extra or missing:
+        raise ValueError(f"params do not match config {cfg.name!r}: unexpected leaves {extra or 'none'}; "
+                         f"missing leaves {missing or 'none'}")
+    for s in specs:
+        shape = tuple(_get(params, s.path).shape)
+        if shape != s.leaf_shape:
+            raise ValueError(f"param {'/'.join(s.path)} has shape {shape}, expected {s.leaf_shape}")
+    return specs
+
+
+def iter_hf_tensors(cfg: ModelConfig, params: Mapping, dtype=None,
+                    progress: Progress = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (on-disk HF name, numpy tensor) one at a time, in `hf_tensor_shapes` order.
+    dtype None keeps each leaf's dtype. Stacked leaves are sliced per layer (jax arrays included),
+    so only one HF tensor is materialized on the host at a time."""
+    target = None if dtype is None else np_dtype(dtype)
+    for spec in _check_params(cfg, params):
+        leaf = _get(params, spec.path)
+        if progress:
+            progress(f"jax->hf {'/'.join(spec.path)} {spec.leaf_shape} -> {spec.group} {spec.hf_shape}")
+        parts = [leaf[i] for i in range(spec.num_layers)] if spec.num_layers else [leaf]
+        for name, part in zip(spec.hf_names(), parts):
+            w = spec.to_hf(np.asarray(part))
+            yield name, (w if target is None else _cast(w, target))
+
+
+def params_to_hf_state_dict(cfg: ModelConfig, params: Mapping, dtype=None,
+                            progress: Progress = None) -> dict[str, np.ndarray]:
+    """Exact inverse of `params_from_hf_state_dict`, with on-disk names (no lm_head when tied)."""
+    return dict(iter_hf_tensors(cfg, params, dtype, progress))
