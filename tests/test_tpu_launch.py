@@ -36,8 +36,10 @@ def test_dry_run_prints_exact_commands():
     assert out.splitlines() == expected
     # every line is valid shell that splits back into the intended argv
     remote = shlex.split(out.splitlines()[-1])[-1].removeprefix("--command=")
-    assert shlex.split(remote)[9:14] == ["python3", "-m", "launch.pretrain", "--experiment=stage2", "--model=7b"]
-    assert "--set=data.name=a b" in shlex.split(remote)
+    toks = shlex.split(remote)
+    i = toks.index("nohup") + 1
+    assert toks[i:i + 7] == ["python3", "-m", "launch.pretrain", "--experiment=stage2", "--model=7b",
+                             "--set=optim.peak_lr=1e-4", "--set=data.name=a b"]
 
 
 class FakeRunner:
