@@ -201,6 +201,8 @@ def _leaf_paths(tree: Mapping, prefix=()) -> Iterator[tuple[str, ...]]:
 _NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
               "float16": np.dtype(np.float16)}
 
+_NP_NAMES = {v: k for k, v in _NP_DTYPES.items()}
+
 
 def np_dtype(name: str | np.dtype) -> np.dtype:
     if isinstance(name, str):
@@ -321,3 +323,272 @@ def params_to_hf_state_dict(cfg: ModelConfig, params: Mapping, dtype=None,
                             progress: Progress = None) -> dict[str, np.ndarray]:
     """Exact inverse of `params_from_hf_state_dict`, with on-disk names (no lm_head when tied)."""
     return dict(iter_hf_tensors(cfg, params, dtype, progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors files, read and written tensor by tensor (no torch; bf16 through ml_dtypes)
+
+_ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+              "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+              "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+              "BOOL": np.dtype(np.bool_)}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def _read_safetensors_header(path: str) -> tuple[dict, int]:
+    """-> ({name: {"dtype", "shape", "data_offsets"}}, byte offset of the data section)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        size = os.fstat(f.fileno()).st_size
+        if n > size - 8:
+            raise ValueError(f"{path} is not a safetensors file (header length {n} > file size {size})")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class SafetensorsReader(Mapping):
+    """Lazy read-only view of one or more safetensors files: `reader[name]` reads that tensor (a copy)."""
+
+    def __init__(self, files: list[str]):
+        self._where: dict[str, tuple[str, dict, int]] = {}
+        for path in files:
+            header, start = _read_safetensors_header(path)
+            for name, info in header.items():
+                if name in self._where:
+                    raise ValueError(f"tensor {name!r} is in both {self._where[name][0]} and {path}")
+                if info["dtype"] not in _ST_DTYPES:
+                    raise ValueError(f"tensor {name!r} in {path} has unsupported dtype {info['dtype']}")
+                self._where[name] = (path, info, start)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path, info, start = self._where[name]
+        dtype = _ST_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {name!r} in {path}: {end - begin} bytes for shape {shape} {info['dtype']}")
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            buf = f.read(end - begin)
+        return np.frombuffer(buf, dtype=dtype).reshape(shape).copy()
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self):
+        return len(self._where)
+
+    def dtype_of(self, name: str) -> np.dtype:
+        return _ST_DTYPES[self._where[name][1]["dtype"]]
+
+
+def _write_safetensors(path: str, plan: list[tuple[str, tuple[int, ...], np.dtype]],
+                       tensors: Iterator[tuple[str, np.ndarray]]) -> None:
+    """Writes the planned tensors (name, shape, dtype), pulling each from `tensors` in plan order."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in plan:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype in plan:
+            got, w = next(tensors)
+            if got != name or tuple(w.shape) != shape or w.dtype != dtype:
+                raise AssertionError(f"planned {name} {shape} {dtype}, got {got} {w.shape} {w.dtype}")
+            f.write(np.ascontiguousarray(w).tobytes())
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5 * 10**9, '2GiB' -> 2 * 2**30, '100KB', 4096 (bytes) ... (transformers' convention)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size).upper().replace("IB", "iB"))
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}; expected an int or e.g. '5GB', '500MB', '2GiB'")
+    units = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    return int(float(m.group(1)) * units[m.group(2)])
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers folders
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        if absent:
+            raise FileNotFoundError(f"{index} names shards that are not in {path}: {absent}")
+        return [os.path.join(path, f) for f in files]
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE} "
+                            f"(found: {sorted(os.listdir(path))}); only safetensors checkpoints are supported")
+
+
+def read_hf_config(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
+    cfg_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{path!r} has no {CONFIG_FILE}")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    if hf.get("model_type") != "qwen2_vl":
+        raise ValueError(f"{cfg_path}: model_type {hf.get('model_type')!r} is not 'qwen2_vl'")
+    return hf
+
+
+def load_pretrained(path: str, progress: Progress = None, **execution_overrides) -> tuple[ModelConfig, dict]:
+    """A transformers Qwen2-VL folder (config.json + model.safetensors, or sharded shards + index;
+    f32/bf16/f16) -> (cfg, numpy params in cfg.param_dtype). Execution fields (dtype, param_dtype,
+    attention_impl, ...) come from `execution_overrides`, else the ModelConfig defaults.
+    Tensors are read one at a time."""
+    hf_cfg = read_hf_config(path)
+    name = os.path.basename(os.path.normpath(path)) or "hf"
+    cfg = from_hf_config(hf_cfg, name=name, **execution_overrides)
+    reader = SafetensorsReader(_weight_files(path))
+    return cfg, params_from_hf_state_dict(cfg, reader, progress=progress)
+
+
+def _generation_config(cfg: ModelConfig) -> dict:
+    eos = [cfg.eos_token_id] + ([cfg.pad_token_id] if cfg.pad_token_id != cfg.eos_token_id else [])
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id,
+            "do_sample": False}
+
+
+def save_pretrained(cfg: ModelConfig, params: Mapping, path: str, max_shard_size: int | str = "5GB",
+                    dtype: str | None = None, progress: Progress = None) -> list[str]:
+    """Writes a folder that `Qwen2VLForConditionalGeneration.from_pretrained(path)` loads: config.json,
+    generation_config.json and model.safetensors, or model-0000i-of-0000n.safetensors + index when the
+    tensors exceed `max_shard_size` (a shard holds at least one tensor). dtype None keeps each leaf's dtype.
+    Previous weight files in `path` are removed. Returns the weight file names written."""
+    specs = _check_params(cfg, params)
+    target = None if dtype is None else np_dtype(dtype)
+    plan: list[tuple[str, tuple[int, ...], np.dtype]] = []
+    for s in specs:
+        leaf_dtype = target or np.dtype(_get(params, s.path).dtype)
+        if leaf_dtype not in _ST_NAMES:
+            raise ValueError(f"param {'/'.join(s.path)} has dtype {leaf_dtype}, not storable in safetensors")
+        plan += [(n, s.hf_shape, leaf_dtype) for n in s.hf_names()]
+    limit = parse_size(max_shard_size)
+    shards: list[list] = [[]]
+    size = 0
+    for entry in plan:
+        nbytes = math.prod(entry[1]) * entry[2].itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    os.makedirs(path, exist_ok=True)
+    for old in os.listdir(path):
+        if old == INDEX_FILE or re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", old):
+            os.remove(os.path.join(path, old))
+    dtype_names = {_NP_NAMES.get(d, "float32") for _, _, d in plan}
+    hf_cfg = dict(to_hf_config(cfg), torch_dtype=dtype_names.pop() if len(dtype_names) == 1 else "float32")
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(hf_cfg, f, indent=2)
+    with open(os.path.join(path, GENERATION_CONFIG_FILE), "w") as f:
+        json.dump(_generation_config(cfg), f, indent=2)
+    tensors = iter_hf_tensors(cfg, params, dtype, progress)
+    n = len(shards)
+    files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for file, shard in zip(files, shards):
+        _write_safetensors(os.path.join(path, file), shard, tensors)
+    if n > 1:
+        index = {"metadata": {"total_size": sum(math.prod(s) * d.itemsize for _, s, d in plan)},
+                 "weight_map": {name: file for file, shard in zip(files, shards) for name, _, _ in shard}}
+        with open(os.path.join(path, INDEX_FILE), "w") as f:
+            json.dump(index, f, indent=2)
+    return files
+
+
+# ----------------------------------------------------------------------------------------------
+# Our orbax checkpoint: DST/model_config.json + DST/params/ (see the module docstring)
+
+MODEL_CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
+    """Inverse of `model_config_to_dict` (JSON lists back to tuples); unknown keys raise ValueError."""
+    d = dict(d)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    vfields = {f.name for f in dataclasses.fields(VisionConfig)}
+    vision = dict(d.pop("vision", {}))
+    bad = sorted(set(d) - fields) + [f"vision.{k}" for k in sorted(set(vision) - vfields)]
+    if bad:
+        raise ValueError(f"unknown model config keys: {', '.join(bad)}")
+    if "mrope_section" in d:
+        d["mrope_section"] = tuple(d["mrope_section"])
+    return ModelConfig(**d, vision=VisionConfig(**vision))
+
+
+def save_jax_checkpoint(cfg: ModelConfig, params: Mapping, path: str, overwrite: bool = False) -> None:
+    """Writes DST/model_config.json and DST/params (orbax StandardCheckpointer). Leaves may be numpy or
+    (sharded) jax arrays."""
+    import orbax.checkpoint as ocp
+
+    _check_params(cfg, params)
+    path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, PARAMS_DIR)):
+        if not overwrite:
+            raise FileExistsError(f"{path}/{PARAMS_DIR} exists; pass overwrite=True to replace it")
+    os.makedirs(path, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, PARAMS_DIR), params, force=overwrite)
+        ckptr.wait_until_finished()
+    with open(os.path.join(path, MODEL_CONFIG_FILE), "w") as f:
+        json.dump(model_config_to_dict(cfg), f, indent=2)
+
+
+def load_jax_checkpoint(path: str, shardings: Any = None) -> tuple[ModelConfig, dict]:
+    """Reads a `save_jax_checkpoint` folder -> (cfg, params). Without `shardings` the leaves are host
+    numpy arrays; with a tree of `jax.sharding.Sharding` (params' structure) they are jax arrays placed so."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    cfg_file = os.path.join(path, MODEL_CONFIG_FILE)
+    if not os.path.exists(cfg_file) or not os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        raise FileNotFoundError(f"{path!r} is not a qwen2vl_jax checkpoint "
+                                f"(needs {MODEL_CONFIG_FILE} and {PARAMS_DIR}/)")
+    with open(cfg_file) as f:
+        cfg = model_config_from_dict(json.load(f))
+    dtype = np_dtype(cfg.param_dtype)
+    shapes = param_shapes(cfg)
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    if shardings is None:
+        target = jax.tree.map(lambda s: np.zeros(s, dtype), shapes, is_leaf=is_shape)
+    else:
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dtype, sharding=sh), shapes, shardings,
+                              is_leaf=is_shape)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.join(path, PARAMS_DIR), target)
+    _check_params(cfg, params)
+    return cfg, params

@@ -15,7 +15,7 @@ def _config(tied: bool):
 def _hf_model(cfg, seed=0):
     """A transformers model with every tensor random (HF init zeros biases and sets norms to 1)."""
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**to_hf_config(cfg))).eval()
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**to_hf_config(cfg))).float().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.5)
@@ -69,6 +69,21 @@ def _leaves(tree):
             yield from _leaves(v)
         else:
             yield v
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _assert_trees_equal(a, b):
+    """Same paths, dtypes and bits (key order may differ: orbax restores sorted dicts)."""
+    fa, fb = _flat(a), _flat(b)
+    assert sorted(fa) == sorted(fb)
+    for k in fa:
+        assert fa[k].dtype == fb[k].dtype and np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])), k
 
 
 def _shapes(tree):
@@ -142,8 +157,7 @@ def test_round_trip_is_bit_exact_on_disk_names(hf_pair):
         assert np.array_equal(back[name].view(np.uint32), w.view(np.uint32)), name
     # on-disk names in, same params out
     again = hf.params_from_hf_state_dict(cfg, back)
-    for a, b in zip(_leaves(params), _leaves(again)):
-        assert np.array_equal(a, b)
+    _assert_trees_equal(params, again)
 
 
 def test_param_dtype_bfloat16_cast(hf_pair):
@@ -207,3 +221,196 @@ def test_params_to_hf_rejects_wrong_tree():
     params["decoder"]["norm"]["scale"] = np.zeros((3,), np.float32)
     with pytest.raises(ValueError, match=r"decoder/norm/scale has shape \(3,\), expected \(64,\)"):
         hf.params_to_hf_state_dict(cfg, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# save_pretrained / load_pretrained (transformers folders)
+
+
+def _disk_state_dict(cfg, sd) -> dict:
+    """On-disk names, without the tied head (what a checkpoint for `cfg` holds)."""
+    out = {hf.on_disk_name(k): v for k, v in sd.items()}
+    if cfg.tie_word_embeddings:
+        out.pop("lm_head.weight")
+    return out
+
+
+def _assert_hf_model_equals(model, cfg, sd, dtype=torch.float32):
+    got = {hf.on_disk_name(k): v for k, v in model.state_dict().items()}
+    for name, w in _disk_state_dict(cfg, sd).items():
+        assert got[name].dtype == dtype, name
+        assert torch.equal(got[name], torch.from_numpy(w).to(dtype)), name
+    if cfg.tie_word_embeddings:
+        assert torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+
+
+def test_save_pretrained_loads_in_transformers(hf_pair, tmp_path):
+    cfg, _, sd = hf_pair
+    params = hf.params_from_hf_state_dict(cfg, sd)
+    files = hf.save_pretrained(cfg, params, str(tmp_path))
+    assert files == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json",
+                                                          "model.safetensors"]
+    model, info = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.config.tie_word_embeddings == cfg.tie_word_embeddings
+    _assert_hf_model_equals(model, cfg, sd)
+    # and our own loader reads it back bit-exactly
+    cfg2, params2 = hf.load_pretrained(str(tmp_path))
+    assert cfg2 == cfg.replace(name=tmp_path.name)
+    _assert_trees_equal(params, params2)
+
+
+def test_sharded_save_with_index(tmp_path):
+    cfg = _config(False)
+    sd = _state_dict(_hf_model(cfg, seed=1))
+    params = hf.params_from_hf_state_dict(cfg, sd)
+    files = hf.save_pretrained(cfg, params, str(tmp_path), max_shard_size="300KB")
+    shapes = hf.hf_tensor_shapes(cfg)
+    total = 4 * sum(int(np.prod(s)) for s in shapes.values())
+    largest = 4 * max(int(np.prod(s)) for s in shapes.values())
+    assert len(files) >= total // 300_000 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    import json
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == total
+    assert set(index["weight_map"]) == set(shapes) and set(index["weight_map"].values()) == set(files)
+    for f in files:  # every shard within the limit unless it holds a single larger tensor
+        reader = hf.SafetensorsReader([str(tmp_path / f)])
+        size = sum(reader[n].nbytes for n in reader)
+        assert size <= 300_000 or (len(reader) == 1 and size == largest), (f, size)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path))
+    _assert_hf_model_equals(model, cfg, sd)
+    _, params2 = hf.load_pretrained(str(tmp_path))
+    _assert_trees_equal(params, params2)
+    # a later unsharded save into the same folder leaves no stale shards or index behind
+    assert hf.save_pretrained(cfg, params, str(tmp_path)) == ["model.safetensors"]
+    assert not list(tmp_path.glob("model-*")) and not (tmp_path / "model.safetensors.index.json").exists()
+
+
+def test_bfloat16_save_and_load(tmp_path):
+    cfg = _config(True)
+    sd = _state_dict(_hf_model(cfg, seed=2))
+    params = hf.params_from_hf_state_dict(cfg, sd)
+    hf.save_pretrained(cfg, params, str(tmp_path), dtype="bfloat16")
+    import json
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    # safetensors' own torch reader (independent of ours) sees bf16 with torch's rounding
+    from safetensors.torch import load_file
+    raw = load_file(str(tmp_path / "model.safetensors"))
+    disk = _disk_state_dict(cfg, sd)
+    assert set(raw) == set(disk)
+    for name, w in disk.items():
+        assert raw[name].dtype == torch.bfloat16 and torch.equal(raw[name], torch.from_numpy(w).bfloat16()), name
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path), torch_dtype="auto")
+    _assert_hf_model_equals(model, cfg, sd, dtype=torch.bfloat16)
+    # ours: bf16 params are the same bits; fp32 params are the exact upcast
+    cfg16, p16 = hf.load_pretrained(str(tmp_path), param_dtype="bfloat16")
+    cfg32, p32 = hf.load_pretrained(str(tmp_path))
+    assert cfg16.param_dtype == "bfloat16" and cfg32.param_dtype == "float32"
+    back16 = hf.params_to_hf_state_dict(cfg16, p16)
+    back32 = hf.params_to_hf_state_dict(cfg32, p32)
+    for name, t in raw.items():
+        assert back16[name].dtype == hf.np_dtype("bfloat16")
+        assert np.array_equal(back16[name].view(np.uint16), t.view(torch.int16).numpy().view(np.uint16)), name
+        assert np.array_equal(back32[name], t.float().numpy()), name
+
+
+@pytest.mark.parametrize("shard", [None, "200KB"], ids=["single", "sharded"])
+def test_load_folder_written_by_transformers(hf_pair, shard, tmp_path):
+    cfg, model, sd = hf_pair
+    kw = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(str(tmp_path), **kw)
+    assert (tmp_path / ("model.safetensors.index.json" if shard else "model.safetensors")).exists()
+    cfg2, params = hf.load_pretrained(str(tmp_path), attention_impl="cudnn")
+    assert cfg2 == cfg.replace(name=tmp_path.name, attention_impl="cudnn")
+    back = hf.params_to_hf_state_dict(cfg2, params)
+    disk = _disk_state_dict(cfg, sd)
+    assert set(back) == set(disk)
+    for name, w in disk.items():
+        assert np.array_equal(back[name], w), name
+
+
+def test_bf16_folder_written_by_transformers(tmp_path):
+    cfg = _config(False)
+    model = _hf_model(cfg, seed=3).to(torch.bfloat16)
+    model.save_pretrained(str(tmp_path))
+    _, params = hf.load_pretrained(str(tmp_path), param_dtype="bfloat16")
+    back = hf.params_to_hf_state_dict(cfg.replace(param_dtype="bfloat16"), params)
+    for name, t in model.state_dict().items():
+        name = hf.on_disk_name(name)
+        assert np.array_equal(back[name].view(np.uint16), t.view(torch.int16).numpy().view(np.uint16)), name
+
+
+def test_load_pretrained_errors(tmp_path):
+    import json
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hf.load_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        hf.load_pretrained(str(tmp_path))
+    hf_cfg = to_hf_config(_config(False))
+    (tmp_path / "config.json").write_text(json.dumps(dict(hf_cfg, model_type="qwen2_5_vl")))
+    with pytest.raises(ValueError, match="model_type 'qwen2_5_vl' is not 'qwen2_vl'"):
+        hf.load_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(hf_cfg))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"neither model.safetensors nor .*pytorch_model.bin"):
+        hf.load_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors"):
+        hf.load_pretrained(str(tmp_path))
+    # a checkpoint for a different shape: the loader names the tensor and both shapes
+    other = tmp_path / "other"
+    hf.save_pretrained(_config(False), hf.params_from_hf_state_dict(_config(False), _state_dict(_hf_model(
+        _config(False)))), str(other))
+    (other / "config.json").write_text(json.dumps(dict(hf_cfg, intermediate_size=96)))
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape \(128, 64\), "
+                                         r"expected \(96, 64\)"):
+        hf.load_pretrained(str(other))
+
+
+def test_parse_size():
+    assert hf.parse_size("5GB") == 5 * 10**9
+    assert hf.parse_size("2GiB") == 2 * 2**30
+    assert hf.parse_size("300kb") == 300_000
+    assert hf.parse_size(4096) == 4096
+    with pytest.raises(ValueError, match="max_shard_size '5 gigs'"):
+        hf.parse_size("5 gigs")
+
+
+# ---------------------------------------------------------------------------------------------
+# our orbax checkpoint
+
+
+def test_jax_checkpoint_round_trip(tmp_path):
+    import jax
+
+    cfg = _config(True).replace(param_dtype="bfloat16", attention_impl="splash", remat_policy="full")
+    params = hf.params_from_hf_state_dict(cfg, _state_dict(_hf_model(cfg, seed=4)))
+    hf.save_jax_checkpoint(cfg, params, str(tmp_path / "ck"))
+    cfg2, params2 = hf.load_jax_checkpoint(str(tmp_path / "ck"))
+    assert cfg2 == cfg
+    _assert_trees_equal(params, params2)
+    assert all(isinstance(x, np.ndarray) for x in _leaves(params2))
+    with pytest.raises(FileExistsError, match="overwrite"):
+        hf.save_jax_checkpoint(cfg, params, str(tmp_path / "ck"))
+    # jax arrays, restored onto an explicit placement
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[1])
+    hf.save_jax_checkpoint(cfg, jax.tree.map(jax.numpy.asarray, params), str(tmp_path / "ck"), overwrite=True)
+    _, placed = hf.load_jax_checkpoint(str(tmp_path / "ck"), jax.tree.map(lambda _: sharding, params))
+    _assert_trees_equal(params, placed)
+    assert all(x.sharding == sharding for x in _leaves(placed))
+    with pytest.raises(FileNotFoundError, match="not a qwen2vl_jax checkpoint"):
+        hf.load_jax_checkpoint(str(tmp_path))
+
+
+def test_model_config_dict_round_trip():
+    for name in ("test", "tiny", "2b", "72b"):
+        cfg = get_config(name)
+        import json
+        assert hf.model_config_from_dict(json.loads(json.dumps(hf.model_config_to_dict(cfg)))) == cfg
+    d = hf.model_config_to_dict(get_config("test"))
+    d["vision"]["bogus"] = 1
+    d["extra"] = 2
+    with pytest.raises(ValueError, match="extra, vision.bogus"):
+        hf.model_config_from_dict(d)
