@@ -301,6 +301,11 @@ def _open_source(path_or_bytes):
     raise TypeError(f"expected a path or bytes, got {type(path_or_bytes).__name__}")
 
 
+def _decode_error_reason(error: Exception) -> str:
+    """PIL reports a short file as EOFError or an OSError/SyntaxError mentioning truncation."""
+    return "truncated" if isinstance(error, EOFError) or "truncat" in str(error).lower() else "corrupt"
+
+
 def load_image(
     path_or_bytes: Union[str, os.PathLike, bytes], max_pixels: int = MAX_DECODE_PIXELS, exif_transpose: bool = True
 ) -> PIL.Image.Image:
@@ -318,8 +323,8 @@ def load_image(
         raise BadMediaError("too_large", f"{name}: {e}") from e
     except FileNotFoundError as e:
         raise BadMediaError("missing", f"{name}: {e}") from e
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadMediaError("corrupt", f"{name}: {e}") from e
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadMediaError(_decode_error_reason(e), f"{name}: {e}") from e
     width, height = image.size
     if width == 0 or height == 0:
         raise BadMediaError("zero_size", f"{name}: image has a zero side: {width}x{height}")
@@ -328,8 +333,7 @@ def load_image(
     try:
         image.load()
     except (EOFError, OSError, SyntaxError, ValueError) as e:
-        reason = "truncated" if isinstance(e, EOFError) or "truncat" in str(e).lower() else "corrupt"
-        raise BadMediaError(reason, f"{name}: {e}") from e
+        raise BadMediaError(_decode_error_reason(e), f"{name}: {e}") from e
     if exif_transpose:
         try:
             image = PIL.ImageOps.exif_transpose(image)
@@ -412,18 +416,21 @@ def smart_nframes(
 
 
 def sample_frame_indices(total_frames: int, nframes: int) -> np.ndarray:
-    """int64 [nframes]: ``torch.linspace(0, total-1, nframes).round().long()`` (float32 arithmetic of torch's
-    CPU kernel: start + step*i for the first half, end - step*(n-1-i) for the second; round half to even)."""
+    """int64 [nframes]: ``torch.linspace(0, total-1, nframes).round().long()`` as qwen-vl-utils samples.
+
+    Reproduces torch's CPU float32 kernel bit for bit: step = float32((total-1) / (n-1)); element i is
+    ``step*i`` for i < n//2 and ``end - step*(n-1-i)`` after, each a fused multiply-add (one rounding to
+    float32, emulated exactly in float64); then round half to even. A float64 linspace differs from torch for
+    long videos (float32 spacing ~0.01 at 1e5 frames moves ties)."""
     if nframes < 1 or total_frames < 1:
         raise ValueError(f"need nframes >= 1 and total_frames >= 1, got {nframes}, {total_frames}")
     if nframes == 1:
         return np.zeros(1, dtype=np.int64)
     end = np.float32(total_frames - 1)
-    step = np.float32(end / np.float32(nframes - 1))
-    i = np.arange(nframes)
-    first = step * i.astype(np.float32)
-    second = end - step * (nframes - 1 - i).astype(np.float32)
-    values = np.where(i < nframes // 2, first, second).astype(np.float32)
+    step = np.float64(np.float32(end / np.float32(nframes - 1)))
+    i = np.arange(nframes, dtype=np.float64)
+    # float32 * int < 2**24 is exact in float64, and so is the subtraction: a single rounding, as an FMA
+    values = np.where(i < nframes // 2, step * i, np.float64(end) - step * (nframes - 1 - i)).astype(np.float32)
     return np.rint(values).astype(np.int64)
 
 
