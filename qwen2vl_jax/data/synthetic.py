@@ -77,7 +77,7 @@ class Obj:
 @dataclasses.dataclass(frozen=True)
 class Word:
     text: str
-    box: tuple[int, int, int, int]       # pixels, inclusive (the painted ink, from PIL's textbbox)
+    box: tuple[int, int, int, int]       # pixels, inclusive: the painted ink
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +167,16 @@ def rng_for(seed: int, index: int, split: str, stream: str) -> np.random.Generat
 @functools.lru_cache(maxsize=64)
 def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ink_bbox(text: str, size: int) -> tuple[int, int, int, int]:
+    """Exact painted extent (left, top, right_exclusive, bottom_exclusive) of `text` drawn at (0, 0)."""
+    font = _font(size)
+    _, _, right, bottom = font.getbbox(text)
+    mask = Image.new("L", (right + 2, bottom + 2), 0)
+    ImageDraw.Draw(mask).text((0, 0), text, fill=255, font=font)
+    return mask.getbbox()
 
 
 def shape_polygon(shape: str, x: int, y: int, size: int) -> list[tuple[int, int]] | None:
@@ -273,7 +283,7 @@ def scene(seed: int, index: int, split: str = "train", stream: str = "image") ->
         font = _font(font_size)
         ok = True
         for word in words:
-            left, top, right, bottom = font.getbbox(word)
+            left, top, right, bottom = _ink_bbox(word, font_size)
             box = _place(rng, w, h, right - left, bottom - top, taken, margin=4)
             if box is None:
                 ok = False
