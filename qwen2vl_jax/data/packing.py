@@ -20,7 +20,7 @@ Overflow rule (`PackConfig.overflow`): a sample with more than `max_patches` pat
 "drop" ("too_many_tokens"); under "truncate" its tail is cut to `seq_len` tokens when the cut tail holds
 only text, otherwise (the cut would go through or before a vision block) it is dropped
 ("too_many_tokens_vision_in_tail"); a truncated sample with no supervised target left is dropped
-("no_target_after_truncation"). Every drop and truncation is an `event` string the caller counts.
+("no_target_after_truncation"). A truncation is the event "text_tail". The caller counts every event.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from qwen2vl_jax.config import ModelConfig
 OVERFLOW_RULES = ("truncate", "drop")
 
 # Events returned by prepare_sample (None = packed unchanged).
-TRUNCATED = "truncated_text_tail"
+TRUNCATED = "text_tail"
 DROP_TOO_MANY_PATCHES = "too_many_patches"
 DROP_TOO_MANY_TOKENS = "too_many_tokens"
 DROP_VISION_IN_TAIL = "too_many_tokens_vision_in_tail"

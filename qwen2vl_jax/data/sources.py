@@ -1,0 +1,287 @@
+"""Data sources: source names, the JSONL manifest schema, the ArrayRecord record format, record -> sample.
+
+Source names (used in `DataConfig.mixture`):
+  "synthetic:<kind>"     on-the-fly embedded data (formats.KINDS), infinite: index -> sample
+  "arrayrecord:<glob>"   ArrayRecord shards written by `launch/prepare_data.py` ("{split}" in the glob is
+                         replaced by the split name)
+
+Manifest (one JSON object per line; paths relative to the manifest's folder or absolute):
+  {"type": "caption",     "images": ["a.jpg"], "text": "a dog on a beach", "prompt": "optional unsupervised prefix"}
+  {"type": "ocr",         "images": ["scan.png"], "text": "TOTAL 42.00", "prompt": "What text is in the image?\\n"}
+  {"type": "grounding",   "images": ["a.jpg"], "boxes": [{"ref": "the dog", "box": [x1, y1, x2, y2]}, ...]}
+                          boxes in inclusive pixels of the original image ("boxes" instead of "box" for several),
+                          written as <|box_start|>(x1,y1),(x2,y2)<|box_end|> normalised to [0, 1000)
+  {"type": "interleaved", "images": ["p1.jpg", "p2.jpg"], "text": "intro <image> middle <image> end"}
+                          one "<image>" marker per image, in order
+  {"type": "video",       "video": "clip.mp4", "text": "a man opens a door", "prompt": "optional"}
+  {"type": "chat",        "images": [...], "video": "optional.mp4",
+                          "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+                                       {"role": "assistant", "content": "answer"}]}
+                          image parts take "images" in order; a video part takes "video"
+Pre-training kinds supervise the text (not the prompt, not vision tokens) and end with <|endoftext|>;
+chat is ChatML with only assistant turns supervised (formats.chat_spans).
+
+Record (one ArrayRecord entry, msgpack): {"v": 1, "type", "text", "prompt", "boxes", "messages",
+"images": [raw encoded image bytes, ...], "video": absolute path or None, "origin": "manifest:line"}.
+Images are embedded (small, read once); videos are referenced by path (large; decoded at read time).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob as globlib
+import json
+import os
+from typing import Any, Sequence
+
+import msgpack
+
+from qwen2vl_jax.data import formats, vision
+from qwen2vl_jax.data.formats import EOT, IMAGE, VIDEO, Span, VisionItem
+
+RECORD_VERSION = 1
+RECORD_TYPES = ("caption", "ocr", "grounding", "interleaved", "video", "chat")
+IMAGE_MARKER = "<image>"
+SOURCE_KINDS = ("synthetic", "arrayrecord")
+
+
+class BadRecordError(ValueError):
+    """A record or manifest line that does not follow the schema. `reason` names the problem class."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"[{reason}] {message}")
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------
+# Source names
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    kind: str       # "synthetic" | "arrayrecord"
+    arg: str        # the synthetic kind, or the glob
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.arg}"
+
+
+def parse_source(name: str) -> SourceSpec:
+    kind, sep, arg = name.partition(":")
+    if not sep or kind not in SOURCE_KINDS or not arg:
+        raise ValueError(f"source {name!r} must be 'synthetic:<kind>' or 'arrayrecord:<glob>'")
+    if kind == "synthetic" and arg not in formats.KINDS:
+        raise ValueError(f"synthetic kind {arg!r} unknown; valid: {', '.join(formats.KINDS)}")
+    return SourceSpec(kind, arg)
+
+
+def arrayrecord_files(pattern: str, split: str = "train") -> list[str]:
+    """Sorted shard paths of an "arrayrecord:<glob>" source; ValueError if none match."""
+    pattern = pattern.replace("{split}", split)
+    files = sorted(globlib.glob(os.path.expanduser(pattern)))
+    if not files:
+        raise ValueError(f"arrayrecord glob {pattern!r} matches no files")
+    return files
+
+
+def arrayrecord_source(pattern: str, split: str = "train"):
+    """grain.sources.ArrayRecordDataSource over the shards of `pattern` (random access, picklable)."""
+    import grain
+    return grain.sources.ArrayRecordDataSource(arrayrecord_files(pattern, split))
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest lines -> validated entries
+
+def _str(entry: dict, key: str, required: bool) -> str | None:
+    v = entry.get(key)
+    if v is None:
+        if required:
+            raise BadRecordError("bad_schema", f"{entry.get('type')!r} entry needs a string {key!r}")
+        return None
+    if not isinstance(v, str):
+        raise BadRecordError("bad_schema", f"{key!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def _boxes(entry: dict) -> list[dict]:
+    boxes = entry.get("boxes")
+    if not isinstance(boxes, list) or not boxes:
+        raise BadRecordError("bad_schema", "grounding entry needs a non-empty 'boxes' list")
+    out = []
+    for b in boxes:
+        if not isinstance(b, dict) or not isinstance(b.get("ref"), str):
+            raise BadRecordError("bad_schema", f"each box needs a string 'ref'; got {b!r}")
+        many = b.get("boxes", [b.get("box")])
+        if not isinstance(many, list) or not many or not all(
+                isinstance(x, (list, tuple)) and len(x) == 4 and all(isinstance(c, (int, float)) for c in x)
+                for x in many):
+            raise BadRecordError("bad_schema", f"box of {b['ref']!r} must be [x1, y1, x2, y2]; got {many!r}")
+        out.append({"ref": b["ref"], "boxes": [[int(c) for c in x] for x in many]})
+    return out
+
+
+def _messages(entry: dict, n_images: int, has_video: bool) -> list[dict]:
+    msgs = entry.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRecordError("bad_schema", "chat entry needs a non-empty 'messages' list")
+    used_img = used_vid = 0
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise BadRecordError("bad_schema", f"message must have role system/user/assistant; got {m!r}")
+        content = m.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise BadRecordError("bad_schema", f"message content must be a string or a list; got {content!r}")
+        for p in parts:
+            t = p.get("type") if isinstance(p, dict) else None
+            if t == "text" and isinstance(p.get("text"), str):
+                continue
+            if t == "image":
+                used_img += 1
+            elif t == "video":
+                used_vid += 1
+            else:
+                raise BadRecordError("bad_schema", f"content part must be text/image/video; got {p!r}")
+    if used_img != n_images or used_vid != int(has_video):
+        raise BadRecordError("bad_schema", f"messages use {used_img} images / {used_vid} videos but the entry "
+                                           f"has {n_images} images / {int(has_video)} videos")
+    return msgs
+
+
+def validate_entry(entry: Any) -> dict:
+    """A manifest object -> normalised entry {type, images, video, text, prompt, boxes, messages}.
+    Raises BadRecordError("bad_schema") naming the problem."""
+    if not isinstance(entry, dict):
+        raise BadRecordError("bad_schema", f"a manifest line must be a JSON object, got {type(entry).__name__}")
+    kind = entry.get("type")
+    if kind not in RECORD_TYPES:
+        raise BadRecordError("bad_schema", f"type {kind!r}; valid: {', '.join(RECORD_TYPES)}")
+    images = entry.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise BadRecordError("bad_schema", f"'images' must be a list of paths; got {images!r}")
+    video = _str(entry, "video", kind == "video")
+    out = {"type": kind, "images": images, "video": video, "text": None, "prompt": _str(entry, "prompt", False),
+           "boxes": None, "messages": None}
+    want_images = {"caption": 1, "ocr": 1, "grounding": 1, "video": 0}
+    if kind in want_images and len(images) != want_images[kind]:
+        raise BadRecordError("bad_schema", f"{kind} entry needs {want_images[kind]} image(s); got {len(images)}")
+    if kind != "video" and kind != "chat" and video is not None:
+        raise BadRecordError("bad_schema", f"{kind} entry cannot have a video")
+    if kind in ("caption", "ocr", "video", "interleaved"):
+        out["text"] = _str(entry, "text", True)
+    if kind == "interleaved":
+        if not images or out["text"].count(IMAGE_MARKER) != len(images):
+            raise BadRecordError("bad_schema", f"interleaved text has {out['text'].count(IMAGE_MARKER)} "
+                                               f"{IMAGE_MARKER} markers for {len(images)} images")
+    if kind == "grounding":
+        out["boxes"] = _boxes(entry)
+    if kind == "chat":
+        out["messages"] = _messages(entry, len(images), video is not None)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Record encoding
+
+def encode_record(entry: dict, image_bytes: Sequence[bytes], video_path: str | None, origin: str = "") -> bytes:
+    """A validated entry + raw image bytes (+ video path) -> one msgpack record."""
+    rec = {"v": RECORD_VERSION, "type": entry["type"], "text": entry.get("text"), "prompt": entry.get("prompt"),
+           "boxes": entry.get("boxes"), "messages": entry.get("messages"),
+           "images": [bytes(b) for b in image_bytes], "video": video_path, "origin": origin}
+    return msgpack.packb(rec, use_bin_type=True)
+
+
+def decode_record(data: bytes) -> dict:
+    """msgpack bytes -> record dict; BadRecordError("bad_record") when undecodable or of another version."""
+    try:
+        rec = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises several unrelated exception types on garbage
+        raise BadRecordError("bad_record", f"undecodable record ({len(data)} bytes): {e}") from e
+    if not isinstance(rec, dict) or rec.get("v") != RECORD_VERSION:
+        raise BadRecordError("bad_record", f"record version {rec.get('v') if isinstance(rec, dict) else None!r} "
+                                           f"!= {RECORD_VERSION}")
+    try:
+        validate_entry(rec)
+    except BadRecordError as e:
+        raise BadRecordError("bad_record", str(e)) from e
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# Record -> Tokenized sample
+
+@dataclasses.dataclass(frozen=True)
+class VideoSampling:
+    """How a video file is sampled in time (qwen-vl-utils rules, vision.smart_nframes)."""
+    fps: float = vision.VIDEO_FPS
+    min_frames: int = vision.FPS_MIN_FRAMES
+    max_frames: int = vision.FPS_MAX_FRAMES
+
+
+def _video_item(path: str, sampling: VideoSampling) -> VisionItem:
+    frames, video_fps = vision.load_video(path)
+    n = vision.smart_nframes(len(frames), video_fps, sampling.fps, sampling.min_frames, sampling.max_frames)
+    idx = vision.sample_frame_indices(len(frames), n)
+    return VisionItem(VIDEO, tuple(frames[int(i)] for i in idx), sampling.fps)
+
+
+def record_spans(rec: dict, images: Sequence, video: VisionItem | None) -> tuple[list[Span], list[VisionItem]]:
+    """Spans of a record (see the module docstring) given its decoded PIL images and video item."""
+    kind = rec["type"]
+    prompt = [Span(rec["prompt"])] if rec.get("prompt") else []
+    if kind in ("caption", "ocr"):
+        return [Span(vision=0), *prompt, Span(rec["text"] + EOT, supervised=True)], [VisionItem(IMAGE, images[0])]
+    if kind == "video":
+        return [Span(vision=0), *prompt, Span(rec["text"] + EOT, supervised=True)], [video]
+    if kind == "grounding":
+        w, h = images[0].size
+        spans = [Span(vision=0), *prompt]
+        for b in rec["boxes"]:
+            answer = "".join(formats.box_text(formats.normalise_box(x, w, h)) for x in b["boxes"])
+            spans += [Span(formats.ref_text(b["ref"])), Span(answer, supervised=True)]
+        return spans + [Span(EOT, supervised=True)], [VisionItem(IMAGE, images[0])]
+    if kind == "interleaved":
+        pieces = rec["text"].split(IMAGE_MARKER)
+        spans = []
+        for i, piece in enumerate(pieces):
+            if piece:
+                spans.append(Span(piece, supervised=True))
+            if i < len(images):
+                spans.append(Span(vision=i))
+        return spans + [Span(EOT, supervised=True)], [VisionItem(IMAGE, im) for im in images]
+    if kind == "chat":
+        it = iter(images)
+        messages = []
+        for m in rec["messages"]:
+            content = m["content"]
+            if not isinstance(content, str):
+                content = [{"type": "image", "image": next(it)} if p["type"] == "image" else
+                           {"type": "video", "video": video.media, "fps": video.fps} if p["type"] == "video" else p
+                           for p in content]
+            messages.append({"role": m["role"], "content": content})
+        return formats.chat_spans(messages)
+    raise BadRecordError("bad_record", f"record type {kind!r} unknown")
+
+
+def record_to_sample(data: bytes, tokenizer, cfg, vision_opts: formats.VisionOptions,
+                     sampling: VideoSampling = VideoSampling()) -> dict:
+    """ArrayRecord bytes -> Tokenized sample. Raises BadRecordError (schema) or vision.BadMediaError (media)."""
+    rec = decode_record(data)
+    images = [vision.load_image(b) for b in rec["images"]]
+    video = _video_item(rec["video"], sampling) if rec.get("video") else None
+    try:
+        spans, items = record_spans(rec, images, video)
+    except ValueError as e:  # e.g. a box outside the image, a vision part in an assistant turn
+        if isinstance(e, (BadRecordError, vision.BadMediaError)):
+            raise
+        raise BadRecordError("bad_record", str(e)) from e
+    return formats.assemble(spans, items, tokenizer, cfg, rec["type"], vision_opts)
+
+
+def read_manifest_line(line: str) -> dict:
+    """One JSONL line -> validated entry; BadRecordError("bad_json" | "bad_schema")."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRecordError("bad_json", f"{e}") from e
+    return validate_entry(entry)
