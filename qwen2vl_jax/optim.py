@@ -41,7 +41,7 @@ class OptimConfig:
     peak_lr: float = 2e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
-    total_steps: int = 1000   # set by the experiment from its token budget
+    total_steps: int = 0      # schedule length; 0 = the run's step count (experiment token budget)
     weight_decay: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -51,11 +51,13 @@ class OptimConfig:
     def __post_init__(self):
         if self.peak_lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"peak_lr={self.peak_lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]")
-        if self.warmup_steps < 0 or self.total_steps < 1:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0, total_steps={self.total_steps} >= 1")
+        if self.warmup_steps < 0 or self.total_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} and total_steps={self.total_steps} must be >= 0")
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
+    if cfg.total_steps < 1:
+        raise ValueError(f"OptimConfig.total_steps={cfg.total_steps}: resolve it to the run length first")
     warm = max(0, min(cfg.warmup_steps, cfg.total_steps - 1))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.peak_lr, warmup_steps=warm,
