@@ -263,11 +263,18 @@ def record_spans(rec: dict, images: Sequence, video: VisionItem | None) -> tuple
     raise BadRecordError("bad_record", f"record type {kind!r} unknown")
 
 
+def load_image_bytes(data: bytes):
+    """vision.load_image, with an empty file classified as BadMediaError("zero_size")."""
+    if len(data) == 0:
+        raise vision.BadMediaError("zero_size", "the image file is empty (0 bytes)")
+    return vision.load_image(data)
+
+
 def record_to_sample(data: bytes, tokenizer, cfg, vision_opts: formats.VisionOptions,
                      sampling: VideoSampling = VideoSampling()) -> dict:
     """ArrayRecord bytes -> Tokenized sample. Raises BadRecordError (schema) or vision.BadMediaError (media)."""
     rec = decode_record(data)
-    images = [vision.load_image(b) for b in rec["images"]]
+    images = [load_image_bytes(b) for b in rec["images"]]
     video = _video_item(rec["video"], sampling) if rec.get("video") else None
     try:
         spans, items = record_spans(rec, images, video)
