@@ -266,14 +266,29 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_value
 
 def _embed_with_vision(cfg, params, ids, image, video):
     """Token embeddings with transformers' placement: image features fill <|image_pad|> tokens in row-major
-    order over the whole batch, video features fill <|video_pad|> tokens. -> [B,S,D]."""
+    order over the whole batch, video features fill <|video_pad|> tokens. -> [B,S,D].
+
+    Images and videos go through the tower as one packed row (attention is block-diagonal per segment, so
+    this equals transformers' two separate calls) to compile the tower once.
+    """
     x = _apply(cfg, params, Qwen2VL.embed, ids)
+    items = [(it, tok) for it, tok in ((image, cfg.image_token_id), (video, cfg.video_token_id)) if it is not None]
+    if not items:
+        return x
+    px = jnp.concatenate([it[0] for it, _ in items], axis=1)
+    seg, offset = [], 0
+    for it, _ in items:
+        seg.append(it[1] + offset)
+        offset += it[1].shape[1]          # ids start at 1 within an item, so this keeps them distinct
+    pos = jnp.concatenate([it[2] for it, _ in items], axis=1)
+    feats = encode_vision(cfg, params, px, jnp.concatenate(seg, axis=1), pos)      # [1, (Ni+Nv)/4, D]
     B, S, D = x.shape
-    for item, tok in ((image, cfg.image_token_id), (video, cfg.video_token_id)):
-        if item is None:
-            continue
-        feats = encode_vision(cfg, params, *item)                                       # [1, N/4, D]
-        x = place_vision(x.reshape(1, B * S, D), (ids == tok).reshape(1, B * S), feats).reshape(B, S, D)
+    start = 0
+    for it, tok in items:
+        n = it[0].shape[1] // cfg.vision.merge_unit
+        x = place_vision(x.reshape(1, B * S, D), (ids == tok).reshape(1, B * S),
+                         feats[:, start:start + n]).reshape(B, S, D)
+        start += n
     return x
 
 
