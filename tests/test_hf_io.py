@@ -414,3 +414,47 @@ def test_model_config_dict_round_trip():
     d["extra"] = 2
     with pytest.raises(ValueError, match="extra, vision.bogus"):
         hf.model_config_from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# logits parity: our params -> save_pretrained -> transformers from_pretrained, same logits as our forward
+
+
+def _random_params(shapes, rng, std=0.1):
+    """Random numpy tree of the contract shapes: norm scales near 1, everything else N(0, std)."""
+    return {k: _random_params(v, rng, std) if isinstance(v, dict)
+            else ((k == "scale") + rng.normal(0, std, v)).astype(np.float32) for k, v in shapes.items()}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_save_pretrained_logits_match_transformers(tied, tmp_path):
+    model_mod = pytest.importorskip("qwen2vl_jax.model")
+
+    cfg = _config(tied)
+    rng = np.random.default_rng(5)
+    # random values everywhere (not our init: zero biases / unit norms would hide a mapping error, and
+    # init_params compiles the whole model)
+    params = _random_params(hf.param_shapes(cfg), rng)
+    hf.save_pretrained(cfg, params, str(tmp_path))
+    ref = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+
+    # one image (grid 1x4x6 -> 6 merged tokens) and one video (grid 2x4x4 -> 2*4 = 8 merged tokens)
+    img_grid, vid_grid = np.array([[1, 4, 6]]), np.array([[2, 4, 4]])
+    pix = rng.standard_normal((24, cfg.vision.patch_dim)).astype(np.float32)
+    vid = rng.standard_normal((32, cfg.vision.patch_dim)).astype(np.float32)
+    text = lambda n: list(rng.integers(0, 2000, n))  # noqa: E731
+    vs, ve = cfg.vision_start_token_id, cfg.vision_end_token_id
+    ids = (text(3) + [vs] + [cfg.image_token_id] * 6 + [ve] + text(4) + [vs] + [cfg.video_token_id] * 8
+           + [ve] + text(5))
+    input_ids = np.array([ids], np.int32)
+    mask = np.ones_like(input_ids)
+    with torch.no_grad():
+        want = ref(input_ids=torch.from_numpy(input_ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                   pixel_values=torch.from_numpy(pix), image_grid_thw=torch.from_numpy(img_grid),
+                   pixel_values_videos=torch.from_numpy(vid), video_grid_thw=torch.from_numpy(vid_grid)).logits
+    got = model_mod.forward(cfg, params, input_ids, attention_mask=mask, pixel_values=pix, image_grid_thw=img_grid,
+                            pixel_values_videos=vid, video_grid_thw=vid_grid)
+    got = np.asarray(got)
+    assert got.shape == tuple(want.shape) == (1, len(ids), cfg.vocab_size)
+    diff = np.abs(got - want.numpy()).max()
+    assert diff <= 1e-4, f"max |logits diff| {diff:.3g} (logit scale {np.abs(want.numpy()).max():.3g})"
