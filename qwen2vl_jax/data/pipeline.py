@@ -125,7 +125,7 @@ _LOGGED_REASONS: set[str] = set()
 def _log_once(event: str, message: str) -> None:
     if event not in _LOGGED_REASONS:
         _LOGGED_REASONS.add(event)
-        logging.warning("data: %s (%s); further %s events are counted, not logged", event, message, event)
+        logging.warning("data: %s (%s); further %s events are counted, not logged", event, message[:300], event)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -200,8 +200,13 @@ def decode_record(data: bytes) -> dict:
     if not isinstance(rec, dict) or rec.get("v") != RECORD_VERSION:
         raise BadRecordError("bad_record", f"record version {rec.get('v') if isinstance(rec, dict) else None!r} "
                                            f"!= {RECORD_VERSION}")
+    images = rec.get("images")
+    if not isinstance(images, list) or not all(isinstance(b, bytes) for b in images):
+        raise BadRecordError("bad_record", "record 'images' must be a list of bytes")
+    if not (rec.get("video") is None or isinstance(rec["video"], str)):
+        raise BadRecordError("bad_record", f"record 'video' must be a path or None; got {type(rec['video']).__name__}")
     try:
-        validate_entry(rec)
+        validate_entry({**rec, "images": [f"<image {i}>" for i in range(len(images))]})
     except BadRecordError as e:
         raise BadRecordError("bad_record", str(e)) from e
     return rec

@@ -1,0 +1,260 @@
+"""Grain pipeline: batch contract, determinism, process sharding, exact resume (with worker prefetch),
+mixture weights, bad input skipped and counted per reason."""
+import io
+import json
+import logging as pylogging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwen2vl_jax.config import get_config
+from qwen2vl_jax.data import pipeline, sources, tokenizer
+
+CFG = get_config("test")
+TOK = tokenizer.load_tokenizer("embedded")
+SMALL = dict(seq_len=512, max_patches=1536, lookahead=4, read_threads=2, read_buffer_size=8)
+
+
+def dcfg(mixture=(("synthetic:caption", 2.0), ("synthetic:chat", 1.0), ("synthetic:video", 1.0)), **kw):
+    return pipeline.DataConfig(mixture=mixture, **{**SMALL, **kw})
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert sorted(x) == sorted(y)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batch_contract_and_stats():
+    it = pipeline.make_iterator(dcfg(), CFG, TOK, batch_size=2)
+    batches = take(it, 2)
+    S, P = 512, 1536
+    want = {"input_ids": ((2, S), np.int32), "targets": ((2, S), np.int32), "loss_mask": ((2, S), np.float32),
+            "segment_ids": ((2, S), np.int32), "positions": ((2, 3, S), np.int32),
+            "pixel_values": ((2, P, 1176), np.float32), "patch_segment_ids": ((2, P), np.int32),
+            "patch_positions": ((2, P, 2), np.int32)}
+    real_t = real_p = 0
+    for b in batches:
+        assert {k: (v.shape, v.dtype) for k, v in b.items()} == want
+        for r in range(2):
+            pads = np.isin(b["input_ids"][r], (CFG.image_token_id, CFG.video_token_id)).sum()
+            assert pads * 4 == (b["patch_segment_ids"][r] > 0).sum()
+            seg = b["segment_ids"][r]
+            same = (seg[:-1] == seg[1:]) & (seg[:-1] > 0)
+            np.testing.assert_array_equal(b["targets"][r][:-1][same], b["input_ids"][r][1:][same])
+            assert (b["loss_mask"][r][:-1][~same] == 0).all()  # no target across samples
+        real_t += int((b["segment_ids"] > 0).sum())
+        real_p += int((b["patch_segment_ids"] > 0).sum())
+    st = it.stats()
+    assert st["batches"] == 2 and st["rows"] == 4
+    assert st["real_tokens"] == real_t and st["real_patches"] == real_p
+    assert st["token_efficiency"] == pytest.approx(real_t / (4 * S))
+    assert st["patch_efficiency"] == pytest.approx(real_p / (4 * P))
+    assert st["samples_packed"] == sum(st[k] for k in st if k.startswith("samples/"))
+    json.dumps(it.get_state())
+
+
+def test_deterministic_for_a_seed():
+    a = take(pipeline.make_iterator(dcfg(), CFG, TOK, batch_size=1), 2)
+    b = take(pipeline.make_iterator(dcfg(), CFG, TOK, batch_size=1), 2)
+    assert_batches_equal(a, b)
+    c = take(pipeline.make_iterator(dcfg(seed=1), CFG, TOK, batch_size=1), 1)
+    assert not np.array_equal(a[0]["pixel_values"], c[0]["pixel_values"])
+
+
+def _row_sample_keys(batches):
+    """A content hash per packed sample (its tokens and its patch rows)."""
+    keys = set()
+    for b in batches:
+        for r in range(b["input_ids"].shape[0]):
+            seg = b["segment_ids"][r]
+            p0 = 0
+            for s in np.unique(seg[seg > 0]):
+                ids = b["input_ids"][r][seg == s]
+                n = int(np.isin(ids, (CFG.image_token_id, CFG.video_token_id)).sum()) * 4
+                keys.add(hash((ids.tobytes(), b["pixel_values"][r][p0:p0 + n].tobytes())))
+                p0 += n
+    return keys
+
+
+def test_process_shards_are_disjoint(tmp_path):
+    cfg = dcfg()
+    elems = [pipeline._mixed_dataset(cfg, pi, 2, "train") for pi in range(2)]
+    seen = [{elems[pi][i] for i in range(300)} for pi in range(2)]
+    assert not seen[0] & seen[1]
+    # ArrayRecord: one epoch of each process's shard covers the records exactly once
+    shard = write_shard(tmp_path / "a.array_record", [good_caption_record(i) for i in range(7)])
+    ar = pipeline.DataConfig(mixture=((f"arrayrecord:{shard}", 1.0),), **SMALL)
+    got = [[pipeline._mixed_dataset(ar, pi, 2, "train")[i][1] for i in range(n)] for pi, n in ((0, 4), (1, 3))]
+    assert sorted(got[0] + got[1]) == sorted(good_caption_record(i) for i in range(7))
+    # content level: two processes pack different samples
+    b0 = take(pipeline.make_iterator(cfg, CFG, TOK, batch_size=1, process_index=0, process_count=2), 1)
+    b1 = take(pipeline.make_iterator(cfg, CFG, TOK, batch_size=1, process_index=1, process_count=2), 1)
+    k0, k1 = _row_sample_keys(b0), _row_sample_keys(b1)
+    assert k0 and k1 and not k0 & k1
+    with pytest.raises(ValueError, match="process_index"):
+        pipeline.make_iterator(cfg, CFG, TOK, batch_size=1, process_index=2, process_count=2)
+
+
+@pytest.mark.parametrize("skip", [0, 3])
+def test_resume_gives_the_identical_next_batch(skip):
+    cfg = dcfg()
+    it = pipeline.make_iterator(cfg, CFG, TOK, batch_size=2)
+    take(it, skip)
+    state = json.loads(json.dumps(it.get_state()))
+    want = take(it, 2)
+    stats_want = it.stats()
+    fresh = pipeline.make_iterator(cfg, CFG, TOK, batch_size=2)
+    fresh.set_state(state)
+    assert_batches_equal(take(fresh, 2), want)
+    assert fresh.stats() == stats_want
+    other = pipeline.make_iterator(cfg, CFG, TOK, batch_size=1)
+    with pytest.raises(ValueError, match="fingerprint"):
+        other.set_state(state)
+
+
+def test_resume_with_worker_prefetch():
+    cfg = dcfg(mixture=(("synthetic:chat", 1.0), ("synthetic:caption", 1.0)), num_workers=2, worker_buffer_size=1,
+               seq_len=256, max_patches=1024)
+    it = pipeline.make_iterator(cfg, CFG, TOK, batch_size=1)
+    try:
+        take(it, 3)
+        state = json.loads(json.dumps(it.get_state()))
+        want = take(it, 2)
+    finally:
+        it.close()
+    fresh = pipeline.make_iterator(cfg, CFG, TOK, batch_size=1)
+    try:
+        fresh.set_state(state)
+        assert_batches_equal(take(fresh, 2), want)
+    finally:
+        fresh.close()
+
+
+def test_mixture_converges_to_weights():
+    cfg = pipeline.DataConfig(mixture=(("synthetic:chat", 3.0), ("synthetic:caption", 1.0)),
+                              **{**SMALL, "seq_len": 2048, "max_patches": 4096})
+    mixed = pipeline._mixed_dataset(cfg, 0, 1, "train")
+    src = np.array([mixed[i][0] for i in range(4000)])
+    assert abs((src == 0).mean() - 0.75) < 0.005
+    it = pipeline.make_iterator(cfg, CFG, TOK, batch_size=2)
+    take(it, 5)
+    st = it.stats()
+    frac = st["samples/synthetic:chat"] / st["samples_packed"]
+    assert st["samples_packed"] > 60 and abs(frac - 0.75) < 0.08, (frac, st)
+
+
+# ----------------------------------------------------------------------------------------------
+# ArrayRecord sources with bad input
+
+def png_bytes(w=64, h=48, colour=(200, 30, 30)):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def good_caption_record(i=0):
+    return sources.encode_record({"type": "caption", "text": f"a red box number {i}"},
+                                 [png_bytes(56 + 28 * (i % 3), 56)], None, f"test:{i}")
+
+
+def write_shard(path, records):
+    from array_record.python.array_record_module import ArrayRecordWriter
+    w = ArrayRecordWriter(str(path), "group_size:1")
+    for r in records:
+        w.write(r)
+    w.close()
+    return str(path)
+
+
+def write_video(path, frames=8, fps=4):
+    import av
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = 64, 56, "yuv420p"
+        for i in range(frames):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((56, 64, 3), 20 * i, np.uint8), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return str(path)
+
+
+def bomb_png(w=30000, h=30000):
+    import struct
+    import zlib
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+def test_bad_files_are_skipped_and_counted(tmp_path, caplog):
+    good = png_bytes()
+    cap = {"type": "caption", "text": "a red box"}
+    vid = {"type": "video", "text": "a fading square"}
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"not a video" * 50)
+    records = [
+        sources.encode_record(cap, [good], None),                               # good
+        sources.encode_record(cap, [b"definitely not an image"], None),         # corrupt
+        sources.encode_record(cap, [good[: len(good) // 2]], None),             # truncated
+        sources.encode_record(cap, [b""], None),                                # zero-size
+        sources.encode_record(cap, [bomb_png()], None),                         # decompression bomb
+        sources.encode_record(vid, [], str(tmp_path / "missing.mp4")),          # missing file
+        sources.encode_record(vid, [], str(garbage)),                           # unreadable video
+        sources.encode_record(vid, [], write_video(tmp_path / "ok.mp4")),       # good video
+        b"\x93\x01\x02 not msgpack \xff",                                       # corrupt record
+        sources.encode_record({"type": "caption"}, [good], None),               # schema: no text
+    ]
+    shard = write_shard(tmp_path / "bad-00000.array_record", records)
+    cfg = pipeline.DataConfig(mixture=((f"arrayrecord:{tmp_path}/bad-*.array_record", 1.0),),
+                              **{**SMALL, "seq_len": 128, "max_patches": 256, "lookahead": 2})
+    pipeline._LOGGED_REASONS.clear()
+    caplog.set_level(pylogging.WARNING)
+    it = pipeline.make_iterator(cfg, CFG, TOK, batch_size=1)
+    take(it, 6)  # 2 good records per epoch: 6 batches span >= 3 epochs of the 10 records
+    st = it.stats()
+    expected = {"corrupt", "truncated", "zero_size", "too_large", "missing", "unreadable_video", "bad_record"}
+    skipped = {k.split("/", 1)[1]: v for k, v in st.items() if k.startswith("skipped/")}
+    assert set(skipped) == expected, skipped
+    assert skipped["bad_record"] == 2 * skipped["corrupt"]  # two bad records per epoch, one of each other kind
+    assert all(skipped[r] == skipped["corrupt"] for r in expected - {"bad_record"})
+    assert skipped["corrupt"] >= 2
+    assert st["samples_packed"] >= 6 and st["dropped"] == 0
+    # logged once per reason although counted several times
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: skipped/")]
+    assert sorted(m.split()[1] for m in messages) == sorted(f"skipped/{r}" for r in expected)
+    assert shard.endswith(".array_record")
+
+
+def test_arrayrecord_samples_decode_to_their_text(tmp_path):
+    shard = write_shard(tmp_path / "ok.array_record", [good_caption_record(i) for i in range(3)])
+    cfg = pipeline.DataConfig(mixture=((f"arrayrecord:{shard}", 1.0),), shuffle=False,
+                              **{**SMALL, "seq_len": 256, "max_patches": 512})
+    b = next(pipeline.make_iterator(cfg, CFG, TOK, batch_size=1))
+    texts = []
+    for s in np.unique(b["segment_ids"][0][b["segment_ids"][0] > 0]):
+        ids = b["input_ids"][0][b["segment_ids"][0] == s]
+        texts.append(TOK.decode(ids[~np.isin(ids, (CFG.image_token_id,))]))
+    assert texts[0] == "<|vision_start|><|vision_end|>a red box number 0<|endoftext|>"
+    assert sorted(texts)[:3] == sorted(f"<|vision_start|><|vision_end|>a red box number {i}<|endoftext|>"
+                                       for i in range(3))
+
+
+def test_config_errors_name_the_values():
+    with pytest.raises(ValueError, match="weights must be > 0"):
+        pipeline.DataConfig(mixture=(("synthetic:caption", 0.0),))
+    with pytest.raises(ValueError, match="unknown"):
+        pipeline.DataConfig(mixture=(("synthetic:nope", 1.0),))
+    with pytest.raises(ValueError, match="matches no files"):
+        pipeline.make_iterator(pipeline.DataConfig(mixture=(("arrayrecord:/nonexistent/*.ar", 1.0),)), CFG, TOK,
+                               batch_size=1)
