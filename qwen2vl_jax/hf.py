@@ -241,8 +241,21 @@ def _normalize_names(names) -> dict[str, str]:
     return out
 
 
+def to_numpy(x) -> np.ndarray:
+    """numpy / jax arrays as they are; torch tensors (bf16 included, which `.numpy()` refuses) without a copy
+    where possible. torch is not imported here."""
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            import torch
+
+            return x.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()
+    return np.asarray(x)
+
+
 def params_from_hf_state_dict(cfg: ModelConfig, sd: Mapping[str, Any], progress: Progress = None) -> dict:
-    """HF Qwen2-VL tensors (on-disk or 4.57 in-memory names; numpy or anything `np.asarray` takes)
+    """HF Qwen2-VL tensors (on-disk or 4.57 in-memory names; numpy, jax or torch tensors)
     -> the contract params tree as numpy arrays in `cfg.param_dtype`.
 
     `sd` may be lazy (a Mapping that reads on `__getitem__`): each tensor is read once, converted and
@@ -260,7 +273,7 @@ def params_from_hf_state_dict(cfg: ModelConfig, sd: Mapping[str, Any], progress:
                          f"unexpected tensors {extra or 'none'}; missing tensors {missing or 'none'}")
 
     def read(name: str, spec: _Spec) -> np.ndarray:
-        w = np.asarray(sd[names[name]])
+        w = to_numpy(sd[names[name]])
         if tuple(w.shape) != spec.hf_shape:
             raise ValueError(f"tensor {names[name]!r} has shape {tuple(w.shape)}, expected {spec.hf_shape} "
                              f"for config {cfg.name!r}")
@@ -279,8 +292,8 @@ def params_from_hf_state_dict(cfg: ModelConfig, sd: Mapping[str, Any], progress:
             leaf = np.ascontiguousarray(leaf)
         _set(params, spec.path, leaf)
     if cfg.tie_word_embeddings and LM_HEAD in names:
-        head = np.asarray(sd[names[LM_HEAD]])
-        emb = np.asarray(sd[names[EMBED]])
+        head = to_numpy(sd[names[LM_HEAD]])
+        emb = to_numpy(sd[names[EMBED]])
         if head.shape != emb.shape or not np.array_equal(head, emb):
             raise ValueError(f"config {cfg.name!r} ties word embeddings but {names[LM_HEAD]!r} "
                              f"{tuple(head.shape)} differs from {names[EMBED]!r} {tuple(emb.shape)}")

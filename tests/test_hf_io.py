@@ -400,6 +400,9 @@ def test_jax_checkpoint_round_trip(tmp_path):
     _, placed = hf.load_jax_checkpoint(str(tmp_path / "ck"), jax.tree.map(lambda _: sharding, params))
     _assert_trees_equal(params, placed)
     assert all(x.sharding == sharding for x in _leaves(placed))
+    _, host = hf.load_jax_checkpoint(str(tmp_path / "ck"))  # saved from jax arrays, restored to numpy
+    _assert_trees_equal(params, host)
+    assert all(isinstance(x, np.ndarray) for x in _leaves(host))
     with pytest.raises(FileNotFoundError, match="not a qwen2vl_jax checkpoint"):
         hf.load_jax_checkpoint(str(tmp_path))
 
@@ -458,3 +461,30 @@ def test_save_pretrained_logits_match_transformers(tied, tmp_path):
     assert got.shape == tuple(want.shape) == (1, len(ids), cfg.vocab_size)
     diff = np.abs(got - want.numpy()).max()
     assert diff <= 1e-4, f"max |logits diff| {diff:.3g} (logit scale {np.abs(want.numpy()).max():.3g})"
+
+
+def test_torch_state_dict_and_sharded_jax_params(tmp_path):
+    """model.state_dict() goes in directly (bf16 too); mesh-sharded jax params save like numpy ones."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    cfg = _config(False).replace(param_dtype="bfloat16")
+    model = _hf_model(cfg, seed=6).to(torch.bfloat16)
+    params = hf.params_from_hf_state_dict(cfg, model.state_dict())
+    np_dir, jax_dir = tmp_path / "np", tmp_path / "jax"
+    hf.save_pretrained(cfg, params, str(np_dir))
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("a", "b"))
+
+    def place(x):  # shard the last axis over 4 devices where it divides, replicate otherwise
+        spec = PartitionSpec(*([None] * (x.ndim - 1)), "b") if x.shape[-1] % 4 == 0 else PartitionSpec()
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    sharded = jax.tree.map(place, params)
+    hf.save_pretrained(cfg, sharded, str(jax_dir))
+    assert (np_dir / "model.safetensors").read_bytes() == (jax_dir / "model.safetensors").read_bytes()
+    _, back = hf.load_pretrained(str(jax_dir), param_dtype="bfloat16")
+    _assert_trees_equal(params, back)
+    disk = hf.params_to_hf_state_dict(cfg, back)
+    for name, t in model.state_dict().items():
+        w = disk[hf.on_disk_name(name)]
+        assert np.array_equal(w.view(np.uint16), t.view(torch.int16).numpy().view(np.uint16)), name
