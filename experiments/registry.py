@@ -1,0 +1,121 @@
+"""Registry of named experiments and `--set key=value` overrides.
+
+    get_experiment("stage1", model="tiny", overrides=["optim.peak_lr=1e-3", "mesh.fsdp=2"])
+
+An override is a dotted path into the (nested, frozen) dataclasses of `experiments.stages.Experiment`
+(e.g. `batch_size`, `data.seq_len`, `model.remat_policy`, `optim.warmup_steps`, `mesh.tensor`,
+`checkpoint.every`). The value is parsed by the type of the field's current value: int, float, bool
+(true/false/1/0/yes/no), str, or a Python literal for tuples (`trainable="('merger','llm')"`).
+Unknown keys and unparsable or invalid values raise ValueError naming the valid choices.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+from typing import Any, Callable, Iterable
+
+from experiments import stages
+
+EXPERIMENTS: dict[str, Callable[[str], stages.Experiment]] = {
+    "stage1": lambda model: stages.stage_experiment(1, model),
+    "stage2": lambda model: stages.stage_experiment(2, model),
+    "stage3": lambda model: stages.stage_experiment(3, model),
+}
+
+
+def list_experiments(model: str = "tiny") -> list[tuple[str, str]]:
+    return [(name, fn(model).description) for name, fn in EXPERIMENTS.items()]
+
+
+def get_experiment(name: str, model: str = "tiny", overrides: Iterable[str] = ()) -> stages.Experiment:
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+    exp = EXPERIMENTS[name](model)
+    for item in overrides:
+        exp = apply_override(exp, item)
+    return exp
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _tupleize(x):
+    return tuple(_tupleize(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def parse_value(text: str, current: Any, key: str) -> Any:
+    """`text` parsed to the type of `current` (the field's present value)."""
+    try:
+        if isinstance(current, bool):
+            t = text.strip().lower()
+            if t not in _TRUE + _FALSE:
+                raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
+            return t in _TRUE
+        if isinstance(current, int):
+            return int(text.replace("_", ""))
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, str):
+            return text
+        if isinstance(current, tuple):
+            value = ast.literal_eval(text)
+            if not isinstance(value, (list, tuple)):
+                value = (value,)
+            return _tupleize(value)
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"--set {key}={text!r}: cannot parse as {type(current).__name__} "
+                         f"(current value {current!r}): {e}") from None
+    raise ValueError(f"--set {key}: field of type {type(current).__name__} cannot be set from the command line")
+
+
+def _fields(obj) -> list[str]:
+    return [f.name for f in dataclasses.fields(obj)]
+
+
+def _set(obj, path: list[str], text: str, full_key: str):
+    name = path[0]
+    if not dataclasses.is_dataclass(obj) or name not in _fields(obj):
+        where = full_key[: len(full_key) - len(".".join(path))].rstrip(".") or "experiment"
+        raise ValueError(f"unknown key {full_key!r}: {where} has no field {name!r}; valid: "
+                         f"{', '.join(_fields(obj))}")
+    current = getattr(obj, name)
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"unknown key {full_key!r}: {name!r} is a {type(current).__name__}, not a config")
+        value = _set(current, path[1:], text, full_key)
+    elif dataclasses.is_dataclass(current):
+        raise ValueError(f"--set {full_key}: {name!r} is a config; set one of its fields: "
+                         f"{', '.join(f'{full_key}.{f}' for f in _fields(current))}")
+    else:
+        value = parse_value(text, current, full_key)
+    try:
+        return dataclasses.replace(obj, **{name: value})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--set {full_key}={text!r} is invalid: {e}") from None
+
+
+def apply_override(exp: stages.Experiment, item: str) -> stages.Experiment:
+    """One `key=value` override (dotted key)."""
+    if "=" not in item:
+        raise ValueError(f"--set {item!r}: expected key=value, e.g. optim.peak_lr=1e-4")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ValueError(f"--set {item!r}: empty key")
+    return _set(exp, key.split("."), text, key)
+
+
+def describe(exp: stages.Experiment) -> str:
+    """A flat `key = value` listing of every field (what --set can change)."""
+    lines = []
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"{prefix}{f.name} = {v!r}")
+    walk(exp, "")
+    lines.append(f"(derived) num_steps = {exp.num_steps}, tokens_per_step = {exp.tokens_per_step}")
+    return "\n".join(lines)
