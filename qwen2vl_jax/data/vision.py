@@ -233,25 +233,44 @@ def patchify_normalized(
         f = frames.shape[0]
     gt, gh, gw = -(-f // tp), h // p, w // p
     n = gt * gh * gw
-    out = np.empty((gt, gh // m, gw // m, m, m, c, tp, p, p), dtype=np.float32)
-    if f == 1:
-        # An image: look up once into a contiguous buffer, then broadcast over the tp identical frames.
-        u8 = frames[0].reshape(gh // m, m, p, gw // m, m, p, c)  # (bh, mh, ph, bw, mw, pw, C)
-        planes = np.ascontiguousarray(u8.transpose(6, 0, 3, 1, 4, 2, 5))  # [C, bh, bw, mh, mw, ph, pw]
-        normed = np.empty(planes.shape, dtype=np.float32)
-        for ch in range(c):
-            np.take(table[ch], planes[ch], out=normed[ch], mode="clip")
-        out[0] = normed.transpose(1, 2, 3, 4, 0, 5, 6)[:, :, :, :, :, None]
-    else:
-        u8 = frames.reshape(gt, tp, gh // m, m, p, gw // m, m, p, c)  # (gt, tp, bh, mh, ph, bw, mw, pw, C)
-        planes = np.ascontiguousarray(u8.transpose(8, 0, 2, 5, 3, 6, 1, 4, 7))  # [C, gt, bh, bw, mh, mw, tp, ph, pw]
-        for ch in range(c):
-            np.take(table[ch], planes[ch], out=out[:, :, :, :, :, ch], mode="clip")
+    ft = tp if f > 1 else 1  # frames per tube actually stored; an image (f == 1) is broadcast to tp frames
+    # 1) Move whole patch rows: each run of p pixels * 3 channels is contiguous in HWC, so reorder runs of
+    #    3p bytes (one opaque element each) instead of single bytes.
+    runs = np.ascontiguousarray(frames).reshape(f, h, w // p, p * c).view(np.dtype(f"V{p * c}"))
+    rows = runs.reshape(gt, ft, gh // m, m, p, gw // m, m)
+    #                                                                       0   1   2       3  4  5       6
+    moved = np.ascontiguousarray(rows.transpose(0, 2, 5, 3, 6, 1, 4))  # (gt, bh, bw, mh, mw, ft, ph) of p*3 bytes
+    moved = moved.view(np.uint8).reshape(n, ft * p * p, c)  # [N, (frame, ph, pw), C] uint8
+    # 2) Table lookup per channel into contiguous float32 planes (exact rescale+normalize, see module doc).
+    normed = np.empty((c, n, ft * p * p), dtype=np.float32)
+    for ch in range(c):
+        np.take(table[ch], moved[:, :, ch], out=normed[ch], mode="clip")
+    # 3) Channel-major columns (C, T, ph, pw); an image's single frame is written tp times.
+    out = np.empty((n, c, tp, p * p), dtype=np.float32)
+    out[...] = normed.reshape(c, n, ft, p * p).transpose(1, 0, 2, 3)
     return out.reshape(n, c * tp * p * p), (gt, gh, gw)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Images
+
+
+def _resized_rgb(image: ImageLike, factor: int, min_pixels: int, max_pixels: int) -> np.ndarray:
+    """uint8 [h, w, 3] at the smart_resize size. A PIL image is converted and resized as a PIL image (the
+    reference goes PIL -> numpy -> PIL -> resize -> numpy; the pixels are the same, two copies fewer)."""
+    if isinstance(image, PIL.Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise BadMediaError("zero_size", f"image has a zero side: size={image.size}")
+        h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if image.size != (w, h):
+            image = image.resize((w, h), resample=PIL.Image.Resampling.BICUBIC)
+        return np.asarray(image)
+    rgb = to_rgb_uint8(image)
+    h, w = smart_resize(rgb.shape[0], rgb.shape[1], factor, min_pixels, max_pixels)
+    return resize_rgb_uint8(rgb, h, w)
+
 
 
 def preprocess_images(
@@ -276,9 +295,7 @@ def preprocess_images(
     factor = patch_size * merge_size
     chunks, grids = [], []
     for image in images:
-        rgb = to_rgb_uint8(image)
-        h, w = smart_resize(rgb.shape[0], rgb.shape[1], factor, min_pixels, max_pixels)
-        rgb = resize_rgb_uint8(rgb, h, w)
+        rgb = _resized_rgb(image, factor, min_pixels, max_pixels)
         patches, grid = patchify_normalized(rgb[None], table, patch_size, merge_size, temporal_patch_size)
         chunks.append(patches)
         grids.append(grid)
