@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from qwen2vl_jax import hf
-from qwen2vl_jax.config import ModelConfig, VisionConfig, get_config
+from qwen2vl_jax.config import ModelConfig, VisionConfig
 
 EVAL_KINDS = ("caption", "ocr", "grounding", "video", "chat")
 
@@ -73,6 +73,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 @dataclasses.dataclass(frozen=True)
 class SweepPoint:
     sweep: str
+    base_model: str                  # registry model preset the experiment recipe comes from
     size: ModelSize
     model: ModelConfig
     experiment: str
@@ -97,7 +98,8 @@ class SweepPoint:
         return 6.0 * self.params * self.tokens
 
     def config_dict(self) -> dict:
-        return {"model": dataclasses.asdict(self.model), "experiment": self.experiment, "steps": self.steps,
+        return {"model": dataclasses.asdict(self.model), "experiment": self.experiment,
+                "base_model": self.base_model, "steps": self.steps,
                 "batch_size": self.batch_size, "seq_len": self.seq_len, "lr": self.lr,
                 "overrides": [list(kv) for kv in self.overrides]}
 
@@ -151,13 +153,14 @@ class Sweep:
                              f"({self.batch_size} x {self.seq_len} = {step_tokens} tokens)")
 
     def points(self) -> list[SweepPoint]:
-        base = get_config(self.base_model)
+        from experiments import registry
+        base = registry.get_experiment(self.experiment, self.base_model).model   # recipe's execution fields
         out = []
         for size in self.sizes:
             model = size.apply(base, self.vision)
             for budget in self.token_budgets:
                 for lr in self.lrs:
-                    out.append(SweepPoint(sweep=self.name, size=size, model=model, experiment=self.experiment,
+                    out.append(SweepPoint(sweep=self.name, base_model=self.base_model, size=size, model=model, experiment=self.experiment,
                                           steps=budget // (self.batch_size * self.seq_len),
                                           batch_size=self.batch_size, seq_len=self.seq_len, lr=lr,
                                           overrides=self.overrides))
@@ -168,6 +171,9 @@ class Sweep:
 # The named sweeps
 
 _CPU_VISION = VisionConfig(depth=2, embed_dim=64, num_heads=2, out_hidden_size=64)
+# Smaller pictures for the CPU sweep: <= 64 LLM tokens per image, 16 per video frame pair.
+_CPU_DATA = (("data.image_max_pixels", str(64 * 28 * 28)), ("data.video_max_pixels", str(16 * 28 * 28)),
+             ("data.video_total_pixels", str(256 * 28 * 28)))
 
 
 def _cpu_size(d: int, layers: int) -> ModelSize:
@@ -193,8 +199,8 @@ _LLM_SIZES = (
 SWEEPS: dict[str, Sweep] = {s.name: s for s in (
     Sweep(name="cpu_small", description="4 tiny decoders x 3 token budgets, fixed 2-layer ViT; CPU, < 30 min",
           base_model="tiny", sizes=tuple(_cpu_size(d, l) for d, l in ((64, 1), (96, 2), (128, 2), (192, 3))),
-          token_budgets=(24 * 4 * 256, 48 * 4 * 256, 96 * 4 * 256), lrs=(3e-3,), batch_size=4, seq_len=256,
-          vision=_CPU_VISION),
+          token_budgets=(16 * 4 * 256, 32 * 4 * 256, 64 * 4 * 256), lrs=(3e-3,), batch_size=4, seq_len=256,
+          vision=_CPU_VISION, overrides=_CPU_DATA),
     Sweep(name="scaling_llm", description="decoder 0.1B..1.5B at the fixed 675M ViT x 3 token budgets",
           base_model="2b", sizes=_LLM_SIZES, token_budgets=(2 * 10**9, 8 * 10**9, 32 * 10**9), lrs=(3e-4,),
           batch_size=256, seq_len=4096),
@@ -221,3 +227,21 @@ def best_over_lr(rows: Sequence[dict], loss_key: str = "eval_loss_mean") -> list
         if k not in best or float(r[loss_key]) < float(best[k][loss_key]):
             best[k] = r
     return list(best.values())
+
+
+def point_experiment(point: SweepPoint, root: str = "runs/sweeps", eval_every: int = 0):
+    """The registry experiment of `point` with its model, batch, steps, LR and a run dir of its own
+    (ROOT/<run_name>). Warmup is 10% of the steps; the cosine runs over the point's own length."""
+    from experiments import registry
+
+    exp = registry.get_experiment(point.experiment, point.base_model)
+    for kv in point.overrides:
+        exp = registry.apply_override(exp, "=".join(kv))
+    data = dataclasses.replace(exp.data, seq_len=point.seq_len, max_patches=2 * point.seq_len)
+    optim_cfg = dataclasses.replace(exp.optim, peak_lr=point.lr, warmup_steps=max(1, point.steps // 10),
+                                    total_steps=0)
+    ckpt = dataclasses.replace(exp.checkpoint, every=max(point.steps, 1), directory="")
+    return dataclasses.replace(exp, name=f"{point.sweep}-{point.key}", model=point.model, data=data,
+                               batch_size=point.batch_size, steps=point.steps, token_budget=point.tokens,
+                               optim=optim_cfg, checkpoint=ckpt, workdir=f"{root}/{point.run_name}",
+                               log_every=max(1, point.steps // 4))

@@ -94,7 +94,7 @@ def make_eval_fn(cfg: ModelConfig, data_cfg: Any = None, *, num_per_kind: int = 
     if bad:
         raise ValueError(f"loss kinds {bad} unknown; valid: {', '.join(LOSS_KINDS)}")
     tokenizer = tokenizer or load_tokenizer(_data_field(data_cfg, "tokenizer", "embedded"))
-    vision_opts = _data_field(data_cfg, "vision_opts", None)
+    vision_opts = _data_field(data_cfg, "vision_options", None)       # pipeline.DataConfig property
     pack_cfg = PackConfig.for_model(cfg, seq_len=seq_len, max_patches=max_patches, overflow="truncate")
     batches = {k: heldout_batches(k, num_per_kind, tokenizer, cfg, pack_cfg, batch_size, vision_opts) for k in kinds}
     step_cfg = step_cfg or train.StepConfig()
