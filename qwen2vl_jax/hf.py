@@ -288,8 +288,8 @@ def params_from_hf_state_dict(cfg: ModelConfig, sd: Mapping[str, Any], progress:
             for i, name in enumerate(spec.hf_names()):
                 leaf[i] = spec.to_ours(read(name, spec))
         else:
-            leaf = _cast(spec.to_ours(read(spec.hf, spec)), dtype)
-            leaf = np.ascontiguousarray(leaf)
+            # always a fresh array: never a view of the caller's (e.g. torch-owned) memory
+            leaf = np.array(spec.to_ours(read(spec.hf, spec)), dtype=dtype, order="C")
         _set(params, spec.path, leaf)
     if cfg.tie_word_embeddings and LM_HEAD in names:
         head = to_numpy(sd[names[LM_HEAD]])
@@ -326,7 +326,7 @@ def iter_hf_tensors(cfg: ModelConfig, params: Mapping, dtype=None,
         leaf = _get(params, spec.path)
         if progress:
             progress(f"jax->hf {'/'.join(spec.path)} {spec.leaf_shape} -> {spec.group} {spec.hf_shape}")
-        parts = [leaf[i] for i in range(spec.num_layers)] if spec.num_layers else [leaf]
+        parts = (leaf[i] for i in range(spec.num_layers)) if spec.num_layers else iter([leaf])
         for name, part in zip(spec.hf_names(), parts):
             w = spec.to_hf(np.asarray(part))
             yield name, (w if target is None else _cast(w, target))
@@ -334,8 +334,9 @@ def iter_hf_tensors(cfg: ModelConfig, params: Mapping, dtype=None,
 
 def params_to_hf_state_dict(cfg: ModelConfig, params: Mapping, dtype=None,
                             progress: Progress = None) -> dict[str, np.ndarray]:
-    """Exact inverse of `params_from_hf_state_dict`, with on-disk names (no lm_head when tied)."""
-    return dict(iter_hf_tensors(cfg, params, dtype, progress))
+    """Exact inverse of `params_from_hf_state_dict`, with on-disk names (no lm_head when tied).
+    Every tensor is a fresh array (no view of `params`)."""
+    return {name: np.array(w) for name, w in iter_hf_tensors(cfg, params, dtype, progress)}
 
 
 # ----------------------------------------------------------------------------------------------

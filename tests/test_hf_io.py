@@ -488,3 +488,13 @@ def test_torch_state_dict_and_sharded_jax_params(tmp_path):
     for name, t in model.state_dict().items():
         w = disk[hf.on_disk_name(name)]
         assert np.array_equal(w.view(np.uint16), t.view(torch.int16).numpy().view(np.uint16)), name
+
+
+def test_outputs_never_alias_inputs(hf_pair):
+    cfg, _, sd = hf_pair
+    params = hf.params_from_hf_state_dict(cfg, sd)
+    emb = params["decoder"]["embed_tokens"]["embedding"]
+    assert not np.shares_memory(emb, sd["model.language_model.embed_tokens.weight"])
+    back = hf.params_to_hf_state_dict(cfg, params)
+    assert not np.shares_memory(back["model.embed_tokens.weight"], emb)
+    assert not np.shares_memory(back["model.norm.weight"], params["decoder"]["norm"]["scale"])
