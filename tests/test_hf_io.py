@@ -498,3 +498,19 @@ def test_outputs_never_alias_inputs(hf_pair):
     back = hf.params_to_hf_state_dict(cfg, params)
     assert not np.shares_memory(back["model.embed_tokens.weight"], emb)
     assert not np.shares_memory(back["model.norm.weight"], params["decoder"]["norm"]["scale"])
+
+
+def test_real_model_sizes_match_published_checkpoints():
+    """Counts for the presets against the released checkpoints (shared/reference/qwen2vl.md §1.3):
+    the 2B index.json total_size is 4,417,971,200 bytes of bf16, i.e. 2,208,985,600 parameters."""
+    published = {"2b": 2_208_985_600, "7b": 8_291_375_616, "72b": 73_405_560_320}
+    for name, count in published.items():
+        cfg = get_config(name)
+        shapes = hf.hf_tensor_shapes(cfg)
+        assert sum(int(np.prod(s)) for s in shapes.values()) == count, name
+        assert sum(int(np.prod(s)) for s in _leaves(hf.param_shapes(cfg))) == count, name
+        assert ("lm_head.weight" in shapes) == (name != "2b")
+        assert shapes["visual.patch_embed.proj.weight"] == (1280, 3, 2, 14, 14)
+    cfg = get_config("2b")
+    # 28 decoder layers x 12 tensors + embed + norm; 32 vision blocks x 12 + patch embed + 6 merger
+    assert len(hf.hf_tensor_shapes(cfg)) == 28 * 12 + 2 + 32 * 12 + 1 + 6
