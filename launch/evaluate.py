@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     p.add_argument("--kinds", default="caption,count,ocr,grounding",
                    help=f"comma list from {','.join(evaluation.ACCURACY_KINDS)}")
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_new_tokens", type=int, default=48)
+    p.add_argument("--max_new_tokens", type=int, default=None, help="default: longest answer + 8")
     p.add_argument("--chat", action="store_true", help="ChatML prompts (stage-3 form) instead of pre-training form")
     p.add_argument("--loss", action="store_true", help="also report the held-out loss per data type")
     p.add_argument("--json", default=None, help="write the results to this JSON file")

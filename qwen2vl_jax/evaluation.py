@@ -165,10 +165,11 @@ class KindResult:
 
 
 def evaluate_accuracy(cfg: ModelConfig, params: dict, *, num: int = 64, kinds: Sequence[str] = ACCURACY_KINDS,
-                      tokenizer: Any = None, batch_size: int = 16, max_new_tokens: int = 48, chat: bool = False,
+                      tokenizer: Any = None, batch_size: int = 16, max_new_tokens: int | None = None, chat: bool = False,
                       vision_opts: formats.VisionOptions | None = None, model: Any = None,
                       log: Callable[[str], None] | None = None) -> dict[str, KindResult]:
-    """Greedy-decodes the held-out eval prompts and scores them (module docstring)."""
+    """Greedy-decodes the held-out eval prompts and scores them (module docstring). max_new_tokens
+    None = per kind, the longest expected answer + 8 tokens (room for eos and a little more)."""
     from qwen2vl_jax import generate as gen
     from qwen2vl_jax.data.tokenizer import load_tokenizer
 
@@ -187,12 +188,13 @@ def evaluate_accuracy(cfg: ModelConfig, params: dict, *, num: int = 64, kinds: S
         prompts, expected = [p for p, _ in pairs], [e for _, e in pairs]
         # one padded length per kind: every batch of this kind reuses the same compiled decode loop
         length = -(-max(len(p["input_ids"]) for p in prompts) // 8) * 8
+        new_tokens = max_new_tokens or max(len(tokenizer.encode(e)) for e in expected) + 8
         preds = []
         for i in range(0, num, batch_size):
             chunk = prompts[i:i + batch_size]
             chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))          # static batch shape
             pb = gen.prepare_prompts(cfg, chunk, length=length)
-            out = gen.generate(cfg, params, pb, max_new_tokens=max_new_tokens, eos_ids=stop, model=model)
+            out = gen.generate(cfg, params, pb, max_new_tokens=new_tokens, eos_ids=stop, model=model)
             for b in range(min(batch_size, num - i)):
                 ids = [t for t in out.row(b, eos_ids=stop) if t < tokenizer.vocab_size]   # drop embedding padding ids
                 preds.append(tokenizer.decode(ids))
