@@ -335,6 +335,7 @@ def test_video_file_decode_and_sampling(tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     assert _reason(V.load_video, cut) == "truncated"  # the last frame's packet is cut mid-way
 
+
 # ---------------------------------------------------------------------------------------------- bad media
 
 
