@@ -36,8 +36,20 @@ from qwen2vl_jax.config import ModelConfig
 from qwen2vl_jax.data import formats, packing, sources, vision
 
 SYNTHETIC_LENGTH = 1 << 48     # "infinite": index space of a synthetic source
+MAX_UNUSABLE_RUN = 10_000      # consecutive skipped/dropped samples before the pipeline gives up (all-bad data)
 STATE_VERSION = 1
 SPLITS = ("train", "heldout")
+
+
+# Synthetic mixtures per training stage (reference §6.2). The paper gives the data kinds of each stage but
+# no ratios; these weights are ours. Stage 1 trains the ViT on image-text pairs, OCR and classification-like
+# data; stage 2 adds VQA (count), grounding, video and interleaved documents; stage 3 is instruction tuning.
+STAGE_MIXTURES = {
+    1: (("synthetic:caption", 0.6), ("synthetic:ocr", 0.25), ("synthetic:count", 0.15)),
+    2: (("synthetic:caption", 0.25), ("synthetic:ocr", 0.15), ("synthetic:count", 0.15), ("synthetic:grounding", 0.15),
+        ("synthetic:video", 0.1), ("synthetic:interleaved", 0.2)),
+    3: (("synthetic:chat", 1.0),),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +96,13 @@ class DataConfig:
         formats.VisionOptions(**self._vision_kw())  # validates the pixel limits
         if self.video_fps <= 0:
             raise ValueError(f"video_fps must be > 0; got {self.video_fps}")
+
+    @classmethod
+    def for_stage(cls, stage: int, **kw) -> "DataConfig":
+        """DataConfig with the synthetic mixture of training stage 1, 2 or 3 (STAGE_MIXTURES)."""
+        if stage not in STAGE_MIXTURES:
+            raise ValueError(f"stage {stage!r}; valid: {sorted(STAGE_MIXTURES)}")
+        return cls(mixture=STAGE_MIXTURES[stage], **kw)
 
     def _vision_kw(self) -> dict:
         return dict(min_pixels=self.image_min_pixels, max_pixels=self.image_max_pixels,
@@ -155,6 +174,12 @@ class Decoder:
             event = f"skipped/{e.reason}"
             _log_once(event, f"{self.specs[source].name}: {e}")
             return Decoded(index, source, None, event)
+        except Exception as e:  # noqa: BLE001 -- real files must not stop a run; synthetic bugs must surface
+            if self.specs[source].kind == "synthetic":
+                raise
+            event = f"skipped/unexpected_{type(e).__name__}"
+            _log_once(event, f"{self.specs[source].name}: {e!r}")
+            return Decoded(index, source, None, event)
         prepared, reason = packing.prepare_sample(sample, self.pack_cfg, self.model_cfg)
         if prepared is None:
             event = f"dropped/{reason}"
@@ -210,12 +235,19 @@ class _PackIterator(grain.DatasetIterator):
         self._ready: list[list[int]] = []             # closed rows not yet batched
         self._pending: collections.Counter = collections.Counter()
         self._exhausted = False
+        self._unusable_run = 0                        # consecutive samples without a packable result
 
     def _consume(self, d: Decoded) -> None:
         if d.event is not None:
             self._pending[d.event] += 1
         if d.sample is None:
+            self._unusable_run += 1
+            if self._unusable_run >= MAX_UNUSABLE_RUN:
+                raise ValueError(f"{self._unusable_run} consecutive samples were skipped or dropped "
+                                 f"(counts since the last batch: {dict(self._pending)}): the data or the "
+                                 "packing budgets are unusable")
             return
+        self._unusable_run = 0
         self._held[d.key] = d
         self._ready += self._packer.push(d.key, d.sample.num_tokens, d.sample.num_patches)
 
