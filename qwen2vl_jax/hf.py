@@ -3,22 +3,22 @@
 The parameter tree is the contract in WORKSPACE.md ("Parameters"). Every HF tensor maps to exactly one
 leaf (per layer for the stacked blocks) through one `_Spec` row of `_specs(cfg)`:
 
-  HF name (on disk)                                   HF shape               ours                          our shape
-  visual.patch_embed.proj.weight                      [E, C, T, p, p]        visual/patch_embed/kernel     [C*T*p*p, E]
-  visual.blocks.{i}.norm{1,2}.{weight,bias}           [E]                    visual/blocks/norm{1,2}/...   [L, E]
-  visual.blocks.{i}.attn.qkv.weight                   [3E, E]                visual/blocks/attn/qkv/kernel [L, E, 3, H, hd]
-  visual.blocks.{i}.attn.qkv.bias                     [3E]                   .../qkv/bias                  [L, 3, H, hd]
-  visual.blocks.{i}.attn.proj.{weight,bias}           [E, E], [E]            .../proj/{kernel,bias}        [L, H, hd, E], [L, E]
-  visual.blocks.{i}.mlp.fc1 / fc2                     [M, E] / [E, M]        .../mlp/fc1 / fc2 kernel      [L, E, M] / [L, M, E]
-  visual.merger.ln_q.{weight,bias}                    [E]                    visual/merger/ln_q            [E]
-  visual.merger.mlp.0 / mlp.2                         [4E, 4E] / [D, 4E]     visual/merger/mlp_0 / mlp_2   [4E, 4E] / [4E, D]
-  model.embed_tokens.weight                           [V, D]                 decoder/embed_tokens/embedding [V, D]
-  model.layers.{i}.self_attn.{q,k,v}_proj.weight      [H*hd, D]              decoder/layers/self_attn/...  [L, D, H, hd]
-  model.layers.{i}.self_attn.o_proj.weight            [D, Hq*hd]             .../o_proj/kernel             [L, Hq, hd, D]
-  model.layers.{i}.mlp.{gate,up,down}_proj.weight     [I, D] / [D, I]        decoder/layers/mlp/...        [L, D, I] / [L, I, D]
-  model.layers.{i}.{input,post_attention}_layernorm   [D]                    decoder/layers/...            [L, D]
-  model.norm.weight                                   [D]                    decoder/norm/scale            [D]
-  lm_head.weight                                      [V, D]                 lm_head/kernel                [D, V]  (absent when tied)
+  HF name (on disk)                                  HF shape           ours                             our shape
+  visual.patch_embed.proj.weight                     [E, C, T, p, p]    visual/patch_embed/kernel        [C*T*p*p, E]
+  visual.blocks.{i}.norm{1,2}.{weight,bias}          [E]                visual/blocks/norm{1,2}/...      [L, E]
+  visual.blocks.{i}.attn.qkv.weight                  [3E, E]            visual/blocks/attn/qkv/kernel    [L, E, 3, H, hd]
+  visual.blocks.{i}.attn.qkv.bias                    [3E]               .../qkv/bias                     [L, 3, H, hd]
+  visual.blocks.{i}.attn.proj.{weight,bias}          [E, E], [E]        .../proj/{kernel,bias}           [L, H, hd, E], [L, E]
+  visual.blocks.{i}.mlp.fc1 / fc2                    [M, E] / [E, M]    .../mlp/fc1 / fc2 kernel         [L, E, M] / [L, M, E]
+  visual.merger.ln_q.{weight,bias}                   [E]                visual/merger/ln_q               [E]
+  visual.merger.mlp.0 / mlp.2                        [4E,4E] / [D,4E]   visual/merger/mlp_0 / mlp_2      [4E, 4E] / [4E, D]
+  model.embed_tokens.weight                          [V, D]             decoder/embed_tokens/embedding   [V, D]
+  model.layers.{i}.self_attn.{q,k,v}_proj.weight     [H*hd, D]          decoder/layers/self_attn/...     [L, D, H, hd]
+  model.layers.{i}.self_attn.o_proj.weight           [D, Hq*hd]         .../o_proj/kernel                [L, Hq, hd, D]
+  model.layers.{i}.mlp.{gate,up,down}_proj.weight    [I, D] / [D, I]    decoder/layers/mlp/...           [L, D, I] / [L, I, D]
+  model.layers.{i}.{input,post_attention}_layernorm  [D]                decoder/layers/...               [L, D]
+  model.norm.weight                                  [D]                decoder/norm/scale               [D]
+  lm_head.weight                                     [V, D]             lm_head/kernel                   [D, V] (absent if tied)
 
 Torch `Linear` weights are `[out, in]`; our kernels are `x @ kernel`, i.e. the transpose reshaped to
 `(*in_dims, *out_dims)`. The patch-embed Conv3d has stride == kernel, so it is the matmul
