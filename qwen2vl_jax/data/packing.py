@@ -20,7 +20,8 @@ Overflow rule (`PackConfig.overflow`): a sample with more than `max_patches` pat
 "drop" ("too_many_tokens"); under "truncate" its tail is cut to `seq_len` tokens when the cut tail holds
 only text, otherwise (the cut would go through or before a vision block) it is dropped
 ("too_many_tokens_vision_in_tail"); a truncated sample with no supervised target left is dropped
-("no_target_after_truncation"). A truncation is the event "text_tail". The caller counts every event.
+("no_target_after_truncation"). A sample with no supervised target at all is dropped ("no_target").
+A truncation is the event "text_tail". The caller counts every event.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ DROP_TOO_MANY_PATCHES = "too_many_patches"
 DROP_TOO_MANY_TOKENS = "too_many_tokens"
 DROP_VISION_IN_TAIL = "too_many_tokens_vision_in_tail"
 DROP_NO_TARGET = "no_target_after_truncation"
-DROP_EMPTY = "empty_sample"
+DROP_EMPTY = "no_target"             # < 2 tokens, or no supervised target at all
 DROP_INVALID = "invalid_sample"
 DROP_EVENTS = (DROP_TOO_MANY_PATCHES, DROP_TOO_MANY_TOKENS, DROP_VISION_IN_TAIL, DROP_NO_TARGET, DROP_EMPTY,
                DROP_INVALID)

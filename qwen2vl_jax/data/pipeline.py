@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import threading
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -138,13 +139,16 @@ class Decoded:
     event: str | None                          # "skipped/<r>", "dropped/<r>", "truncated/<r>" or None
 
 
-_LOGGED_REASONS: set[str] = set()
+_LOGGED_REASONS: set[str] = set()   # per process: each skip/drop reason is logged the first time only
+_LOG_LOCK = threading.Lock()        # decode runs in grain's reader threads
 
 
 def _log_once(event: str, message: str) -> None:
-    if event not in _LOGGED_REASONS:
+    with _LOG_LOCK:
+        if event in _LOGGED_REASONS:
+            return
         _LOGGED_REASONS.add(event)
-        logging.warning("data: %s (%s); further %s events are counted, not logged", event, message[:300], event)
+    logging.warning("data: %s (%s); further %s events are counted, not logged", event, message[:300], event)
 
 
 @dataclasses.dataclass(frozen=True)
