@@ -177,8 +177,8 @@ def test_kv_cache_prefill_decode_matches_forward(setup):
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = get_config("test")
-    return cfg, M.init_params(cfg, jax.random.key(0))
+    """Input checks run on the host before any parameter is touched, so no weights are needed."""
+    return get_config("test"), None
 
 
 def test_error_grid_shape(tiny):
