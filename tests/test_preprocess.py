@@ -74,7 +74,8 @@ def test_qwen_vl_utils_variant_differs_only_for_thin_sides():
     assert V.smart_resize_qwen_vl_utils(10, 2000, 28, 3136, 12845056) == (28, 1988)  # initial max(28, round)
     assert V.smart_resize(10, 2000, 28, 3136, 12845056) == (28, 812)  # HF: 0 * w < min -> upscale branch
     for h, w in [(480, 640), (1080, 1920), (57, 300)]:
-        assert V.smart_resize_qwen_vl_utils(h, w, 28, 128 * 784, 768 * 784) == V.smart_resize(h, w, 28, 128 * 784, 768 * 784)
+        limits = (28, 128 * 784, 768 * 784)
+        assert V.smart_resize_qwen_vl_utils(h, w, *limits) == V.smart_resize(h, w, *limits)
 
 
 # ---------------------------------------------------------------------------------------------- image parity
@@ -91,7 +92,8 @@ def test_images_match_reference_processor(h, w):
 
 def test_random_sizes_batch_matches_reference():
     rng = np.random.default_rng(3)
-    images = [PIL.Image.fromarray(_random_rgb(int(h), int(w), seed=i)) for i, (h, w) in enumerate(rng.integers(8, 700, (6, 2)))]
+    sizes = rng.integers(8, 700, (6, 2))
+    images = [PIL.Image.fromarray(_random_rgb(int(h), int(w), seed=i)) for i, (h, w) in enumerate(sizes)]
     _assert_matches(V.preprocess_images(images), _reference(images))
 
 

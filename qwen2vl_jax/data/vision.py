@@ -138,7 +138,11 @@ def smart_resize(
 
 
 def smart_resize_qwen_vl_utils(
-    height: int, width: int, factor: int = FACTOR, min_pixels: float = VIDEO_MIN_PIXELS, max_pixels: float = VIDEO_MAX_PIXELS
+    height: int,
+    width: int,
+    factor: int = FACTOR,
+    min_pixels: float = VIDEO_MIN_PIXELS,
+    max_pixels: float = VIDEO_MAX_PIXELS,
 ) -> tuple[int, int]:
     """qwen-vl-utils 0.0.8 variant used for video frames: ``max(factor, round(..))`` on the initial rounding.
 
