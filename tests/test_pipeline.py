@@ -283,3 +283,14 @@ def test_stage_mixtures(stage):
     assert it.stats()["samples_packed"] > 0
     with pytest.raises(ValueError, match="stage"):
         pipeline.DataConfig.for_stage(4)
+
+
+def test_balanced_max_patches_matches_the_mixture_ratio():
+    from qwen2vl_jax.data import formats
+    cfg = dcfg(mixture=(("synthetic:caption", 1.0), ("synthetic:chat", 1.0)), seq_len=1000)
+    got = pipeline.balanced_max_patches(cfg, CFG, TOK, num_samples=16)
+    # independent: the mix alternates caption / chat, process 0 reads indices 0, 1, 2, ... of each
+    samples = [formats.make_sample(k, i, "train", TOK, CFG, cfg.vision_options) for i in range(8)
+               for k in ("caption", "chat")]
+    ratio = sum(len(s["pixel_values"]) for s in samples) / sum(len(s["input_ids"]) for s in samples)
+    assert got % 4 == 0 and abs(got - 1000 * ratio) <= 4

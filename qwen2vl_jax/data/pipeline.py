@@ -415,3 +415,32 @@ def make_iterator(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer, *, ba
                       "split": split, "model": model_cfg.name, "tokenizer": getattr(tokenizer, "name", "")},
                      sort_keys=True)
     return DataIterator(ds, hashlib.sha256(key.encode()).hexdigest()[:16], data_cfg.pack_config(model_cfg))
+
+
+def balanced_max_patches(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer, num_samples: int = 64,
+                         split: str = "train") -> int:
+    """max_patches that matches the mixture's patch/token ratio at data_cfg.seq_len (multiple of the merge
+    unit), measured on the first `num_samples` decoded samples of the mixture (process 0). With the ratio
+    matched, neither budget binds early and both packing efficiencies can approach 1; a smaller value makes
+    patches the bottleneck (token efficiency ~ max_patches / (ratio * seq_len)), a larger one wastes patches."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+    probe = dataclasses.replace(data_cfg, max_patches=1 << 30, overflow="truncate")
+    pack_cfg = probe.pack_config(model_cfg)
+    specs = tuple(sources.parse_source(n) for n, _ in probe.mixture)
+    decoder = Decoder(specs, split, probe.seed, tokenizer, model_cfg, pack_cfg, probe.vision_options,
+                      probe.video_sampling)
+    mixed = _mixed_dataset(probe, 0, 1, split)
+    tokens = patches = largest = 0
+    for i in range(num_samples):
+        d = decoder(i, mixed[i])
+        if d.sample is not None:
+            tokens += d.sample.num_tokens
+            patches += d.sample.num_patches
+            largest = max(largest, d.sample.num_patches)
+    if not tokens:
+        raise ValueError(f"none of the first {num_samples} samples of {probe.mixture} is usable")
+    unit = model_cfg.vision.merge_unit
+    balanced = -(-int(np.ceil(data_cfg.seq_len * patches / tokens)) // unit) * unit
+    return max(balanced, -(-largest // unit) * unit, unit)
+
