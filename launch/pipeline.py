@@ -73,6 +73,10 @@ def main(argv=None) -> dict:
                  "checkpoint_dir": summary["checkpoint_dir"]}
         print(f"    stage {k} done: step {entry['steps']}, loss {entry['first_loss']} -> {entry['last_loss']} "
               f"({entry['seconds']:.0f}s)", flush=True)
+        if summary["preempted"]:
+            report["stages"][k] = entry
+            print(f"    stage {k} preempted at step {entry['steps']}: re-run the same command to resume", flush=True)
+            break
         if k in eval_after:
             params = evaluate.load_params(exp.model, exp.checkpoint_dir)
             chat = k == 3
