@@ -24,7 +24,8 @@ Everything is derived from shapes only (`jax.eval_shape` of `model.init_params`)
         dots, dots_with_no_batch_dims
                                  D + (q + 2*kv + 2*I_dots) / t + 2*D   (layer input; outputs of
                                   q/k/v, o, gate/up (or fc1), down projections)
-        minimal                  D + (q + 2*kv) / t                    (layer input + q/k/v)
+        minimal                  D + (q + 2*kv + q) / t                (layer input, q/k/v and the
+                                  attention output: decoder.CHECKPOINT_NAMES)
         full                     D                                     (layer input only)
       with `attention_impl == "xla"` (materialised scores) and a policy that keeps them (none/dots),
       the fp32 softmax output adds heads/t * row_length * 4 bytes per token.
@@ -34,8 +35,9 @@ Everything is derived from shapes only (`jax.eval_shape` of `model.init_params`)
                  tower needs no backward: only its forward working set, counted below)
       working  = 2 * max(one decoder layer at policy none, one ViT layer at policy none)
                  (the layer being recomputed/differentiated, and its cotangents)
-      loss     = T * D * c (final hidden) + 2 * T * vocab_chunk * 4 (one fp32 logits chunk and its
-                 gradient: the loss never materialises [T, V])
+      loss     = T * D * c (final hidden) + 3 * rows * loss_chunk * min(vocab_chunk, V) / t * 4
+                 (train.chunked_cross_entropy: one checkpointed chunk of loss_chunk positions, its fp32
+                 logits, softmax and gradient; the loss never materialises [B, S, V])
       batch    = the packed batch arrays of this device (int32 ids/targets/segments/positions,
                  float32 loss mask and pixel rows)
 
@@ -73,10 +75,11 @@ class StepShape:
     seq_len: int               # tokens per row (S)
     max_patches: int           # patch rows per row (P)
     grad_accum: int = 1
-    vocab_chunk: int = 8192    # loss chunk over the vocabulary
+    loss_chunk: int = 512      # sequence positions per loss chunk (train.StepConfig.loss_chunk)
+    vocab_chunk: int = 1 << 30  # vocabulary columns per chunk (the train step uses the full vocabulary)
 
     def __post_init__(self):
-        for f in ("batch_size", "seq_len", "grad_accum", "vocab_chunk"):
+        for f in ("batch_size", "seq_len", "grad_accum", "loss_chunk", "vocab_chunk"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f}={getattr(self, f)} must be >= 1")
         if self.max_patches < 0 or self.max_patches % 4:
@@ -155,7 +158,7 @@ def _layer_values(policy: str, d: int, q: int, kv: int, mlp_vals: int, mlp_dots:
     if policy in ("dots", "dots_with_no_batch_dims"):
         return d + (q + 2 * kv + mlp_dots) / t + 2 * d
     if policy == "minimal":
-        return d + (q + 2 * kv) / t
+        return d + (q + 2 * kv + q) / t
     if policy == "full":
         return d
     raise ValueError(f"remat_policy={policy!r}; valid: none, full, dots, dots_with_no_batch_dims, minimal")
@@ -193,7 +196,8 @@ def activation_bytes(cfg: ModelConfig, step: StepShape, parts: Sequence[str] = A
     vision = v.depth * vis(pol) if "vision_tower" in parts else 0.0
     working = 2 * max(dec("none"), vis("none"))
     merger = Pn * (E + 2 * 4 * E / t) * c + Pn / 4 * D * c
-    loss = T * D * c + 2 * T * min(step.vocab_chunk, cfg.vocab_size) * 4
+    chunk_rows = rows * min(step.loss_chunk, step.seq_len) / sequence_shards
+    loss = T * D * c + 3 * chunk_rows * min(step.vocab_chunk, cfg.vocab_size) / t * 4
     batch = T * (4 * 4 + 3 * 4) + Pn * (v.patch_dim * 4 + 4 + 2 * 4)
     detail = (("decoder layers", decoder), ("vision layers", vision), ("merger", merger),
               ("layer working set", working), ("loss", loss), ("batch", batch))

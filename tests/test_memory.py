@@ -68,7 +68,7 @@ def test_optimizer_bytes_match_the_train_state():
     from qwen2vl_jax import train
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=8, data=1))
     for stage in (1, 3):
-        step_cfg = train.StepConfig(trainable=optim.STAGE_TRAINABLE[stage])
+        step_cfg = train.StepConfig(trainable=optim.STAGE_TRAINABLE[stage], optim=optim.OptimConfig(total_steps=10))
         abstract, _ = train.abstract_state(CFG, step_cfg, mesh)
         opt_leaves = [x for x in jax.tree.leaves(abstract.opt_state) if x.ndim > 0]
         opt = sum(memory.leaf_bytes(x, x.sharding) for x in opt_leaves)
@@ -88,6 +88,8 @@ def test_activation_formula_hand_count():
     assert d["vision layers"] == 2 * 512 * (640 * 4 + 4 * 64 * 4)
     f = dict(det_full)
     assert f["decoder layers"] == 2 * 1024 * 64 * 4 and f["vision layers"] == 2 * 512 * 32 * 4
+    # loss: final hidden [1024, 64] fp32 + 3 x (8 rows x 128-position chunk) x V=2048 x 4 bytes
+    assert d["loss"] == 1024 * 64 * 4 + 3 * 8 * 128 * 2048 * 4
     assert none_ - full == (d["decoder layers"] - f["decoder layers"]) + (d["vision layers"] - f["vision layers"])
     # frozen ViT (stage 3): no stored ViT activations; sharding the batch 8 ways divides everything
     _, det3 = memory.activation_bytes(CFG, STEP, optim.STAGE_TRAINABLE[3])
