@@ -52,7 +52,7 @@ class Checkpointer:
         self.cfg = cfg
         self.directory = os.path.abspath(cfg.directory)
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=cfg.every, max_to_keep=cfg.keep, create=True,
+            max_to_keep=cfg.keep, create=True,
             enable_async_checkpointing=cfg.async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("params", "opt_state", "meta"))
@@ -67,7 +67,7 @@ class Checkpointer:
              force: bool = False) -> bool:
         """Saves if `state.step` is on the interval (or `force`); returns whether a save started."""
         step = int(jax.device_get(state.step))
-        if not force and not self.manager.should_save(step):
+        if not force and step % self.cfg.every:
             return False
         if step in self.manager.all_steps():
             return False

@@ -1,0 +1,148 @@
+"""Checkpoints: bit-identical continuation, restore onto another mesh, keep-K, stage hand-off, kill -9 resume."""
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from qwen2vl_jax import checkpoint, model, optim, sharding, train
+from qwen2vl_jax.config import get_config
+from test_train import synthetic_batch
+
+CFG = get_config("test")
+STEP = train.StepConfig(loss_chunk=8, optim=optim.OptimConfig(peak_lr=1e-2, warmup_steps=1, total_steps=10))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(mesh_cfg):
+    mesh = sharding.make_mesh(mesh_cfg)
+    abstract, st_sh = train.abstract_state(CFG, STEP, mesh)
+    b_sh = sharding.batch_shardings(synthetic_batch(CFG), mesh)
+    return mesh, abstract, st_sh, b_sh, train.make_train_step(CFG, STEP, mesh, st_sh, b_sh)
+
+
+def _steps(step_fn, state, b_sh, seeds, ckpt=None):
+    losses = []
+    for s in seeds:
+        state, m = step_fn(state, sharding.global_batch(synthetic_batch(CFG, seed=s), b_sh))
+        losses.append(train.host_metrics(m)["loss"])
+        if ckpt is not None:
+            ckpt.save(state, {"next_seed": s + 1})
+    return state, losses
+
+
+def test_continuation_is_bit_identical(tmp_path):
+    mesh, abstract, st_sh, b_sh, step_fn = _setup(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "c"), every=2, keep=5))
+    state = train.init_state(CFG, STEP, jax.random.key(0), mesh)
+    full_state, full = _steps(step_fn, state, b_sh, range(5), ckpt)
+    ckpt.close()
+    assert checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "c"))).all_steps() == [2, 4]
+
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "c"), every=2))
+    state, meta = ckpt.restore(abstract, step=2)
+    assert meta["data_state"] == {"next_seed": 2} and meta["step"] == 2 and int(state.step) == 2
+    state, rest = _steps(step_fn, state, b_sh, range(meta["data_state"]["next_seed"], 5))
+    assert rest == full[2:]                      # exact float equality
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+                 jax.device_get(state.params), jax.device_get(full_state.params))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+                 jax.device_get(state.opt_state), jax.device_get(full_state.opt_state))
+    ckpt.close()
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    mesh_a, abstract_a, _, b_sh_a, step_a = _setup(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "c"), every=1))
+    state_a, _ = _steps(step_a, train.init_state(CFG, STEP, jax.random.key(1), mesh_a), b_sh_a, [0], ckpt)
+    ckpt.wait()
+    mesh_b, abstract_b, st_sh_b, b_sh_b, step_b = _setup(sharding.MeshConfig(data=1, fsdp=4, tensor=2))
+    state_b, _ = ckpt.restore(abstract_b)
+    ckpt.close()
+    # values identical, layout of the new mesh
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+                 jax.device_get(state_a.params), jax.device_get(state_b.params))
+    got = jax.tree.map(lambda x: x.sharding.spec, state_b.params)
+    want = jax.tree.map(lambda s: s.spec, st_sh_b.params)
+    assert got == want
+    assert state_b.params["decoder"]["embed_tokens"]["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    _, la = _steps(step_a, state_a, b_sh_a, [1])
+    _, lb = _steps(step_b, state_b, b_sh_b, [1])
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
+
+
+def test_keep_last_k_and_stage_hand_off(tmp_path):
+    mesh, abstract, st_sh, b_sh, step_fn = _setup(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "s1"), every=1, keep=2))
+    state, _ = _steps(step_fn, train.init_state(CFG, STEP, jax.random.key(0), mesh), b_sh, range(4), ckpt)
+    ckpt.close()
+    assert checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "s1"))).all_steps() == [3, 4]
+    # next stage: params only, onto a stage-3 state (different trainable parts -> different optimizer state)
+    s3 = train.StepConfig(trainable=optim.STAGE_TRAINABLE[3], optim=STEP.optim)
+    _, sh3 = train.abstract_state(CFG, s3, mesh)
+    params = checkpoint.load_params(str(tmp_path / "s1"), abstract.params)
+    st3 = train.place_params(params, s3, sh3)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+                 jax.device_get(st3.params), jax.device_get(state.params))
+    assert int(st3.step) == 0 and set(st3.opt_state[0].mu) == {"visual", "decoder", "lm_head"}
+    # a converted HF checkpoint folder (hf.save_jax_checkpoint layout) loads the same way
+    from qwen2vl_jax import hf
+    hf.save_jax_checkpoint(CFG, jax.device_get(state.params), str(tmp_path / "hf"))
+    p2 = checkpoint.load_params(str(tmp_path / "hf"), abstract.params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), jax.device_get(p2), jax.device_get(state.params))
+    with pytest.raises(FileNotFoundError):
+        checkpoint.load_params(str(tmp_path / "nothing"), abstract.params)
+
+
+# ----------------------------------------------------------------------------------------------
+# kill -9 in the middle of a run, restart: the same batches and losses as an uninterrupted run
+
+def _cli(workdir, steps):
+    return [sys.executable, "-m", "launch.pretrain", "--model=test", f"--set=workdir={workdir}",
+            f"--set=steps={steps}", "--set=checkpoint.every=2", "--set=log_every=1", "--set=batch_size=2"]
+
+
+def _env():
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "PYTHONPATH": REPO}
+
+
+def _losses(workdir):
+    out = {}
+    with open(os.path.join(workdir, "losses.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            out[r["step"]] = r["loss"]   # a re-run step overwrites: the resumed run's value counts
+    return out
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_equals_uninterrupted(tmp_path):
+    steps = 6
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    subprocess.run(_cli(ref, steps), env=_env(), cwd=REPO, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_cli(run, steps), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckdir = run / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:   # kill once step 2 is complete on disk
+        if ckdir.is_dir() and any(d.isdigit() and int(d) >= 2 for d in os.listdir(ckdir)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(run))
+    assert killed_at < steps
+    res = subprocess.run(_cli(run, steps), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout
+    assert _losses(run) == _losses(ref)             # bit-identical losses for every step
+    assert sorted(_losses(ref)) == list(range(1, steps + 1))
