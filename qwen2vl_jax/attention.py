@@ -84,13 +84,20 @@ def _cudnn(q, k, v, q_seg, kv_seg, causal, scale, single_segment):
     return jnp.where((q_seg != 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
+def _splash_block(n: int) -> int:
+    for b in (512, 256, 128):
+        if n % b == 0:
+            return b
+    raise ValueError(f"splash attention needs sequence lengths that are multiples of 128; got {n}")
+
+
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(T: int, S: int, groups: int, causal: bool, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     base = sa.CausalMask((T, S)) if causal else sa.FullMask((T, S))
     mask = sa.MultiHeadMask([base] * groups)
-    bq, bkv = min(512, T), min(512, S)
+    bq, bkv = _splash_block(T), _splash_block(S)
     blocks = sa.BlockSizes(block_q=bq, block_kv_compute=bkv, block_kv=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                            block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
     return sa.make_splash_mqa_single_device(mask=mask, block_sizes=blocks, interpret=interpret)
