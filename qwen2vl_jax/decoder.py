@@ -93,13 +93,13 @@ class LayerNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # layer stacking (shared with the vision tower)
 
-# "minimal" saves the attention output and the projections tagged below with jax.ad_checkpoint names.
+# "minimal" saves only tensors tagged with these checkpoint names: rotated k / v (vision: the fused qkv
+# output) and the attention output, so the backward pass recomputes norms, MLPs and q projections.
 CHECKPOINT_NAMES = ("qkv", "attn_out")
 
 
 def remat_policy(name: str) -> Optional[Callable]:
-    """Maps cfg.remat_policy to a jax.checkpoint policy; 'none' -> no remat at all (returns None too,
-    so call sites check the name)."""
+    """cfg.remat_policy -> jax.checkpoint policy ("none" -> None: stack_layers then skips nn.remat)."""
     cp = jax.checkpoint_policies
     return {
         "none": None,
@@ -228,10 +228,6 @@ class Decoder(nn.Module):
     def embed(self, input_ids):
         """input_ids [B,T] int -> [B,T,D] cfg.dtype."""
         return self.embed_tokens(input_ids)
-
-    def embedding_table(self):
-        """[V, D] embedding parameter (param dtype)."""
-        return self.embed_tokens.embedding
 
     @nn.compact
     def __call__(self, embeds, segment_ids, positions, cache=None, q_offset=None, kv_segment_ids=None,

@@ -16,7 +16,7 @@ the stacked tree is split into per-layer subtrees (`layers_{i}`, `blocks_{i}`) j
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -53,12 +53,11 @@ class Qwen2VL(nn.Module):
     def embed(self, input_ids):
         return self.decoder.embed(input_ids)
 
-    def hidden(self, input_ids, segment_ids, positions, vision=None, image_mask=None):
+    def hidden(self, input_ids, segment_ids, positions, vision=None):
         """Packed rule: the k-th vision pad of row b takes vision[b, k]. -> [B,S,D]."""
         x = self.decoder.embed(input_ids)
         if vision is not None:
-            is_slot = _vision_slots(self.cfg, input_ids) if image_mask is None else image_mask
-            x = place_vision(x, is_slot, vision)
+            x = place_vision(x, _vision_slots(self.cfg, input_ids), vision)
         h, _ = self.decoder(x, segment_ids, positions)
         return h
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from qwen2vl_jax.attention import attention
 from qwen2vl_jax.config import ModelConfig
