@@ -202,6 +202,9 @@ def main(argv):
     except InsufficientMemoryError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # configuration errors (mesh vs devices, batch vs processes, ...)
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
     first = summary["losses"].get(min(summary["losses"], default=0))
     print(f"done: step {summary['step']}, first loss {first}, last loss "
           f"{summary['losses'].get(summary['step'])}, skipped steps {summary['skipped_steps']}, "

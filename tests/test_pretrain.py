@@ -1,0 +1,82 @@
+"""launch.pretrain CLI: list, bad overrides, too-large model, SIGTERM save-and-exit, non-finite stop."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(devices=2):
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "launch.pretrain", *args]
+
+
+def test_list_and_bad_override_messages():
+    res = subprocess.run(_cli("--list"), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0
+    for name in ("stage1", "stage2", "stage3"):
+        assert name in res.stdout
+    res = subprocess.run(_cli("--set=optim.peak_lrr=1"), env=_env(), cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2
+    assert "peak_lrr" in res.stderr and "peak_lr" in res.stderr and "warmup_steps" in res.stderr
+
+
+def test_too_large_model_fails_before_allocating(tmp_path):
+    t0 = time.time()
+    res = subprocess.run(_cli("--model=7b", f"--set=workdir={tmp_path}"), env=_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "needs" in res.stderr and "GiB per device" in res.stderr and "host RAM" in res.stderr
+    assert not os.path.exists(tmp_path / "checkpoints" / "0")
+    assert time.time() - t0 < 120
+    # a mesh that does not fit the devices is a clear configuration error
+    res = subprocess.run(_cli("--model=test", "--set=mesh.tensor=3", f"--set=workdir={tmp_path}"), env=_env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "tensor" in res.stderr and "devices" in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    proc = subprocess.Popen(_cli("--model=test", f"--set=workdir={tmp_path}", "--set=steps=50", "--set=log_every=1",
+                                 "--set=checkpoint.every=100", "--set=batch_size=2"),
+                            env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    seen = []
+    for line in proc.stdout:           # progress lines: "step 2/50 | loss ..."
+        seen.append(line)
+        if line.startswith("step 2/50"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.stdout.read()
+    assert proc.wait(timeout=600) == 0
+    assert "SIGTERM: saved checkpoint" in out
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert steps and 2 <= steps[-1] < 50
+    with open(tmp_path / "losses.jsonl") as f:
+        assert len(f.readlines()) == steps[-1]
+    assert os.listdir(tmp_path / "tensorboard")  # event file written
+    assert "loss" in seen[-1] and "tok/s" in seen[-1]
+
+
+@pytest.mark.slow
+def test_non_finite_steps_stop_with_checkpoint(tmp_path):
+    # an absurd learning rate blows the params up after the first update: every later step is non-finite
+    res = subprocess.run(_cli("--model=test", f"--set=workdir={tmp_path}", "--set=steps=20",
+                              "--set=optim.peak_lr=1e30", "--set=optim.warmup_steps=0", "--set=optim.grad_clip=0",
+                              "--set=max_consecutive_skips=2", "--set=batch_size=2"),
+                         env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "non-finite steps in a row" in res.stderr and "checkpoint saved" in res.stderr
+    with open(tmp_path / "losses.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert rows[-1]["finite"] is False and rows[-2]["finite"] is False and len(rows) < 20
+    assert str(len(rows)) in os.listdir(tmp_path / "checkpoints")
