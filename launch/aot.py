@@ -130,6 +130,7 @@ def get_topology_devices(topo: Topology) -> list:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{topo.generation}-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # several compiles may run at once
     from jax.experimental import topologies
     return list(topologies.get_topology_desc(topo.name, "tpu").devices)
 
@@ -179,10 +180,23 @@ class DoesNotFitError(RuntimeError):
     pass
 
 
+_ADVICE = ("Use a bigger slice, more fsdp/tensor sharding (--set mesh.fsdp=.. / mesh.tensor=..), a smaller "
+           "batch or more microbatches (--set microbatches=..), or remat (--set model.remat_policy=full).")
+
+
 def compile_for_topology(lowerable: Any, args: tuple, topo: Topology, n_devices: int) -> AotResult:
     """Lowers `lowerable` (a jitted fn) at `args` (ShapeDtypeStructs with shardings) and compiles it."""
     t0 = time.time()
-    compiled = lowerable.lower(*args).compile()
+    lowered = lowerable.lower(*args)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # jax.errors.JaxRuntimeError; the TPU compiler refuses programs over HBM
+        if "RESOURCE_EXHAUSTED" in str(e):
+            raise DoesNotFitError(
+                f"does not fit: the TPU compiler ran out of memory for {topo.name} "
+                f"({topo.spec.hbm_bytes * topo.chips // n_devices / GiB:.1f} GiB of HBM per device): "
+                f"{str(e).strip().splitlines()[0]}. {_ADVICE}") from None
+        raise
     dt = time.time() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -201,11 +215,10 @@ def check_fits(result: AotResult) -> None:
     if not result.fits:
         raise DoesNotFitError(
             f"does not fit: the step needs {result.total_bytes / GiB:.2f} GiB per device on {result.topology} "
-            f"but a device has {result.hbm_per_device / GiB:.1f} GiB of HBM "
+            f"but there are {result.hbm_per_device / GiB:.1f} GiB of HBM per device "
             f"(argument {result.argument_bytes / GiB:.2f} + output {result.output_bytes / GiB:.2f} - aliased "
             f"{result.alias_bytes / GiB:.2f} + temp {result.temp_bytes / GiB:.2f} + code "
-            f"{result.code_bytes / GiB:.2f} GiB). Use a bigger slice, more fsdp/tensor sharding, a smaller "
-            f"batch or more microbatches, or remat.")
+            f"{result.code_bytes / GiB:.2f} GiB). {_ADVICE}")
 
 
 def compile_train_step(cfg, step_cfg, mesh_cfg, topo: Topology, batch_size: int, seq_len: int,
@@ -262,6 +275,9 @@ def main(argv):
         raise ValueError(f"unexpected positional arguments: {argv[1:]}")
     try:
         exp, cfg, result = run_experiment(F.experiment, F.model, F.topology, F.set, F.attention)
+    except DoesNotFitError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
     except (ValueError, RuntimeError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
