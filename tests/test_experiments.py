@@ -1,0 +1,78 @@
+"""Experiment registry: the paper's stages per size, typed --set overrides, clear errors."""
+import pytest
+
+from experiments import registry, stages
+from qwen2vl_jax import optim
+from qwen2vl_jax.data.pipeline import DataConfig
+
+
+@pytest.mark.parametrize("model", ["2b", "7b", "72b", "tiny", "test"])
+def test_stages_follow_the_paper(model):
+    e1, e2, e3 = (registry.get_experiment(f"stage{i}", model) for i in (1, 2, 3))
+    assert e1.trainable == ("vision_tower", "merger")          # ViT only, LLM frozen
+    assert e2.trainable == ("vision_tower", "merger", "llm")   # everything
+    assert e3.trainable == ("merger", "llm")                   # ViT tower frozen
+    assert isinstance(e1.data, DataConfig) and e1.model.name == model
+    kinds = [{n.split(":")[1] for n, _ in e.data.mixture} for e in (e1, e2, e3)]
+    assert kinds[0] == {"caption", "ocr", "count"}
+    assert {"interleaved", "video", "grounding"} <= kinds[1] and kinds[2] == {"chat"}
+    if model in ("2b", "7b", "72b"):
+        assert e1.token_budget == 600_000_000_000 and e2.token_budget == 800_000_000_000
+        assert (e1.data.seq_len, e2.data.seq_len, e3.data.seq_len) == (8192, 16384, 32768)
+        assert e1.model.dtype == "bfloat16" and e1.model.param_dtype == "float32"
+        assert e1.num_steps == -(-600_000_000_000 // (e1.batch_size * 8192))
+    else:
+        assert e1.num_steps <= 200 and e1.model.dtype == "float32"
+
+
+def test_overrides_are_typed_and_nested():
+    e = registry.get_experiment("stage2", "tiny", [
+        "optim.peak_lr=3e-4", "batch_size=16", "mesh.fsdp=2", "mesh.data=-1", "model.remat_policy=full",
+        "checkpoint.async_save=false", "data.mixture=(('synthetic:caption', 1), ('synthetic:video', 2))",
+        "trainable=('merger','llm')", "steps=7", "workdir=/tmp/x", "data.seq_len=256"])
+    assert e.optim.peak_lr == 3e-4 and e.batch_size == 16 and e.mesh.fsdp == 2
+    assert e.model.remat_policy == "full" and e.checkpoint.async_save is False
+    assert e.data.mixture == (("synthetic:caption", 1.0), ("synthetic:video", 2.0))
+    assert e.trainable == ("merger", "llm") and e.num_steps == 7 and e.run_dir == "/tmp/x"
+    assert e.tokens_per_step == 16 * 256
+    sc = e.step_config()
+    assert sc.optim.total_steps == 7 and sc.trainable == ("merger", "llm")
+    assert "optim.peak_lr = 0.0003" in registry.describe(e)
+
+
+@pytest.mark.parametrize("item, words", [
+    ("optim.peak_lrr=1", ["peak_lrr", "peak_lr", "warmup_steps"]),
+    ("nosuch=1", ["nosuch", "batch_size", "optim"]),
+    ("model.remat_policy=sometimes", ["sometimes", "full", "dots"]),
+    ("model.attention_impl=flash", ["flash", "cudnn", "splash"]),
+    ("batch_size=many", ["batch_size", "int", "many"]),
+    ("checkpoint.async_save=maybe", ["maybe", "true", "false"]),
+    ("stage=4", ["stage", "1, 2, 3"]),
+    ("trainable=('vit',)", ["vit", "vision_tower", "merger", "llm"]),
+    ("data.mixture=(('web:foo', 1.0),)", ["web:foo", "synthetic"]),
+    ("optim=1", ["optim.peak_lr"]),
+    ("optim.peak_lr.x=1", ["peak_lr", "float"]),
+    ("batch_size", ["key=value"]),
+    ("microbatches=3", ["batch_size", "microbatches=3"]),
+])
+def test_override_errors_name_the_choices(item, words):
+    with pytest.raises(ValueError) as e:
+        registry.get_experiment("stage1", "tiny", [item])
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_unknown_experiment_and_model():
+    with pytest.raises(ValueError, match="stage1, stage2, stage3"):
+        registry.get_experiment("stage4")
+    with pytest.raises(ValueError, match="tiny"):
+        registry.get_experiment("stage1", "13b")
+    names = [n for n, _ in registry.list_experiments()]
+    assert names == ["stage1", "stage2", "stage3"]
+
+
+def test_frozen_configs():
+    e = registry.get_experiment("stage1")
+    with pytest.raises(Exception):
+        e.batch_size = 3  # frozen dataclass
+    assert stages.Experiment.__dataclass_params__.frozen and optim.OptimConfig.__dataclass_params__.frozen
