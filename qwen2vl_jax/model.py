@@ -220,13 +220,41 @@ def vision_inputs(cfg: ModelConfig, pixel_values, grid_thw, name: str):
     return px[None].astype(np.float32), seg[None], pos[None]
 
 
+def vision_slice_rows(cfg: ModelConfig, items) -> dict:
+    """Lays every temporal slice of the given vision items out as its own tower row.
+
+    items: [(name, (pixel_values [1,N,C], patch_segment_ids [1,N], patch_positions [1,N,2]))] as from
+    `vision_inputs`. Rows are padded to the largest slice Pm (segment 0), so tower attention costs
+    sum(slice^2) rather than (all patches)^2 (a long video would otherwise build an N x N mask).
+    Returns pixel_values [R,Pm,C], patch_segment_ids [R,Pm] (1 real, 0 pad), patch_positions [R,Pm,2] and
+    `take_{name}` [N/4] int32: the rows of the flattened merged output [R*Pm/4, D] for that item's tokens,
+    in transformers order.
+    """
+    unit = cfg.vision.merge_unit
+    slices = []                                        # (name, pixels [n,C], positions [n,2])
+    for name, (px, seg, pos) in items:
+        bounds = np.flatnonzero(np.diff(seg[0], prepend=-1, append=-1))
+        slices += [(name, px[0, a:b], pos[0, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    Pm = max(len(p) for _, p, _ in slices)
+    R = len(slices)
+    out = {"pixel_values": np.zeros((R, Pm, cfg.vision.patch_dim), np.float32),
+           "patch_segment_ids": np.zeros((R, Pm), np.int32), "patch_positions": np.zeros((R, Pm, 2), np.int32)}
+    take: dict[str, list] = {name: [] for name, _ in items}
+    for r, (name, px, pos) in enumerate(slices):
+        n = len(px)
+        out["pixel_values"][r, :n], out["patch_segment_ids"][r, :n], out["patch_positions"][r, :n] = px, 1, pos
+        take[name].append(r * (Pm // unit) + np.arange(n // unit))
+    for name, parts in take.items():
+        out[f"take_{name}"] = np.concatenate(parts).astype(np.int32)
+    return out
+
+
 def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                    pixel_values_videos=None, video_grid_thw=None, position_ids=None) -> dict:
     """Host-side checks and index building for transformers-layout inputs.
 
     Returns numpy arrays: input_ids [B,S] int32, segment_ids [B,S] (= attention_mask), positions [B,3,S],
-    rope_deltas [B,1], and per modality ("image", "video") a (pixels, patch_segment_ids, patch_positions)
-    triple or None. Raises ValueError on malformed grids, pixel rows that do not match the grids, or a
+    rope_deltas [B,1], and "vision": None or the `vision_slice_rows` dict (images and videos). Raises ValueError on malformed grids, pixel rows that do not match the grids, or a
     count of <|image_pad|> / <|video_pad|> tokens that differs from the merged patch count.
     """
     ids = np.asarray(input_ids)
@@ -237,6 +265,7 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_value
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
     out: dict[str, Any] = {}
+    items = []
     unit = cfg.vision.merge_unit
     for name, px, grid, tok in (("image", pixel_values, image_grid_thw, cfg.image_token_id),
                                 ("video", pixel_values_videos, video_grid_thw, cfg.video_token_id)):
@@ -247,14 +276,14 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_value
         if px is None:
             if n_tok:
                 raise ValueError(f"input_ids hold {n_tok} {name} pad tokens but no {name} pixel values were given")
-            out[name] = None
             continue
         triple = vision_inputs(cfg, px, grid, name)
         n_feat = triple[0].shape[1] // unit
         if n_tok != n_feat:
             raise ValueError(f"{name} features and {name} tokens do not match: tokens: {n_tok}, "
                              f"features: {n_feat}")
-        out[name] = triple
+        items.append((name, triple))
+    out["vision"] = vision_slice_rows(cfg, items) if items else None
     if position_ids is None:
         pos, _ = get_rope_index(cfg, ids, image_grid_thw, video_grid_thw, mask)
     else:
@@ -269,37 +298,27 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_value
     return out
 
 
-def _embed_with_vision(cfg, params, ids, image, video):
+def _embed_with_vision(cfg, params, ids, vision):
     """Token embeddings with transformers' placement: image features fill <|image_pad|> tokens in row-major
-    order over the whole batch, video features fill <|video_pad|> tokens. -> [B,S,D].
-
-    Images and videos go through the tower as one packed row (attention is block-diagonal per segment, so
-    this equals transformers' two separate calls) to compile the tower once.
-    """
+    order over the whole batch, video features fill <|video_pad|> tokens. vision: `vision_slice_rows`
+    dict or None. -> [B,S,D]."""
     x = _apply(cfg, params, Qwen2VL.embed, ids)
-    items = [(it, tok) for it, tok in ((image, cfg.image_token_id), (video, cfg.video_token_id)) if it is not None]
-    if not items:
+    if vision is None:
         return x
-    px = jnp.concatenate([it[0] for it, _ in items], axis=1)
-    seg, offset = [], 0
-    for it, _ in items:
-        seg.append(it[1] + offset)
-        offset += it[1].shape[1]          # ids start at 1 within an item, so this keeps them distinct
-    pos = jnp.concatenate([it[2] for it, _ in items], axis=1)
-    feats = encode_vision(cfg, params, px, jnp.concatenate(seg, axis=1), pos)      # [1, (Ni+Nv)/4, D]
+    feats = encode_vision(cfg, params, vision["pixel_values"], vision["patch_segment_ids"],
+                          vision["patch_positions"])                                     # [R, Pm/4, D]
+    feats = feats.reshape(-1, feats.shape[-1])
     B, S, D = x.shape
-    start = 0
-    for it, tok in items:
-        n = it[0].shape[1] // cfg.vision.merge_unit
-        x = place_vision(x.reshape(1, B * S, D), (ids == tok).reshape(1, B * S),
-                         feats[:, start:start + n]).reshape(B, S, D)
-        start += n
+    for name, tok in (("image", cfg.image_token_id), ("video", cfg.video_token_id)):
+        if f"take_{name}" in vision:
+            x = place_vision(x.reshape(1, B * S, D), (ids == tok).reshape(1, B * S),
+                             feats[vision[f"take_{name}"]][None]).reshape(B, S, D)
     return x
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward_core(cfg, params, ids, seg, positions, image, video):
-    x = _embed_with_vision(cfg, params, ids, image, video)
+def _forward_core(cfg, params, ids, seg, positions, vision):
+    x = _embed_with_vision(cfg, params, ids, vision)
     h, _ = _apply(cfg, params, Qwen2VL.run_decoder, x, seg, positions)
     return _logits(cfg, params, h)
 
@@ -314,7 +333,7 @@ def forward(cfg: ModelConfig, params: dict, input_ids, attention_mask=None, pixe
     """
     p = prepare_inputs(cfg, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                        video_grid_thw, position_ids)
-    return _forward_core(cfg, params, p["input_ids"], p["segment_ids"], p["positions"], p["image"], p["video"])
+    return _forward_core(cfg, params, p["input_ids"], p["segment_ids"], p["positions"], p["vision"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,8 +353,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _prefill_core(cfg, params, cache, ids, seg, positions, rope_deltas, image, video):
-    x = _embed_with_vision(cfg, params, ids, image, video)
+def _prefill_core(cfg, params, cache, ids, seg, positions, rope_deltas, vision):
+    x = _embed_with_vision(cfg, params, ids, vision)
     h, (k, v) = _apply(cfg, params, Qwen2VL.run_decoder, x, seg, positions, return_kv=True)
     cache = dict(cache)
     cache["k"] = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, 0, 0, 0))
@@ -366,7 +385,7 @@ def prefill(cfg: ModelConfig, params: dict, cache: dict, input_ids, attention_ma
     p = prepare_inputs(cfg, ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                        video_grid_thw, position_ids)
     return _prefill_core(cfg, params, cache, p["input_ids"], p["segment_ids"], p["positions"], p["rope_deltas"],
-                         p["image"], p["video"])
+                         p["vision"])
 
 
 def decode_positions(cache: dict, steps: int = 1):
