@@ -1,8 +1,8 @@
 """Parity with transformers 4.57.6 (fp32, eager attention) on the "test" config, via qwen2vl_jax.hf.
 
-Logits (max |diff| over real tokens <= 1e-4) and gradients (every leaf, relative 1e-4) for text, one image, two images of different aspect ratios, a
+Logits (max |diff| over real tokens <= 1e-4) for text, one image, two images of different aspect ratios, a
 video, images + video in one sequence, and a left-padded batch of two layouts; the tied-embedding variant;
-the vision tower alone; the packed training path (forward_hidden) and the KV-cache path against per-sample
+gradients of the LM loss (every leaf, relative 1e-4); the vision tower alone; the packed training path (forward_hidden) and the KV-cache path against per-sample
 transformers forwards; get_rope_index equality; clear errors on malformed inputs.
 """
 import numpy as np
