@@ -15,7 +15,8 @@ What the paper does not give (§6.3) and we chose (documented, overridable with 
 Data: the embedded synthetic sources (qwen2vl_jax.data) stand in for each category: caption (image-text
 pairs), ocr, count (classification-like), grounding / count (VQA, multitask), interleaved, video,
 chat (ChatML). Real corpora are `--set data.mixture="(('arrayrecord:/path/*.ar', 1.0), ...)"`.
-`tiny` / `test` run the same recipe with CPU-sized lengths, batches and budgets.
+`tiny` / `test` run the same recipe with CPU-sized lengths, batches, budgets and image sizes
+(tiny: 256 tokens x 8 rows, 512 patches per row, <= 128*28*28 pixels per image, 100/100/60 steps).
 """
 from __future__ import annotations
 
@@ -113,6 +114,10 @@ PAPER_TOKENS = {1: 600_000_000_000, 2: 800_000_000_000, 3: 20_000_000_000}
 PAPER_LR = {1: 2e-4, 2: 1e-4, 3: 1e-5}
 
 
+# CPU sizes: at most 128 merged tokens (512 patches) per image or video, so samples fit the rows
+CPU_VISION = dict(image_max_pixels=128 * 28 * 28, video_max_pixels=32 * 28 * 28, video_total_pixels=128 * 28 * 28)
+
+
 @dataclasses.dataclass(frozen=True)
 class Scale:
     """Model-size dependent settings of a stage."""
@@ -129,12 +134,12 @@ class Scale:
 
 def scale(model: str, stage: int) -> Scale:
     if model in ("tiny", "test"):
-        seq = {"tiny": 512, "test": 128}[model]
+        seq = {"tiny": 256, "test": 128}[model]
         batch = {"tiny": 8, "test": 4}[model]
-        steps = {"tiny": {1: 200, 2: 200, 3: 100}, "test": {1: 20, 2: 20, 3: 10}}[model][stage]
+        steps = {"tiny": {1: 100, 2: 100, 3: 60}, "test": {1: 20, 2: 20, 3: 10}}[model][stage]
         lr = {1: 2e-3, 2: 1e-3, 3: 5e-4}[stage]
         return Scale(seq, batch, steps * seq * batch, lr, warmup_steps=max(2, steps // 20),
-                     mesh=MeshConfig(data=-1), checkpoint_every=max(5, steps // 4), log_every=max(1, steps // 40))
+                     mesh=MeshConfig(data=-1), checkpoint_every=max(5, steps // 4), log_every=max(1, steps // 20))
     lr = PAPER_LR[stage] * (0.5 if model == "72b" else 1.0)
     mesh = {"2b": MeshConfig(data=1, fsdp=-1), "7b": MeshConfig(data=1, fsdp=-1),
             "72b": MeshConfig(data=1, fsdp=-1, tensor=8)}[model]
@@ -148,8 +153,8 @@ def stage_experiment(stage: int, model: str) -> Experiment:
         raise ValueError(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
     s = scale(model, stage)
     cfg = get_config(model, **dict(s.model_overrides))
-    max_patches = max(2 * s.seq_len, 1024)   # CPU sizes: room for the embedded data's larger images
-    data = DataConfig(mixture=STAGE_MIXTURE[stage], seq_len=s.seq_len, max_patches=max_patches)
+    data = DataConfig(mixture=STAGE_MIXTURE[stage], seq_len=s.seq_len, max_patches=max(2 * s.seq_len, 512),
+                      **(CPU_VISION if model in ("tiny", "test") else {}))
     return Experiment(
         name=f"stage{stage}", description=STAGE_DESCRIPTION[stage], stage=stage, model=cfg, data=data,
         trainable=optim.STAGE_TRAINABLE[stage], batch_size=s.batch_size, token_budget=s.token_budget,

@@ -181,47 +181,40 @@ def test_chunked_loss_equals_full_logits_value_and_grads():
     assert f"{B},{S},{V}]" not in jaxpr.replace(" ", "")
 
 
-MESHES = [dict(data=8), dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2)]
+# (mesh, microbatches): the (2,2,2) mesh also accumulates gradients over 2 microbatches
+MESHES = [(dict(data=8), 1), (dict(data=1, fsdp=8), 1), (dict(data=2, fsdp=2, tensor=2), 2)]
 
 
-def _loss_grads_on_mesh(mesh_kw, params, batch):
+def _loss_grads_on_mesh(mesh_kw, params, batch, microbatches=1):
     model = _model()
     if mesh_kw is None:
         mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
     else:
         mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_kw))
+    step_cfg = dataclasses.replace(STEP, microbatches=microbatches)
     p_sh = train.param_shardings(CFG, mesh, model)
     b_sh = sharding.batch_shardings(batch, mesh)
     tr_sh, _ = optim.split_params(p_sh, STEP.trainable)
-    fn = jax.jit(lambda p, b: train.loss_and_grads(CFG, p, b, STEP, model, mesh),
+    fn = jax.jit(lambda p, b: train.loss_and_grads(CFG, p, b, step_cfg, model, mesh),
                  in_shardings=(p_sh, b_sh), out_shardings=(sharding.replicated(mesh), tr_sh))
     metrics, grads = fn(jax.device_put(params, p_sh), jax.device_put(batch, b_sh))
     return jax.device_get(metrics), jax.device_get(grads), p_sh
 
 
-def test_meshes_match_single_device():
+def test_meshes_and_accumulation_match_single_device():
     params = _params()
     batch = synthetic_batch(CFG)
     ref_m, ref_g, _ = _loss_grads_on_mesh(None, params, batch)
     assert ref_m["tokens"] > 100
-    for kw in MESHES:
-        m, g, p_sh = _loss_grads_on_mesh(kw, params, batch)
+    for kw, mb in MESHES:
+        m, g, p_sh = _loss_grads_on_mesh(kw, params, batch, mb)
         np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-5, err_msg=str(kw))
+        assert m["tokens"] == ref_m["tokens"]
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6, err_msg=str(kw)), g, ref_g)
     # the (2,2,2) mesh really shards: the lm head is split over fsdp x tensor
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     spec = train.param_shardings(CFG, mesh, _model())["lm_head"]["kernel"].spec
     assert tuple(spec) == ("fsdp", "tensor")
-
-
-def test_gradient_accumulation_equals_full_batch():
-    params = _params()
-    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(CFG).items()}
-    m1, g1 = jax.jit(lambda p, b: train.loss_and_grads(CFG, p, b, STEP, _model()))(params, batch)
-    acc = dataclasses.replace(STEP, microbatches=4)
-    m4, g4 = jax.jit(lambda p, b: train.loss_and_grads(CFG, p, b, acc, _model()))(params, batch)
-    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g4, g1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -295,11 +288,11 @@ def test_bf16_compute_keeps_fp32_master_weights_and_learns():
     b_sh = sharding.batch_shardings(batch, mesh)
     step = train.make_train_step(cfg, STEP, mesh, st_sh, b_sh, model)
     losses = []
-    for _ in range(6):
+    for _ in range(4):
         state, m = step(state, sharding.global_batch(batch, b_sh))
         losses.append(train.host_metrics(m)["loss"])
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
-    assert losses[-1] < losses[0] - 0.5, losses
+    assert losses[-1] < losses[0] - 0.3, losses
 
 
 def test_train_step_lowers_with_abstract_inputs():
@@ -309,8 +302,10 @@ def test_train_step_lowers_with_abstract_inputs():
     spec = train.batch_spec(CFG, 8, 32, 8)
     b_sh = sharding.batch_shardings(spec, mesh)
     abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in spec.items()}
-    compiled = train.make_train_step(CFG, STEP, mesh, st_sh, b_sh, model).lower(abs_state, abs_batch).compile()
-    assert compiled.memory_analysis() is not None or compiled.cost_analysis() is not None
+    lowered = train.make_train_step(CFG, STEP, mesh, st_sh, b_sh, model).lower(abs_state, abs_batch)
+    text = lowered.as_text()
+    assert "mhlo.sharding" in text or "sdy.sharding" in text
+    assert lowered.args_info is not None
 
 
 def test_split_merge_and_bad_parts():
