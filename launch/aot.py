@@ -195,7 +195,7 @@ def compile_for_topology(lowerable: Any, args: tuple, topo: Topology, n_devices:
             raise DoesNotFitError(
                 f"does not fit: the TPU compiler ran out of memory for {topo.name} "
                 f"({topo.spec.hbm_bytes * topo.chips // n_devices / GiB:.1f} GiB of HBM per device): "
-                f"{str(e).strip().splitlines()[0]}. {_ADVICE}") from None
+                f"{str(e).strip().splitlines()[0].rstrip('.')}. {_ADVICE}") from None
         raise
     dt = time.time() - t0
     mem = compiled.memory_analysis()
