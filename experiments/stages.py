@@ -53,6 +53,8 @@ class Experiment:
     init_from: str = ""             # previous stage's checkpoint folder or converted HF checkpoint
     workdir: str = ""               # checkpoints/ and tensorboard/ go here; "" = runs/<name>_<model>
     log_every: int = 10
+    eval_every: int = 0             # held-out loss per mixture source every N steps (0 = off)
+    eval_batches: int = 2           # fixed held-out batches per source
     seed: int = 0
     tokenizer: str = "embedded"
 
@@ -61,7 +63,9 @@ class Experiment:
             raise ValueError(f"stage={self.stage}; valid: 1, 2, 3")
         optim.split_params({"visual": {"patch_embed": 0, "blocks": 0, "merger": 0}, "decoder": 0},
                            self.trainable)  # validates part names
-        for f in ("batch_size", "microbatches", "loss_chunk", "log_every", "max_consecutive_skips"):
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every={self.eval_every} must be >= 0")
+        for f in ("batch_size", "microbatches", "loss_chunk", "log_every", "max_consecutive_skips", "eval_batches"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f}={getattr(self, f)} must be >= 1")
         if self.batch_size % self.microbatches:
@@ -129,6 +133,7 @@ class Scale:
     mesh: MeshConfig
     checkpoint_every: int
     log_every: int
+    eval_every: int = 0
     model_overrides: tuple[tuple[str, object], ...] = ()
 
 
@@ -139,7 +144,8 @@ def scale(model: str, stage: int) -> Scale:
         steps = {"tiny": {1: 100, 2: 100, 3: 60}, "test": {1: 20, 2: 20, 3: 10}}[model][stage]
         lr = {1: 2e-3, 2: 1e-3, 3: 5e-4}[stage]
         return Scale(seq, batch, steps * seq * batch, lr, warmup_steps=max(2, steps // 20),
-                     mesh=MeshConfig(data=-1), checkpoint_every=max(5, steps // 4), log_every=max(1, steps // 20))
+                     mesh=MeshConfig(data=-1), checkpoint_every=max(5, steps // 4), log_every=max(1, steps // 20),
+                     eval_every=steps // 4 if model == "tiny" else 0)
     lr = PAPER_LR[stage] * (0.5 if model == "72b" else 1.0)
     mesh = {"2b": MeshConfig(data=1, fsdp=-1), "7b": MeshConfig(data=1, fsdp=-1),
             "72b": MeshConfig(data=1, fsdp=-1, tensor=8)}[model]
@@ -159,4 +165,5 @@ def stage_experiment(stage: int, model: str) -> Experiment:
         name=f"stage{stage}", description=STAGE_DESCRIPTION[stage], stage=stage, model=cfg, data=data,
         trainable=optim.STAGE_TRAINABLE[stage], batch_size=s.batch_size, token_budget=s.token_budget,
         optim=optim.OptimConfig(peak_lr=s.peak_lr, warmup_steps=s.warmup_steps),
-        mesh=s.mesh, checkpoint=CheckpointConfig(every=s.checkpoint_every), log_every=s.log_every)
+        mesh=s.mesh, checkpoint=CheckpointConfig(every=s.checkpoint_every), log_every=s.log_every,
+        eval_every=s.eval_every)

@@ -11,6 +11,8 @@ state. The run directory (`--set workdir=...`, default runs/<experiment>_<model>
                  resumes from the latest complete one (params, optimizer, step, data-iterator state)
   tensorboard/   event files
   losses.jsonl   {"step", "loss", "grad_norm", "finite"} per step (process 0)
+Every `eval_every` steps (tiny: on) the loss on fixed held-out batches of each mixture source (split
+"heldout") is printed and written to TensorBoard as eval/heldout/<source>.
 SIGTERM (preemption) saves a checkpoint at the next step boundary and exits 0. `max_consecutive_skips`
 non-finite steps in a row save a checkpoint and stop with exit code 3. Before anything is allocated the
 per-device memory of the step is estimated (qwen2vl_jax.memory) and a too-large model stops with
@@ -79,9 +81,47 @@ def check_memory(exp, mesh) -> None:
     memory.check_fits(est, what=f"{exp.name} with model {exp.model.name}")
 
 
+def heldout_evaluator(exp, tokenizer, params_sharding, batch_sharding, model=None):
+    """fn(params) -> {"heldout/<source>": mean loss} over `exp.eval_batches` fixed held-out batches of each
+    mixture source (split "heldout"), or None when `exp.eval_every` is 0."""
+    if not exp.eval_every:
+        return None
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from qwen2vl_jax import sharding, train
+    from qwen2vl_jax.data.pipeline import make_iterator
+
+    pc, pi = jax.process_count(), jax.process_index()
+    sets = {}
+    for name, _ in exp.data.mixture:
+        label = name.split(":", 1)[1] if name.startswith("synthetic:") else os.path.basename(name)
+        it = make_iterator(dataclasses.replace(exp.data, mixture=((name, 1.0),)), exp.model, tokenizer,
+                           batch_size=exp.batch_size // pc, process_index=pi, process_count=pc, split="heldout")
+        sets[label] = [next(it) for _ in range(exp.eval_batches)]
+        it.close()
+    step_cfg = exp.step_config()
+    loss_fn = jax.jit(lambda p, b: train.loss_terms(exp.model, p, b, step_cfg, model)[1],
+                      in_shardings=(params_sharding, dict(batch_sharding)))
+
+    def evaluate(params) -> dict:
+        out = {}
+        for label, batches in sets.items():
+            nll = n = 0.0
+            for b in batches:
+                s_nll, _, s_n = loss_fn(params, sharding.global_batch(b, batch_sharding))
+                nll, n = nll + float(np.asarray(s_nll)), n + float(np.asarray(s_n))
+            out[f"heldout/{label}"] = nll / max(n, 1.0)
+        return out
+
+    return evaluate
+
+
 def run(exp, model=None, stream=None) -> dict:
     """Trains `exp` (resuming from its checkpoints). Returns {"step", "losses": {step: loss},
-    "preempted", "skipped_steps", "checkpoint_dir"}."""
+    "eval": {step: {"heldout/<source>": loss}}, "preempted", "skipped_steps", "checkpoint_dir"}."""
     import jax
     import numpy as np
 
@@ -123,6 +163,8 @@ def run(exp, model=None, stream=None) -> dict:
     step = int(jax.device_get(state.step))
 
     step_fn = train.make_train_step(cfg, step_cfg, mesh, st_sh, b_sh, model)
+    evaluate = heldout_evaluator(exp, tokenizer, st_sh.params, b_sh, model)
+    evals: dict[int, dict] = {}
     preempt = {"flag": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: preempt.__setitem__("flag", True))
     loss_file = open(os.path.join(exp.run_dir, "losses.jsonl"), "a") if pi == 0 else None
@@ -130,10 +172,13 @@ def run(exp, model=None, stream=None) -> dict:
     losses: dict[int, float] = {}
     window_t, window_tokens, window_flops = time.perf_counter(), 0.0, 0.0
     try:
+        pending, data_state = None, data.get_state()
         while step < n_steps and not preempt["flag"]:
-            local = next(data)
+            local = pending if pending is not None else next(data)
+            data_state = data.get_state()         # = the batches consumed up to and including `local`
+            state, m = step_fn(state, sharding.global_batch(local, b_sh))   # dispatched asynchronously
             step_flops = flops.batch_flops(cfg, local, exp.trainable).total * pc
-            state, m = step_fn(state, sharding.global_batch(local, b_sh))
+            pending = next(data) if step + 1 < n_steps else None          # overlaps the device step
             hm = train.host_metrics(m)
             step += 1
             losses[step] = hm["loss"]
@@ -144,7 +189,7 @@ def run(exp, model=None, stream=None) -> dict:
                                             "finite": hm["finite"]}) + "\n")
                 loss_file.flush()
             if hm["consecutive_skips"] >= step_cfg.max_consecutive_skips:
-                ckpt.save(state, data.get_state(), force=True)
+                ckpt.save(state, data_state, force=True)
                 ckpt.wait()
                 raise NonFiniteError(
                     f"{hm['consecutive_skips']} non-finite steps in a row at step {step} (limit "
@@ -159,9 +204,12 @@ def run(exp, model=None, stream=None) -> dict:
                     "packing_efficiency": stats.get("token_efficiency", 0.0),
                     "skipped_samples": stats.get("skipped", 0.0)}, stats)
                 window_t, window_tokens, window_flops = time.perf_counter(), 0.0, 0.0
-            ckpt.save(state, data.get_state())
-        if step >= n_steps or preempt["flag"]:
-            ckpt.save(state, data.get_state(), force=True)
+            if evaluate is not None and (step % exp.eval_every == 0 or step == n_steps):
+                evals[step] = evaluate(state.params)
+                log.log_eval(step, evals[step])
+            ckpt.save(state, data_state)
+        if step > 0 and (step >= n_steps or preempt["flag"]):
+            ckpt.save(state, data_state, force=True)
         if preempt["flag"]:
             log.message(f"SIGTERM: saved checkpoint at step {step} to {ckpt.directory}; exiting")
     finally:
@@ -171,7 +219,7 @@ def run(exp, model=None, stream=None) -> dict:
         log.close()
         if loss_file is not None:
             loss_file.close()
-    return {"step": step, "losses": losses, "preempted": preempt["flag"],
+    return {"step": step, "losses": losses, "eval": evals, "preempted": preempt["flag"],
             "skipped_steps": int(jax.device_get(state.skipped_steps)), "checkpoint_dir": ckpt.directory}
 
 
