@@ -1,6 +1,7 @@
 """Train step: chunked loss vs full logits, mesh invariance, frozen params, accumulation, non-finite skip."""
 import dataclasses
 import functools
+import math
 import os
 
 import jax
@@ -220,13 +221,15 @@ def test_meshes_and_accumulation_match_single_device():
 @functools.lru_cache(maxsize=None)
 def _compiled(step_cfg, mesh_cfg):
     model = _model()
-    mesh = sharding.make_mesh(mesh_cfg)
+    n = math.prod(getattr(mesh_cfg, a) for a in sharding.MESH_AXES)   # explicit sizes only
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:n])
     _, st_sh = train.abstract_state(CFG, step_cfg, mesh, model)
     b_sh = sharding.batch_shardings(synthetic_batch(CFG), mesh)
     return mesh, st_sh, b_sh, train.make_train_step(CFG, step_cfg, mesh, st_sh, b_sh, model)
 
 
-def _run_steps(step_cfg, n, batch_fn, params=None, mesh_cfg=sharding.MeshConfig(data=2, fsdp=2, tensor=2)):
+# one device: these tests are about the update rule; test_meshes_* covers the sharded layouts
+def _run_steps(step_cfg, n, batch_fn, params=None, mesh_cfg=sharding.MeshConfig(data=1)):
     mesh, st_sh, b_sh, step = _compiled(step_cfg, mesh_cfg)
     state = (train.init_state(CFG, step_cfg, jax.random.key(0), mesh, _model()) if params is None
              else train.place_params(params, step_cfg, st_sh))
@@ -262,18 +265,22 @@ def test_frozen_params_have_no_state_and_do_not_change(stage):
 
 
 def test_non_finite_batch_skips_update_and_counts():
+    # stage-3 step (same compiled step as the frozen test): a NaN pixel goes through the frozen tower
+    step_cfg = dataclasses.replace(STEP, trainable=optim.STAGE_TRAINABLE[3])
+    params = _params()
+
     def batch_fn(i):
         b = synthetic_batch(CFG, seed=i)
         if i in (1, 2):
             b["pixel_values"][0, 0, 0] = np.nan
         return b
-    state, metrics = _run_steps(STEP, 4, batch_fn)
+    state, metrics = _run_steps(step_cfg, 4, batch_fn, params=params)
     assert [m["finite"] for m in metrics] == [True, False, False, True]
     assert [m["consecutive_skips"] for m in metrics] == [0, 1, 2, 0]
     assert metrics[-1]["skipped_steps"] == 2 and int(state.step) == 4
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(jax.device_get(state.params)))
     # skipped steps leave the state untouched: the same as running only the good batches
-    ref_state, _ = _run_steps(STEP, 2, lambda i: synthetic_batch(CFG, seed=(0, 3)[i]))
+    ref_state, _ = _run_steps(step_cfg, 2, lambda i: synthetic_batch(CFG, seed=(0, 3)[i]), params=params)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
                  jax.device_get(state.params), jax.device_get(ref_state.params))
 
@@ -281,7 +288,7 @@ def test_non_finite_batch_skips_update_and_counts():
 def test_bf16_compute_keeps_fp32_master_weights_and_learns():
     cfg = CFG.replace(dtype="bfloat16")
     model = _model()
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=8))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
     _, st_sh = train.abstract_state(cfg, STEP, mesh, model)
     state = train.init_state(cfg, STEP, jax.random.key(0), mesh, model)
     batch = synthetic_batch(cfg)
