@@ -77,7 +77,9 @@ def check_memory(exp, mesh) -> None:
     est = memory.estimate(exp.model, memory.StepShape(
         batch_size=exp.batch_size // exp.microbatches, seq_len=exp.data.seq_len,
         max_patches=exp.data.max_patches, grad_accum=exp.microbatches,
-        vocab_chunk=exp.model.vocab_size), mesh, parts=exp.trainable)
+        # the loss holds [rows, loss_chunk, V] logits: as many values as T x (V * loss_chunk / S)
+        vocab_chunk=max(1, exp.model.vocab_size * min(exp.loss_chunk, exp.data.seq_len) // exp.data.seq_len)),
+        mesh, parts=exp.trainable)
     memory.check_fits(est, what=f"{exp.name} with model {exp.model.name}")
 
 
