@@ -22,7 +22,7 @@ def main(argv=None) -> dict:
     p.add_argument("--budget", type=float, action="append", default=None,
                    help="FLOP budget C (repeatable): print the compute-optimal N and D for C = 6ND")
     p.add_argument("--plot", default=None, help="write a PNG of the data and the fitted curves")
-    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates for the intervals (0 = none)")
+    p.add_argument("--bootstrap", type=int, default=50, help="bootstrap replicates for the intervals (0 = none)")
     p.add_argument("--ci", type=float, default=0.9, help="central interval mass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
