@@ -38,6 +38,15 @@ def stage_experiments(model: str, workdir: str, overrides=(), stage_overrides=()
     return exps
 
 
+def _logged_losses(run_dir: str) -> dict[int, float]:
+    """{step: loss} from launch.pretrain's losses.jsonl (the last record of a step wins)."""
+    path = os.path.join(run_dir, "losses.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {int(r["step"]): float(r["loss"]) for r in map(json.loads, filter(str.strip, f))}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
@@ -66,10 +75,11 @@ def main(argv=None) -> dict:
               f"trainable {exp.trainable}, init_from {exp.init_from or 'scratch'}", flush=True)
         t0 = time.time()
         summary = pretrain.run(exp)
-        steps = sorted(summary["losses"])
+        losses = _logged_losses(exp.run_dir) or summary["losses"]        # whole run, across resumes
+        steps = sorted(losses)
         entry = {"steps": summary["step"], "seconds": round(time.time() - t0, 1),
-                 "first_loss": summary["losses"][steps[0]] if steps else None,
-                 "last_loss": summary["losses"][steps[-1]] if steps else None,
+                 "first_loss": losses[steps[0]] if steps else None,
+                 "last_loss": losses[steps[-1]] if steps else None,
                  "checkpoint_dir": summary["checkpoint_dir"]}
         print(f"    stage {k} done: step {entry['steps']}, loss {entry['first_loss']} -> {entry['last_loss']} "
               f"({entry['seconds']:.0f}s)", flush=True)
