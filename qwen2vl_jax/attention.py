@@ -15,14 +15,25 @@ Backends:
          segment ids, so: no segments -> plain causal (fastest); `single_segment=True` (each row one
          sample followed by right padding) -> query/key lengths (cheap padding mask); otherwise an explicit
          boolean mask (about 2x slower than causal-only, see shared/reference/baselines.md).
-  splash Pallas TPU splash kernel with SegmentIds (interpret mode runs it on CPU for tests).
-  auto   cudnn on GPU with 16-bit inputs, splash on TPU, else xla.
+  splash Pallas TPU splash kernel with SegmentIds (interpret mode runs it on CPU for tests). A Mosaic
+         kernel cannot be partitioned by XLA, so when a mesh is active (`jax.set_mesh(mesh)` around the
+         jit trace; `jax.sharding.get_abstract_mesh()` inside) the kernel runs under `shard_map`: batch
+         (and segment ids) split over the mesh axes the logical rules give "batch", query heads over
+         "act_heads", kv heads over "act_kv_heads" (rules: flax `nn.logical_axis_rules` if set, else
+         `sharding.LOGICAL_RULES`). Sequence axes are gathered (the kernel needs whole rows). When the kv
+         heads do not divide like the query heads (2B: 2 kv heads, tensor=4), k/v stay replicated over
+         the head axes and each shard slices the kv heads its query heads use. Sequence lengths must be
+         multiples of 128 (block sizes). Mosaic rejects 16-bit operands under a global
+         jax_default_matmul_precision="highest" (fp32 contract precision: "Bad lhs type"); leave it
+         at the default for bf16 TPU runs.
+  auto   cudnn on GPU with 16-bit inputs; on TPU splash when T and S are multiples of 128, else xla;
+         xla elsewhere.
 The KV-cache path (q_offset given) always uses xla: a decode step is memory-bound and cuDNN / splash
 causal masks are top-left aligned.
 """
 from __future__ import annotations
 
-import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +102,9 @@ def _splash_block(n: int) -> int:
     raise ValueError(f"splash attention needs sequence lengths that are multiples of 128; got {n}")
 
 
-@functools.lru_cache(maxsize=64)
+# Not cached: the kernel holds its mask-info arrays, which become tracers when it is built inside a
+# transformation (remat, scan); a cached kernel reused by a later trace leaks them. Building it is
+# host-side numpy work at trace time.
 def _splash_kernel(T: int, S: int, groups: int, causal: bool, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -103,9 +116,15 @@ def _splash_kernel(T: int, S: int, groups: int, causal: bool, interpret: bool):
     return sa.make_splash_mqa_single_device(mask=mask, block_sizes=blocks, interpret=interpret)
 
 
-def _splash(q, k, v, q_seg, kv_seg, causal, scale, interpret):
+def _splash_local(q, k, v, q_seg, kv_seg, causal, scale, interpret, kv_head_index=None):
+    """Splash on one device's arrays. q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D].
+
+    kv_head_index: None (query head h uses kv head h // (Hq // Hkv)), or an int array [Hq] naming the kv
+    head of each query head (a shard whose query heads straddle kv groups unevenly)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
+    if kv_head_index is not None:                                  # one kv head per query head
+        k, v = jnp.take(k, kv_head_index, axis=2), jnp.take(v, kv_head_index, axis=2)
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -123,8 +142,118 @@ def _splash(q, k, v, q_seg, kv_seg, causal, scale, interpret):
     return jnp.where((q_seg != 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
-def resolve_impl(impl: str, dtype) -> str:
-    """Concrete backend for `impl` on the default jax backend ("auto" -> cudnn | splash | xla)."""
+def shard_map(f, mesh, in_specs, out_specs):
+    """`jax.shard_map` (jax >= 0.7) or `jax.experimental.shard_map.shard_map` (older), replication
+    checks off (the Pallas call has no replication rule)."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map as legacy  # pragma: no cover - old jax
+    return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def active_mesh():
+    """The mesh of the enclosing `jax.set_mesh` (abstract inside jit), or None when there is none or it
+    has a single device / only manual axes (already inside a shard_map)."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = get() if get is not None else None
+    if mesh is None or getattr(mesh, "empty", True) or mesh.size == 1:
+        return None
+    if not _free_axes(mesh):
+        return None
+    return mesh
+
+
+def _free_axes(mesh) -> tuple[str, ...]:
+    """Mesh axes of size > 1 that are not already manual (shard_map) axes."""
+    types = getattr(mesh, "axis_types", None) or (None,) * len(mesh.axis_names)
+    manual = getattr(getattr(jax.sharding, "AxisType", None), "Manual", object())
+    return tuple(a for a, t in zip(mesh.axis_names, types) if t != manual and mesh.shape[a] > 1)
+
+
+def _logical_rules() -> dict[str, tuple[str, ...]]:
+    """logical axis -> mesh axes: flax's active `nn.logical_axis_rules`, else sharding.LOGICAL_RULES."""
+    rules = ()
+    try:
+        import flax.linen as nn
+        rules = tuple(nn.get_logical_axis_rules() or ())
+    except ImportError:  # pragma: no cover
+        pass
+    if not rules:
+        from qwen2vl_jax.sharding import LOGICAL_RULES
+        rules = LOGICAL_RULES
+    out: dict[str, tuple[str, ...]] = {}
+    for name, axes in rules:
+        if name in out:                      # flax semantics: the first rule for a name wins
+            continue
+        out[name] = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return out
+
+
+def _dim_axes(logical: str, dim: int, mesh, rules, used: set[str]) -> tuple[str, ...]:
+    """Mesh axes for one array dimension: the rule's axes, in order, each kept only if it is a free axis
+    of the mesh, not used by an earlier dimension, and the product still divides `dim`."""
+    free = set(_free_axes(mesh))
+    chosen, size = [], 1
+    for ax in rules.get(logical, ()):
+        if ax not in free or ax in used or dim % (size * mesh.shape[ax]):
+            continue
+        chosen.append(ax)
+        size *= mesh.shape[ax]
+    used.update(chosen)
+    return tuple(chosen)
+
+
+def _spec_entry(axes: tuple[str, ...]):
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def _splash(q, k, v, q_seg, kv_seg, causal, scale, interpret):
+    """Splash over the active mesh (shard_map), or on one device when no multi-device mesh is active."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = active_mesh()
+    if mesh is None:
+        return _splash_local(q, k, v, q_seg, kv_seg, causal, scale, interpret)
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    rules = _logical_rules()
+    used: set[str] = set()
+    batch_ax = _dim_axes("batch", B, mesh, rules, used)
+    q_head_ax = _dim_axes("act_heads", Hq, mesh, rules, set(used))
+    n_q = math.prod(mesh.shape[a] for a in q_head_ax)             # query-head shards
+    kv_rule = tuple(a for a in rules.get("act_kv_heads", ()) if a in q_head_ax)
+    kv_head_ax = _dim_axes("act_kv_heads", Hkv, mesh, {"act_kv_heads": kv_rule}, set(used))
+    if kv_head_ax != q_head_ax:                                   # kv heads cannot follow the q split
+        kv_head_ax = ()
+    q_loc = Hq // n_q
+    b, qh, kvh = _spec_entry(batch_ax), _spec_entry(q_head_ax), _spec_entry(kv_head_ax)
+    q_spec, kv_spec, seg_spec = P(b, None, qh, None), P(b, None, kvh, None), P(b, None)
+
+    def local(q, k, v, q_seg, kv_seg):
+        kv_index = None
+        if q_head_ax and not kv_head_ax:                          # k/v replicated: pick this shard's heads
+            # (whole kv groups per shard would mean Hkv divides like Hq, i.e. kv sharded: not this branch)
+            first = jax.lax.axis_index(q_head_ax) * q_loc         # global index of local query head 0
+            if G % q_loc == 0:                                    # all local heads share one kv head
+                k = jax.lax.dynamic_slice_in_dim(k, first // G, 1, axis=2)
+                v = jax.lax.dynamic_slice_in_dim(v, first // G, 1, axis=2)
+            else:                                                 # uneven straddle: one kv head per q head
+                kv_index = (first + jnp.arange(q_loc)) // G
+        return _splash_local(q, k, v, q_seg, kv_seg, causal, scale, interpret, kv_index)
+
+    fn = shard_map(local, mesh, (q_spec, kv_spec, kv_spec, seg_spec, seg_spec), q_spec)
+    return fn(q, k, v, q_seg, kv_seg)
+
+
+def splash_supported(T: int, S: int) -> bool:
+    """Splash block sizes need both sequence lengths to be multiples of 128."""
+    return T % 128 == 0 and S % 128 == 0
+
+
+def resolve_impl(impl: str, dtype, lengths: tuple[int, int] | None = None) -> str:
+    """Concrete backend for `impl` on the default jax backend ("auto" -> cudnn | splash | xla).
+    lengths (T, S): with "auto" on TPU, sequences splash cannot tile fall back to xla."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r}; valid: {', '.join(IMPLS)}")
     if impl != "auto":
@@ -133,7 +262,7 @@ def resolve_impl(impl: str, dtype) -> str:
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return "cudnn"
     if platform == "tpu":
-        return "splash"
+        return "splash" if lengths is None or splash_supported(*lengths) else "xla"
     return "xla"
 
 
@@ -150,7 +279,7 @@ def attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, impl: str
     kv_segment_ids = jnp.asarray(kv_segment_ids)
     _check(q, k, v, q_segment_ids, kv_segment_ids)
     scale = float(q.shape[-1]) ** -0.5 if scale is None else scale
-    impl = resolve_impl(impl, q.dtype)
+    impl = resolve_impl(impl, q.dtype, (q.shape[1], k.shape[1]))
     if q_offset is not None or impl == "xla":
         mask = make_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
         return _xla(q, k, v, mask, scale)

@@ -86,19 +86,83 @@ def test_grad_finite_with_padding():
     assert np.all(np.asarray(grads[0])[SEGMENTS == 0] == 0.0)
 
 
+def _splash_or_skip():
+    return pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+
+
+def _packed_segments(B, T, seed):
+    """[B, T] int32: 1-3 packed samples per row then right padding (row lengths differ)."""
+    r = np.random.default_rng(seed)
+    rows = []
+    for _ in range(B):
+        cuts = np.sort(r.choice(np.arange(8, T - 8), size=3, replace=False))
+        rows.append(np.searchsorted(cuts, np.arange(T), side="right") + 1)
+        rows[-1][cuts[-1]:] = 0
+    return np.stack(rows).astype(np.int32)
+
+
 def test_splash_interpret_matches_xla():
     """The Pallas splash path, run in interpret mode on CPU (block sizes need T, S multiples of 128)."""
-    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    _splash_or_skip()
     B, T, Hq, Hkv, D = 1, 128, 4, 2, 128
     q, k, v = _qkv(B, T, T, Hq, Hkv, D, seed=4)
     seg = np.concatenate([np.full(50, 1), np.full(60, 2), np.zeros(18)]).astype(np.int32)[None]
-    try:
-        out = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl="splash",
-                        interpret=True)
-    except Exception as e:  # pragma: no cover - interpret support differs between jax versions
-        pytest.skip(f"splash interpret mode unavailable here: {type(e).__name__}: {e}")
-    ref = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl="xla")
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-4, rtol=1e-4)
+    out = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl="splash", interpret=True)
+    ref = naive_attention(q, k, v, seg, seg, True)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-4, rtol=1e-4)
+
+
+# (mesh data, fsdp, tensor), heads (Hq, Hkv), causal: kv heads sharded with the query heads (4/2 over
+# tensor 2); kv replicated, every shard's query heads in one kv group (4/2 over tensor 4); kv replicated,
+# a shard's 3 query heads straddle two kv groups (6/3 over tensor 2: per-head kv gather); vision-shaped
+# (non-causal, head_dim 80, all heads one kv head each).
+SHARDED_CASES = [((2, 2, 2), (4, 2), True), ((2, 1, 4), (4, 2), True), ((1, 4, 2), (6, 3), True),
+                 ((2, 1, 4), (4, 4), False)]
+
+
+@pytest.mark.parametrize("mesh_shape, heads, causal", SHARDED_CASES)
+def test_splash_shard_map_matches_naive(mesh_shape, heads, causal):
+    """Under jax.set_mesh the splash kernel runs in shard_map (batch over data/fsdp, heads over tensor)
+    and equals the float64 loop, forward and q/k/v gradients (vs the xla backend)."""
+    _splash_or_skip()
+    from qwen2vl_jax import sharding
+
+    data, fsdp, tensor = mesh_shape
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
+    (Hq, Hkv), D = heads, (128 if causal else 80)
+    B, T = 4, 128
+    q, k, v = _qkv(B, T, T, Hq, Hkv, D, seed=5)
+    seg = _packed_segments(B, T, seed=6)
+
+    def run(impl, q, k, v):
+        return attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal, impl=impl,
+                         interpret=True)
+
+    w = np.random.default_rng(7).standard_normal(q.shape).astype(np.float32)     # loss weights [B,T,Hq,D]
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(run(impl, q, k, v) * w)
+
+    with jax.set_mesh(mesh):
+        fwd = jax.jit(lambda q, k, v: run("splash", q, k, v))
+        assert "shard_map" in str(jax.make_jaxpr(fwd)(q, k, v)), "splash must run under shard_map"
+        out = fwd(q, k, v)
+        g_splash = jax.jit(jax.grad(loss("splash"), argnums=(0, 1, 2)))(q, k, v)
+    ref = naive_attention(q, k, v, seg, seg, causal)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-4, rtol=1e-4)
+    assert np.all(np.asarray(out)[seg == 0] == 0.0)
+    g_xla = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", g_splash, g_xla):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-3, rtol=1e-3, err_msg=f"d{name}")
+
+
+def test_splash_rejects_lengths_off_block_and_auto_falls_back():
+    _splash_or_skip()
+    q, k, v = _qkv(1, 96, 96, 2, 1, 128)
+    seg = np.ones((1, 96), np.int32)
+    with pytest.raises(ValueError, match="multiples of 128; got 96"):
+        attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl="splash", interpret=True)
+    assert resolve_impl("auto", jnp.bfloat16, (96, 96)) == "xla"     # CPU: always xla
 
 
 def test_cudnn_path_builds_mask_on_cpu():
