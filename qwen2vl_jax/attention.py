@@ -151,6 +151,13 @@ def shard_map(f, mesh, in_specs, out_specs):
     return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
+def mesh_context(mesh):
+    """Context that makes `mesh` visible to attention() while tracing, usable inside a jitted function
+    (the train step: `with attention.mesh_context(mesh): ...` around the loss). Same effect as tracing
+    under `jax.set_mesh(mesh)`."""
+    return jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh))
+
+
 def active_mesh():
     """The mesh of the enclosing `jax.set_mesh` (abstract inside jit), or None when there is none or it
     has a single device / only manual axes (already inside a shard_map)."""

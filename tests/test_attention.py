@@ -3,8 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
-from qwen2vl_jax.attention import attention, make_mask, resolve_impl
+from qwen2vl_jax.attention import attention, make_mask, mesh_context, resolve_impl
 
 
 def naive_attention(q, k, v, q_seg, kv_seg, causal, q_offset=0):
@@ -122,8 +123,9 @@ SHARDED_CASES = [((2, 2, 2), (4, 2), True), ((2, 1, 4), (4, 2), True), ((1, 4, 2
 
 @pytest.mark.parametrize("mesh_shape, heads, causal", SHARDED_CASES)
 def test_splash_shard_map_matches_naive(mesh_shape, heads, causal):
-    """Under jax.set_mesh the splash kernel runs in shard_map (batch over data/fsdp, heads over tensor)
-    and equals the float64 loop, forward and q/k/v gradients (vs the xla backend)."""
+    """With a mesh in context (mesh_context inside the trace, or jax.set_mesh around it) the splash kernel
+    runs in shard_map (batch over data/fsdp, heads over tensor) and equals the float64 loop, forward and
+    q/k/v gradients (vs the xla backend)."""
     _splash_or_skip()
     from qwen2vl_jax import sharding
 
@@ -143,10 +145,14 @@ def test_splash_shard_map_matches_naive(mesh_shape, heads, causal):
     def loss(impl):
         return lambda q, k, v: jnp.sum(run(impl, q, k, v) * w)
 
-    with jax.set_mesh(mesh):
-        fwd = jax.jit(lambda q, k, v: run("splash", q, k, v))
-        assert "shard_map" in str(jax.make_jaxpr(fwd)(q, k, v)), "splash must run under shard_map"
-        out = fwd(q, k, v)
+    def fwd(q, k, v):                       # the mesh entered inside the traced function (train step)
+        with mesh_context(mesh):
+            return run("splash", q, k, v)
+
+    assert "shard_map" in str(jax.make_jaxpr(fwd)(q, k, v)), "splash must run under shard_map"
+    rep = NamedSharding(mesh, PartitionSpec())   # the jit must span the mesh's devices
+    out = jax.jit(fwd, in_shardings=(rep, rep, rep))(q, k, v)
+    with jax.set_mesh(mesh):                # or the whole trace under jax.set_mesh
         g_splash = jax.jit(jax.grad(loss("splash"), argnums=(0, 1, 2)))(q, k, v)
     ref = naive_attention(q, k, v, seg, seg, causal)
     np.testing.assert_allclose(np.asarray(out), ref, atol=2e-4, rtol=1e-4)
@@ -181,3 +187,17 @@ def test_shape_errors_name_values():
     with pytest.raises(ValueError, match="query heads 4 not a multiple of kv heads 3"):
         attention(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2), q_segment_ids=np.ones((1, 4)),
                   kv_segment_ids=np.ones((1, 4)), causal=True)
+
+
+def test_init_params_independent_of_attention_backend():
+    """init traces the model on 4-token dummy inputs, below splash's 128-row blocks: it must not use the
+    configured backend, and the parameters must not depend on it."""
+    from qwen2vl_jax import config, model
+
+    cfg = config.get_config("test")
+    ref = model.init_params(cfg.replace(attention_impl="xla"), jax.random.key(0))
+    got = model.init_params(cfg.replace(attention_impl="splash"), jax.random.key(0))
+    assert jax.tree.structure(got) == jax.tree.structure(ref)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert model.param_logical_axes(cfg.replace(attention_impl="splash")) == model.param_logical_axes(cfg)
