@@ -17,7 +17,7 @@ Backends:
          boolean mask (about 2x slower than causal-only, see shared/reference/baselines.md).
   splash Pallas TPU splash kernel with SegmentIds (interpret mode runs it on CPU for tests). A Mosaic
          kernel cannot be partitioned by XLA, so when a mesh is active (`jax.set_mesh(mesh)` around the
-         jit trace; `jax.sharding.get_abstract_mesh()` inside) the kernel runs under `shard_map`: batch
+         jit trace, or `mesh_context(mesh)` inside it; read with `jax.sharding.get_abstract_mesh()`) the kernel runs under `shard_map`: batch
          (and segment ids) split over the mesh axes the logical rules give "batch", query heads over
          "act_heads", kv heads over "act_kv_heads" (rules: flax `nn.logical_axis_rules` if set, else
          `sharding.LOGICAL_RULES`). Sequence axes are gathered (the kernel needs whole rows). When the kv

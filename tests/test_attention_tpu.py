@@ -67,17 +67,22 @@ def test_splash_train_step_compiles_for_v5p(tpu_devices, name, mesh_shape, B, T,
     def step(impl):
         return jax.jit(_train_like(causal, impl), in_shardings=(p_sh, x.sharding, row), out_shardings=p_sh)
 
+    # the xla reference (which keeps this device's [B_loc, H_loc, T, T] fp32 scores) only for the vision
+    # case: XLA takes ~30 s to compile the causal one on this CPU
+    impls = ("splash", "xla") if name == "vision" else ("splash",)
     # tests/conftest.py sets matmul precision "highest", which Mosaic refuses for bf16 operands
     with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
-        compiled = {impl: step(impl).lower(params, x, seg).compile() for impl in ("splash", "xla")}
+        compiled = {impl: step(impl).lower(params, x, seg).compile() for impl in impls}
     assert "tpu_custom_call" in compiled["splash"].as_text(), "the Mosaic kernel must be in the program"
-    assert "tpu_custom_call" not in compiled["xla"].as_text()
-    # the kernel never materialises scores; the xla backend keeps this device's [B_loc, H_loc, T, T]
     temp = {impl: c.memory_analysis().temp_size_in_bytes for impl, c in compiled.items()}
     scores = B // (data * fsdp) * (Hq // tensor) * T * T * 4
-    assert temp["xla"] >= scores and temp["splash"] < temp["xla"] / 3, (temp, scores)
+    assert temp["splash"] < scores / 3, (temp, scores)       # the kernel never materialises the scores
+    if "xla" in compiled:
+        assert "tpu_custom_call" not in compiled["xla"].as_text()
+        assert temp["xla"] >= scores > 3 * temp["splash"], (temp, scores)
 
-    # without a mesh in context attention() cannot see the mesh; XLA refuses to partition the kernel
-    with pytest.raises(Exception, match="Mosaic kernels cannot be automatically partitioned"), \
-            jax.default_matmul_precision("default"):
-        step("splash").lower(params, x, seg).compile()
+    if name == CASES[0][0]:
+        # without a mesh in context attention() cannot see the mesh; XLA refuses to partition the kernel
+        with pytest.raises(Exception, match="Mosaic kernels cannot be automatically partitioned"), \
+                jax.default_matmul_precision("default"):
+            step("splash").lower(params, x, seg).compile()
