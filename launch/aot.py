@@ -254,7 +254,7 @@ def run_experiment(experiment: str, model: str, topology: str, overrides=(), att
     from experiments import registry
     topo = parse_topology(topology)
     exp = registry.get_experiment(experiment, model, overrides)
-    cfg = exp.model.replace(attention_impl=attention or resolve_attention(exp.model.attention_impl))
+    cfg = exp.model.replace(attention_impl=resolve_attention(attention or exp.model.attention_impl))
     try:
         result = compile_train_step(cfg, exp.step_config(), exp.mesh, topo, exp.batch_size, exp.data.seq_len,
                                     exp.data.max_patches)

@@ -20,6 +20,7 @@ donate_argnums=0)``; it works with concrete arrays and with abstract ShapeDtypeS
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -29,7 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qwen2vl_jax import optim, sharding
+from qwen2vl_jax import attention, optim, sharding
 from qwen2vl_jax.config import ModelConfig
 
 
@@ -234,7 +235,12 @@ def train_step_fn(cfg: ModelConfig, step_cfg: StepConfig, model=None, mesh: Mesh
     lr_fn = optim.schedule(step_cfg.optim)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        metrics, grads = loss_and_grads(cfg, state.params, batch, step_cfg, model, mesh)
+        # The mesh must be visible while tracing: the splash (Mosaic) kernel cannot be partitioned by XLA
+        # and runs under shard_map on it (attention.py); without a mesh this is a no-op.
+        with contextlib.ExitStack() as stack:
+            if mesh is not None:
+                stack.enter_context(attention.mesh_context(mesh))
+            metrics, grads = loss_and_grads(cfg, state.params, batch, step_cfg, model, mesh)
         gnorm = _global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["z_loss"]) & jnp.isfinite(gnorm)
         clip = step_cfg.optim.grad_clip
