@@ -16,7 +16,8 @@ Data: the embedded synthetic sources (qwen2vl_jax.data) stand in for each catego
 pairs), ocr, count (classification-like), grounding / count (VQA, multitask), interleaved, video,
 chat (ChatML). Real corpora are `--set data.mixture="(('arrayrecord:/path/*.ar', 1.0), ...)"`.
 `tiny` / `test` run the same recipe with CPU-sized lengths, batches, budgets and image sizes
-(tiny: 256 tokens x 8 rows, 512 patches per row, <= 128*28*28 pixels per image, 100/100/60 steps).
+(tiny: 256 tokens x 8 rows, patch rows per row from CPU_PATCHES_PER_TOKEN, <= 128*28*28 pixels per image,
+100/100/60 steps).
 """
 from __future__ import annotations
 
@@ -122,6 +123,22 @@ PAPER_LR = {1: 2e-4, 2: 1e-4, 3: 1e-5}
 CPU_VISION = dict(image_max_pixels=128 * 28 * 28, video_max_pixels=32 * 28 * 28, video_total_pixels=128 * 28 * 28)
 
 
+# Patch rows per token of the embedded data's stage mixtures under CPU_VISION, measured with
+# `pipeline.balanced_max_patches` (200 samples, tiny config; tests/test_experiments.py re-measures it).
+# A row's patch budget must follow the data's ratio, or patches bind first and token efficiency collapses
+# (2 x seq_len gave 53% token efficiency on tiny stage 1).
+CPU_PATCHES_PER_TOKEN = {1: 3.6, 2: 3.7, 3: 2.4}
+
+
+def max_patches(model: str, stage: int, seq_len: int) -> int:
+    """Patch rows per packed row: the embedded data's ratio on CPU sizes; 2 x seq_len at paper sizes (real
+    corpora carry more text per image than the synthetic scenes: set data.max_patches from
+    `pipeline.balanced_max_patches` on your mixture)."""
+    if model in ("tiny", "test"):
+        return max(512, 4 * math.ceil(CPU_PATCHES_PER_TOKEN[stage] * seq_len / 4))
+    return 2 * seq_len
+
+
 @dataclasses.dataclass(frozen=True)
 class Scale:
     """Model-size dependent settings of a stage."""
@@ -159,7 +176,7 @@ def stage_experiment(stage: int, model: str) -> Experiment:
         raise ValueError(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
     s = scale(model, stage)
     cfg = get_config(model, **dict(s.model_overrides))
-    data = DataConfig(mixture=STAGE_MIXTURE[stage], seq_len=s.seq_len, max_patches=max(2 * s.seq_len, 512),
+    data = DataConfig(mixture=STAGE_MIXTURE[stage], seq_len=s.seq_len, max_patches=max_patches(model, stage, s.seq_len),
                       **(CPU_VISION if model in ("tiny", "test") else {}))
     return Experiment(
         name=f"stage{stage}", description=STAGE_DESCRIPTION[stage], stage=stage, model=cfg, data=data,

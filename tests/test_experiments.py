@@ -76,3 +76,14 @@ def test_frozen_configs():
     with pytest.raises(Exception):
         e.batch_size = 3  # frozen dataclass
     assert stages.Experiment.__dataclass_params__.frozen and optim.OptimConfig.__dataclass_params__.frozen
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_cpu_patch_budget_matches_the_embedded_data(stage):
+    """The tiny recipe's patches-per-row follows the mixture's measured patch/token ratio (within 15%),
+    so neither budget binds early and packing stays efficient."""
+    from qwen2vl_jax.data import pipeline, tokenizer
+    exp = registry.get_experiment(f"stage{stage}", "tiny")
+    measured = pipeline.balanced_max_patches(exp.data, exp.model, tokenizer.load_tokenizer("embedded"),
+                                             num_samples=64)
+    assert abs(exp.data.max_patches - measured) <= 0.15 * measured, (exp.data.max_patches, measured)
