@@ -6,6 +6,8 @@ import logging as pylogging
 
 import numpy as np
 import pytest
+
+from media import write_video
 from PIL import Image
 
 from qwen2vl_jax.config import get_config
@@ -178,17 +180,6 @@ def write_shard(path, records):
     return str(path)
 
 
-def write_video(path, frames=8, fps=4):
-    import av
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = 64, 56, "yuv420p"
-        for i in range(frames):
-            for p in s.encode(av.VideoFrame.from_ndarray(np.full((56, 64, 3), 20 * i, np.uint8), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return str(path)
 
 
 def bomb_png(w=30000, h=30000):

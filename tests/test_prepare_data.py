@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+
+import media
 from PIL import Image
 
 from launch import prepare_data
@@ -25,16 +27,7 @@ def write_png(path, w=84, h=56, colour=(10, 200, 30)):
 
 
 def write_video(path, frames=8, fps=4):
-    import av
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = 64, 56, "yuv420p"
-        for i in range(frames):
-            for p in s.encode(av.VideoFrame.from_ndarray(np.full((56, 64, 3), 20 * i, np.uint8), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return os.path.basename(path)
+    return os.path.basename(media.write_video(path, frames, fps))
 
 
 @pytest.fixture()

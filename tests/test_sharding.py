@@ -1,5 +1,4 @@
 """Mesh construction and logical-axis rules (no compilation: fast)."""
-import json
 import math
 
 import jax
@@ -79,68 +78,4 @@ def test_global_batch_assembles_process_rows():
     assert arrs["positions"].sharding.spec == P(("data", "fsdp"), None, None)
 
 
-# ----------------------------------------------------------------------------------------------
-# 2 processes x 4 CPU devices (gloo on localhost) == 1 process x 8 devices
-
-_WORKER = r'''
-import json, os, sys
-import jax
-jax.config.update("jax_default_matmul_precision", "highest")
-from launch.pretrain import initialize_distributed
-pid, n = int(sys.argv[1]), int(sys.argv[2])
-if n > 1:
-    initialize_distributed(sys.argv[3], n, pid)
-import numpy as np
-from qwen2vl_jax import optim, sharding, train
-from qwen2vl_jax.config import get_config
-sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
-from test_train import synthetic_batch
-cfg = get_config("test")
-step_cfg = train.StepConfig(loss_chunk=8, optim=optim.OptimConfig(peak_lr=1e-2, warmup_steps=0, total_steps=5))
-mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-_, st_sh = train.abstract_state(cfg, step_cfg, mesh)
-state = train.init_state(cfg, step_cfg, jax.random.key(0), mesh)
-b_sh = sharding.batch_shardings(train.batch_spec(cfg, 8, 32, 8), mesh)
-step = train.make_train_step(cfg, step_cfg, mesh, st_sh, b_sh)
-losses = []
-for i in range(3):
-    full = synthetic_batch(cfg, seed=i)
-    rows = 8 // jax.process_count()
-    local = {k: v[pid * rows:(pid + 1) * rows] for k, v in full.items()}   # this process's data shard
-    state, m = step(state, sharding.global_batch(local, b_sh))
-    losses.append(train.host_metrics(m)["loss"])
-print("LOSSES", json.dumps(losses))
-'''
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-
-    def env(devices):
-        return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo,
-                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), "2", f"localhost:{port}"], env=env(4), cwd=repo,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    single = subprocess.run([sys.executable, str(script), "0", "1"], env=env(8), cwd=repo, capture_output=True,
-                            text=True, timeout=600)
-    outs = [p.communicate(timeout=600) for p in procs]
-
-    def losses(out):
-        line = [x for x in out.splitlines() if x.startswith("LOSSES")]
-        assert line, out
-        return json.loads(line[0][len("LOSSES "):])
-
-    ref = losses(single.stdout + single.stderr[-2000:])
-    for o, e in outs:
-        np.testing.assert_allclose(losses(o + e[-2000:]), ref, rtol=1e-6)
+# 2 processes x 4 devices vs 1 x 8: tests/test_multihost.py (through launch.pretrain).

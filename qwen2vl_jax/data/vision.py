@@ -124,8 +124,12 @@ def smart_resize(
     "aspect_ratio" when max/min side > 200 and "zero_size" for a zero side.
     """
     _check_ratio(height, width)
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
+    return _fit_pixel_budget(height, width, round(height / factor) * factor, round(width / factor) * factor,
+                             factor, min_pixels, max_pixels)
+
+
+def _fit_pixel_budget(height, width, h_bar, w_bar, factor, min_pixels, max_pixels) -> tuple[int, int]:
+    """The shared tail of both smart_resize variants: rescale the rounded (h_bar, w_bar) into the budget."""
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt((height * width) / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
@@ -150,17 +154,8 @@ def smart_resize_qwen_vl_utils(
     downscale branch (a side can floor to 0 and crash); here it is clamped to ``factor`` as HF 4.57.6 does.
     """
     _check_ratio(height, width)
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    return _fit_pixel_budget(height, width, max(factor, round(height / factor) * factor),
+                             max(factor, round(width / factor) * factor), factor, min_pixels, max_pixels)
 
 
 # ----------------------------------------------------------------------------------------------------------
