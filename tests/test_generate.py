@@ -62,14 +62,20 @@ PROMPTS = {
 }
 
 
-def _hf_generate(ref, pb: gen.PromptBatch, eos):
-    kw = {"input_ids": torch.tensor(pb.input_ids, dtype=torch.long),
-          "attention_mask": torch.tensor(pb.attention_mask, dtype=torch.long)}
+def _vision_kwargs(pb: gen.PromptBatch) -> dict:
+    """The prompt batch's pixels and grids as transformers forward/generate keyword arguments."""
+    kw = {}
     if pb.pixel_values is not None:
         kw.update(pixel_values=torch.tensor(pb.pixel_values), image_grid_thw=torch.tensor(pb.image_grid_thw))
     if pb.pixel_values_videos is not None:
         kw.update(pixel_values_videos=torch.tensor(pb.pixel_values_videos),
                   video_grid_thw=torch.tensor(pb.video_grid_thw))
+    return kw
+
+
+def _hf_generate(ref, pb: gen.PromptBatch, eos):
+    kw = {"input_ids": torch.tensor(pb.input_ids, dtype=torch.long),
+          "attention_mask": torch.tensor(pb.attention_mask, dtype=torch.long), **_vision_kwargs(pb)}
     with torch.no_grad():
         out = ref.generate(**kw, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False, num_beams=1,
                            repetition_penalty=1.0, eos_token_id=list(eos), pad_token_id=CFG.pad_token_id)
@@ -84,12 +90,7 @@ def _teacher_forced_argmax(ref, pb: gen.PromptBatch, n):
     pos = pb.positions
     out = []
     for k in range(n):
-        kw = {}
-        if pb.pixel_values is not None:
-            kw.update(pixel_values=torch.tensor(pb.pixel_values), image_grid_thw=torch.tensor(pb.image_grid_thw))
-        if pb.pixel_values_videos is not None:
-            kw.update(pixel_values_videos=torch.tensor(pb.pixel_values_videos),
-                      video_grid_thw=torch.tensor(pb.video_grid_thw))
+        kw = _vision_kwargs(pb)
         with torch.no_grad():
             logits = ref(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
                          position_ids=torch.tensor(pos, dtype=torch.long), **kw).logits[:, -1]
