@@ -4,7 +4,9 @@
 
 Part 1: images/s and patches/s of ``qwen2vl_jax.data.vision.preprocess_images`` vs transformers 4.57.6
 ``Qwen2VLImageProcessor`` (the slow PIL one) on the same seeded mix of sizes (64x64 .. 1500x1000), one image
-per call as a loader does, single process pinned to one core. Both outputs are checked equal first.
+per call as a loader does, single process pinned to one core. Both outputs are checked equal first. The last
+row times the PIL bicubic resize alone (the same call both make; bit-exact pixels need it): its speedup is the
+ceiling of any preprocessor that keeps it, reached only if everything else were free.
 Part 2 (hook at the end): the full Grain pipeline (``qwen2vl_jax.data.pipeline.make_iterator`` on the synthetic
 mixture: decode -> tokenize -> preprocess -> pack -> batch) samples/s and tokens/s per core and packing
 efficiency; prints "pipeline: not available" if that module cannot be imported.
@@ -60,13 +62,17 @@ def bench_images(count: int, rounds: int, min_pixels: int, max_pixels: int) -> N
     torch.set_num_threads(1)
     from transformers import Qwen2VLImageProcessor
 
-    from qwen2vl_jax.data.vision import preprocess_images
+    from qwen2vl_jax.data.vision import FACTOR, preprocess_images, smart_resize
 
     images = make_images(count)
     processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
 
     def ours(image):
         return preprocess_images([image], min_pixels=min_pixels, max_pixels=max_pixels)
+
+    def resize_only(image):  # the PIL bicubic call both processors make (bit-exactness needs it): the ceiling
+        h, w = smart_resize(image.height, image.width, FACTOR, min_pixels, max_pixels)
+        return image if image.size == (w, h) else image.resize((w, h), resample=PIL.Image.Resampling.BICUBIC)
 
     def reference(image):
         out = processor(images=[image], return_tensors="np", input_data_format="channels_last")
@@ -81,6 +87,7 @@ def bench_images(count: int, rounds: int, min_pixels: int, max_pixels: int) -> N
     wall = time.perf_counter()
     t_ours = _cpu_seconds_per_image(ours, images, rounds)
     t_ref = _cpu_seconds_per_image(reference, images, rounds)
+    t_resize = _cpu_seconds_per_image(resize_only, images, rounds)
     wall = time.perf_counter() - wall
     sizes = [im.size for im in images]
     print(
@@ -100,6 +107,11 @@ def bench_images(count: int, rounds: int, min_pixels: int, max_pixels: int) -> N
         if mask.any():
             speedup = t_ref[mask].sum() / t_ours[mask].sum()
             print(f"{label:<36}{'':>41}{speedup:>8.2f}x  ({mask.sum()} images)")
+    resize_ms, ceiling = 1e3 * t_resize.sum() / count, t_ref.sum() / t_resize.sum()
+    print(
+        f"{'PIL bicubic resize alone':<36}{'':>31}{resize_ms:>10.2f}{ceiling:>8.2f}x  (ceiling for bit-exact "
+        f"pixels: {100 * t_resize.sum() / t_ours.sum():.0f}% of ours, {100 * t_resize.sum() / t_ref.sum():.0f}% of HF)"
+    )
 
 
 # ============================================================================================================

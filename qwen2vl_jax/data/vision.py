@@ -245,9 +245,11 @@ def patchify_normalized(
     moved = np.ascontiguousarray(rows.transpose(0, 2, 5, 3, 6, 1, 4))  # (gt, bh, bw, mh, mw, ft, ph) of p*3 bytes
     moved = moved.view(np.uint8).reshape(n, ft * p * p, c)  # [N, (frame, ph, pw), C] uint8
     # 2) Table lookup per channel into contiguous float32 planes (exact rescale+normalize, see module doc).
+    #    uint8 indices never leave [0, 256), so every mode gives the same values; "wrap" made this function ~10%
+    #    faster than "clip" (2026-11-25, numpy 2.4); "raise" is slower still (it buffers the output).
     normed = np.empty((c, n, ft * p * p), dtype=np.float32)
     for ch in range(c):
-        np.take(table[ch], moved[:, :, ch], out=normed[ch], mode="clip")
+        np.take(table[ch], moved[:, :, ch], out=normed[ch], mode="wrap")
     # 3) Channel-major columns (C, T, ph, pw); an image's single frame is written tp times.
     out = np.empty((n, c, tp, p * p), dtype=np.float32)
     out[...] = normed.reshape(c, n, ft, p * p).transpose(1, 0, 2, 3)
