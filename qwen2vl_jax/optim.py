@@ -47,10 +47,21 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0    # global-norm clip; <= 0 disables
+    # per-part learning-rate multipliers, e.g. (("vision_tower", 5.0), ("merger", 5.0)); parts not named
+    # use 1.0. The whole AdamW update (decoupled weight decay included) of a part is scaled.
+    lr_scale: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         if self.peak_lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"peak_lr={self.peak_lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]")
+        for item in self.lr_scale:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and item[0] in PARTS
+                    and isinstance(item[1], (int, float)) and item[1] > 0):
+                raise ValueError(f"lr_scale entry {item!r}: expected (part, multiplier > 0) with part one of "
+                                 f"{', '.join(PARTS)}")
+        names = [n for n, _ in self.lr_scale]
+        if len(set(names)) != len(names):
+            raise ValueError(f"lr_scale names a part twice: {names}")
         if self.warmup_steps < 0 or self.total_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} and total_steps={self.total_steps} must be >= 0")
 
@@ -70,10 +81,31 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+def _part_scales(params: Any, lr_scale: Sequence[tuple[str, float]]) -> Any:
+    """Per-leaf float: the lr_scale multiplier of the part holding the leaf (1.0 when not named)."""
+    def leaf(path, _):
+        keys = tuple(getattr(k, "key", str(k)) for k in path)
+        for part, mult in lr_scale:
+            if _is_trainable(keys, (part,)):
+                return float(mult)
+        return 1.0
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def scale_by_part(lr_scale: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+    """Multiplies each leaf's update by its part's multiplier (stateless)."""
+    def update(updates, state, params=None):
+        del params
+        scales = _part_scales(updates, lr_scale)
+        return jax.tree.map(lambda u, m: u * m if m != 1.0 else u, updates, scales), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """AdamW over the *trainable* params dict (see `split_params`)."""
-    return optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                       weight_decay=cfg.weight_decay, mask=_decay_mask)
+    """AdamW over the *trainable* params dict (see `split_params`), then the per-part lr_scale."""
+    adamw = optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=_decay_mask)
+    return optax.chain(adamw, scale_by_part(cfg.lr_scale)) if cfg.lr_scale else adamw
 
 
 def _validate_parts(parts: Sequence[str]) -> tuple[str, ...]:

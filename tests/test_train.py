@@ -323,3 +323,31 @@ def test_split_merge_and_bad_parts():
     assert jax.tree.structure(merged) == jax.tree.structure(params)
     with pytest.raises(ValueError, match="vision_tower"):
         optim.split_params(params, ("vit",))
+
+
+def test_lr_scale_multiplies_each_named_parts_update_only():
+    """AdamW updates with lr_scale=((vision_tower, 3), (merger, 0.5)) are exactly 3x / 0.5x the plain
+    updates on those parts and equal elsewhere; bad entries are clear errors."""
+    params = _params()
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1) * jnp.sign(p + 1e-3), params)
+    base = optim.OptimConfig(peak_lr=1e-2, warmup_steps=0, total_steps=10)
+    scaled = dataclasses.replace(base, lr_scale=(("vision_tower", 3.0), ("merger", 0.5)))
+
+    def first_update(cfg):
+        opt = optim.make_optimizer(cfg)
+        updates, _ = opt.update(grads, opt.init(params), params)
+        return updates
+
+    plain, got = first_update(base), first_update(scaled)
+    for part, mult in (("vision_tower", 3.0), ("merger", 0.5), ("llm", 1.0)):
+        a, _ = optim.split_params(plain, (part,))
+        b, _ = optim.split_params(got, (part,))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            assert float(jnp.max(jnp.abs(x))) > 0
+            np.testing.assert_allclose(np.asarray(y), mult * np.asarray(x), rtol=1e-6, err_msg=part)
+    with pytest.raises(ValueError, match="vision_tower"):
+        optim.OptimConfig(lr_scale=(("vit", 2.0),))
+    with pytest.raises(ValueError, match="multiplier"):
+        optim.OptimConfig(lr_scale=(("merger", 0.0),))
+    with pytest.raises(ValueError, match="twice"):
+        optim.OptimConfig(lr_scale=(("merger", 2.0), ("merger", 3.0)))
