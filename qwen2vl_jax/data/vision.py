@@ -14,9 +14,15 @@ to <= 1e-5 (in practice bit-exact), with the same defaults:
 
 Speed: PIL images are resized as PIL images (no numpy round trip); the patchify moves whole 14-pixel runs
 (42 bytes) of uint8 instead of single floats, the table lookup replaces the float64 rescale and two float32
-passes, and an image's second frame is a broadcast copy. Everything but the resize costs ~1/6 of the
-reference; PIL's bicubic (which must stay for bit-exact pixels) is then ~70% of our time, so the overall gain
-per core is ~2.4-2.9x depending on the size mix (benchmarks/data_pipeline.py).
+passes, and an image's second frame is a broadcast copy. Everything but the resize costs ~1/7 of the
+reference; PIL's bicubic (which must stay for bit-exact pixels) is then ~75% of our time, so the overall gain
+per core is ~2.5-2.6x on the benchmark mix, under a 3.3-3.5x ceiling that the resize alone sets
+(benchmarks/data_pipeline.py prints both). Measured and rejected (2026-11-25, Pillow 12.0, numpy 2.4): resizing
+3 'L' planes (identical pixels, but +20% resize time: Pillow's per-pixel loop overhead is paid per band), numpy
+re-implementations of Pillow's fixed-point passes (tap loops or per-row BLAS, exact in float64: ~2x slower than
+Pillow's C), planar uint8 layouts (tobytes "RGB;L" or a byte transpose) feeding a 2-pixel [65536] table (the
+de-interleave costs what the halved lookups save), lookups into float32 HWC followed by a float move, and
+Pillow's block cache (no page faults to save once glibc's mmap threshold has adapted).
 
 Videos follow qwen-vl-utils 0.0.8 (frame count from fps, uniform sampling, a per-frame pixel budget from a
 total budget) and are then patchified like the HF processor with the last frame repeated to an even count.
