@@ -24,7 +24,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any
 
 GiB = 1024 ** 3
 

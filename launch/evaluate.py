@@ -17,7 +17,6 @@ import os
 import sys
 
 import jax
-import numpy as np
 
 from qwen2vl_jax import evaluation
 from qwen2vl_jax.config import ModelConfig, get_config

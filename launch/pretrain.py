@@ -233,7 +233,7 @@ def main(argv):
     if FLAGS.list:
         for name, desc in registry.list_experiments(FLAGS.model):
             print(f"{name:10s} {desc}")
-        print(f"models: test, tiny, 2b, 7b, 72b (--model); override any field with --set key=value")
+        print("models: test, tiny, 2b, 7b, 72b (--model); override any field with --set key=value")
         return 0
     from qwen2vl_jax.memory import InsufficientMemoryError
     try:

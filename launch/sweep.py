@@ -38,7 +38,6 @@ def done_keys(path: str) -> set[str]:
 
 
 def _final_params(exp, checkpoint_dir: str):
-    import jax
 
     from qwen2vl_jax import checkpoint, sharding, train
     mesh = sharding.make_mesh(exp.mesh)

@@ -24,7 +24,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from typing import Callable, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

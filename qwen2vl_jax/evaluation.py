@@ -28,7 +28,6 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from qwen2vl_jax.config import ModelConfig

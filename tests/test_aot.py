@@ -39,7 +39,6 @@ def _libtpu_or_skip():
 
 def test_compile_test_model_for_v5p_and_memory_matches_estimate():
     _libtpu_or_skip()
-    import jax
 
     from experiments import registry
     from qwen2vl_jax import memory, sharding

@@ -6,9 +6,8 @@ qwen2vl_jax.attention; without a mesh in context, XLA cannot partition it (the c
 rely on: trace under `jax.set_mesh(mesh)`). Skipped when libtpu is not installed."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from launch import aot
 from qwen2vl_jax import sharding

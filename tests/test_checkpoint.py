@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from qwen2vl_jax import checkpoint, model, optim, sharding, train
+from qwen2vl_jax import checkpoint, optim, sharding, train
 from qwen2vl_jax.config import get_config
 from test_train import synthetic_batch
 

@@ -9,7 +9,7 @@ import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from qwen2vl_jax import generate as gen
-from qwen2vl_jax import hf, model
+from qwen2vl_jax import hf
 from qwen2vl_jax.config import get_config, to_hf_config
 
 CFG = get_config("test")
