@@ -6,6 +6,9 @@
 DIR is a training checkpoint folder (qwen2vl_jax.checkpoint: latest step's params) or a converted
 checkpoint (model_config.json + params/). The model config comes from DIR/model_config.json (or its
 parent's) when present, else from the --model preset (+ --set key=value overrides of ModelConfig fields).
+Held-out images and videos are preprocessed at the pixel budgets of the run that wrote DIR
+(DIR/data_config.json or its parent's, written by launch.pretrain), else at formats.VisionOptions()'s
+defaults; the budget used is printed (a model evaluated at another resolution than it trained at scores low).
 Prints one line per metric: accuracy and the chance level (permutation baseline) beside it.
 """
 from __future__ import annotations
@@ -54,6 +57,25 @@ def model_config_for(checkpoint: str, preset: str, overrides=()) -> ModelConfig:
     return cfg
 
 
+def vision_options_for(checkpoint: str):
+    """(formats.VisionOptions, source): the pixel budgets of the run's data_config.json, else the defaults."""
+    from launch.pretrain import DATA_CONFIG_FILE
+    from qwen2vl_jax.data import formats
+    for d in (checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
+        path = os.path.join(d, DATA_CONFIG_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+            keys = {"min_pixels": "image_min_pixels", "max_pixels": "image_max_pixels",
+                    "video_min_pixels": "video_min_pixels", "video_max_pixels": "video_max_pixels",
+                    "video_total_pixels": "video_total_pixels"}
+            missing = [v for v in keys.values() if v not in data]
+            if missing:
+                raise ValueError(f"{path}: missing {', '.join(missing)}")
+            return formats.VisionOptions(**{k: int(data[v]) for k, v in keys.items()}), path
+    return formats.VisionOptions(), "defaults (no data_config.json beside the checkpoint)"
+
+
 def load_params(cfg: ModelConfig, checkpoint: str) -> dict:
     from qwen2vl_jax import checkpoint as ckpt
     from qwen2vl_jax import model
@@ -86,8 +108,12 @@ def main(argv=None) -> dict:
     params = load_params(cfg, a.checkpoint)
     print(f"checkpoint {a.checkpoint}: model {cfg.name}, {sum(x.size for x in jax.tree.leaves(params)):,} params",
           flush=True)
+    vision_opts, source = vision_options_for(a.checkpoint)
+    print(f"pixel budgets from {source}: images {vision_opts.min_pixels}..{vision_opts.max_pixels}, "
+          f"video frames {vision_opts.video_min_pixels}..{vision_opts.video_max_pixels} "
+          f"(total {vision_opts.video_total_pixels})", flush=True)
     results = evaluation.evaluate_accuracy(cfg, params, num=a.num, kinds=kinds, batch_size=a.batch_size,
-                                           max_new_tokens=a.max_new_tokens, chat=a.chat,
+                                           max_new_tokens=a.max_new_tokens, chat=a.chat, vision_opts=vision_opts,
                                            log=lambda s: print(s, flush=True))
     print(evaluation.accuracy_table(results))
     for r in results.values():
@@ -97,7 +123,8 @@ def main(argv=None) -> dict:
            "accuracy": {n: v for r in results.values() for n, v in r.scores.items()},
            "chance": {n: v for r in results.values() for n, v in r.chance.items()}}
     if a.loss:
-        losses = evaluation.make_eval_fn(cfg, seq_len=1024, max_patches=2048, batch_size=4)(params)
+        losses = evaluation.make_eval_fn(cfg, {"vision_options": vision_opts}, seq_len=1024, max_patches=2048,
+                                         batch_size=4)(params)
         out["heldout_loss"] = losses
         print("held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
     if a.json:

@@ -11,6 +11,9 @@ state. The run directory (`--set workdir=...`, default runs/<experiment>_<model>
                  resumes from the latest complete one (params, optimizer, step, data-iterator state)
   tensorboard/   event files
   losses.jsonl   {"step", "loss", "grad_norm", "finite"} per step (process 0)
+  model_config.json, data_config.json   the run's model and data configs (process 0), so that
+                 `launch.evaluate --checkpoint RUN/checkpoints` rebuilds the model and preprocesses the
+                 held-out images at the pixel budgets the run trained with
 Every `eval_every` steps (tiny: on) the loss on fixed held-out batches of each mixture source (split
 "heldout") is printed and written to TensorBoard as eval/heldout/<source>.
 SIGTERM (preemption) saves a checkpoint at the next step boundary and exits 0. `max_consecutive_skips`
@@ -42,6 +45,7 @@ flags.DEFINE_integer("num_processes", None, "multi-process: number of processes"
 flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 
 EXIT_NON_FINITE = 3
+DATA_CONFIG_FILE = "data_config.json"
 
 
 class NonFiniteError(RuntimeError):
@@ -121,6 +125,15 @@ def heldout_evaluator(exp, tokenizer, params_sharding, batch_sharding, model=Non
     return evaluate
 
 
+def write_run_configs(exp) -> None:
+    """RUN_DIR/model_config.json and RUN_DIR/data_config.json (read back by launch.evaluate)."""
+    from qwen2vl_jax import hf
+    for name, payload in ((hf.MODEL_CONFIG_FILE, hf.model_config_to_dict(exp.model)),
+                          (DATA_CONFIG_FILE, exp.data.to_dict())):
+        with open(os.path.join(exp.run_dir, name), "w") as f:
+            json.dump(payload, f, indent=1)
+
+
 def run(exp, model=None, stream=None) -> dict:
     """Trains `exp` (resuming from its checkpoints). Returns {"step", "losses": {step: loss},
     "eval": {step: {"heldout/<source>": loss}}, "preempted", "skipped_steps", "checkpoint_dir"}."""
@@ -140,6 +153,8 @@ def run(exp, model=None, stream=None) -> dict:
     pc, pi = jax.process_count(), jax.process_index()
     if exp.batch_size % pc:
         raise ValueError(f"batch_size={exp.batch_size} not divisible by {pc} processes")
+    if pi == 0:
+        write_run_configs(exp)
 
     abstract, st_sh = train.abstract_state(cfg, step_cfg, mesh, model)
     spec = train.batch_spec(cfg, exp.batch_size, exp.data.seq_len, exp.data.max_patches)

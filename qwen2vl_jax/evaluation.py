@@ -10,7 +10,9 @@
 (b) Task accuracy (`evaluate_accuracy`): greedy decoding (generate.py) of formats.eval_prompt prompts on
     synthetic.heldout_scenes(kind, n); per kind a score in [0, 1]:
       caption      exact match of the set of (colour, shape) pairs named in the caption  ("caption")
-                   and of the whole normalised caption ("caption_exact")
+                   and of the whole normalised caption ("caption_exact"); diagnostics: the set of colours
+                   ("caption_colours") and the set of shapes ("caption_shapes") alone, which tell which
+                   half of the pairs a model gets wrong
       count        the first number equals the true count
       ocr          normalised exact string match
       grounding    same number of boxes, each with IoU >= 0.5 against the truth
@@ -132,17 +134,25 @@ def caption_pairs_match(prediction: str, expected: str) -> float:
     return float(bool(want) and caption_pairs(prediction) == want)
 
 
+def caption_part_match(prediction: str, expected: str, part: int) -> float:
+    """Exact match of the set of colours (part 0) or shapes (part 1) named in the caption."""
+    want = {p[part] for p in caption_pairs(expected)}
+    return float(bool(want) and {p[part] for p in caption_pairs(prediction)} == want)
+
+
 def metric(name: str, prediction: str, expected: str) -> float:
     """Score in {0, 1} of one decoded answer for metric `name` (see the module docstring)."""
     if name == "caption":
         return caption_pairs_match(prediction, expected)
+    if name in ("caption_colours", "caption_shapes"):
+        return caption_part_match(prediction, expected, 0 if name == "caption_colours" else 1)
     if name == "caption_exact":
         return formats.score("caption", prediction, expected)
     return formats.score(name, prediction, expected)
 
 
 def metrics_of(kind: str) -> tuple[str, ...]:
-    return ("caption", "caption_exact") if kind == "caption" else (kind,)
+    return ("caption", "caption_exact", "caption_colours", "caption_shapes") if kind == "caption" else (kind,)
 
 
 def chance_level(name: str, expected: Sequence[str]) -> float:
@@ -210,8 +220,8 @@ def evaluate_accuracy(cfg: ModelConfig, params: dict, *, num: int = 64, kinds: S
 
 
 def accuracy_table(results: dict[str, KindResult]) -> str:
-    lines = [f"{'metric':<14} {'accuracy':>9} {'chance':>8}   n"]
+    lines = [f"{'metric':<16} {'accuracy':>9} {'chance':>8}   n"]
     for r in results.values():
         for name in r.scores:
-            lines.append(f"{name:<14} {r.scores[name]:>9.3f} {r.chance[name]:>8.3f}   {r.num}")
+            lines.append(f"{name:<16} {r.scores[name]:>9.3f} {r.chance[name]:>8.3f}   {r.num}")
     return "\n".join(lines)

@@ -40,6 +40,12 @@ def test_caption_pairs_and_match():
     assert ev.metric("caption_exact", "A red circle and two blue squares.", exp) == 1.0
     assert ev.metric("caption_exact", "a red circle and a blue square", exp) == 0.0
     assert ev.metric("caption", "", "") == 0.0
+    # diagnostics: colours right with shapes wrong, and the reverse
+    assert ev.metric("caption_colours", "a red star and two blue circles", exp) == 1.0
+    assert ev.metric("caption_shapes", "a red star and two blue circles", exp) == 0.0
+    assert ev.metric("caption_shapes", "a green circle and a white square", exp) == 1.0
+    assert ev.metric("caption_colours", "a green circle and a white square", exp) == 0.0
+    assert ev.metric("caption_colours", "", "") == 0.0
 
 
 def test_count_ocr_grounding_metrics():
@@ -124,8 +130,27 @@ def test_evaluate_cli_on_saved_checkpoint(tmp_path, params, capsys):
                          "--batch_size", "2", "--max_new_tokens", "6", "--json", str(out_json)])
     text = capsys.readouterr().out
     assert "chance" in text and "caption_exact" in text
-    assert set(out["accuracy"]) == {"caption", "caption_exact", "count"}
+    assert set(out["accuracy"]) == {"caption", "caption_exact", "caption_colours", "caption_shapes", "count"}
     assert all(0.0 <= v <= 1.0 for v in out["accuracy"].values())
     assert json.loads(out_json.read_text())["chance"] == out["chance"]
     with pytest.raises(ValueError, match="not a directory"):
         evaluate.main(["--checkpoint", str(tmp_path / "missing")])
+
+
+def test_evaluate_reads_the_runs_pixel_budgets(tmp_path):
+    """launch.evaluate preprocesses held-out media at the budgets of the run that wrote the checkpoint
+    (RUN/data_config.json from launch.pretrain), and says when it falls back to the defaults."""
+    from experiments import registry
+    from launch import evaluate, pretrain
+    from qwen2vl_jax.data import formats
+
+    exp = registry.get_experiment("stage2", "test", [f"workdir={tmp_path}", "data.image_max_pixels=9408",
+                                                     "data.video_total_pixels=18816"])
+    pretrain.write_run_configs(exp)
+    opts, source = evaluate.vision_options_for(str(tmp_path / "checkpoints"))
+    assert source.endswith("data_config.json")
+    assert (opts.max_pixels, opts.video_total_pixels) == (9408, 18816)
+    assert opts == exp.data.vision_options
+    assert evaluate.model_config_for(str(tmp_path / "checkpoints"), "tiny") == exp.model
+    opts, source = evaluate.vision_options_for(str(tmp_path / "elsewhere" / "ckpt"))
+    assert opts == formats.VisionOptions() and "defaults" in source

@@ -64,6 +64,10 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     with open(tmp_path / "losses.jsonl") as f:
         assert len(f.readlines()) == steps[-1]
     assert os.listdir(tmp_path / "tensorboard")  # event file written
+    # the run's configs sit beside its checkpoints for launch.evaluate
+    data_cfg = json.loads((tmp_path / "data_config.json").read_text())
+    assert data_cfg["seq_len"] == 128 and data_cfg["image_max_pixels"] == 16 * 28 * 28
+    assert json.loads((tmp_path / "model_config.json").read_text())["name"] == "test"
     assert "loss" in seen[-1] and "tok/s" in seen[-1]
 
 
