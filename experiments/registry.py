@@ -30,10 +30,7 @@ def list_experiments(model: str = "tiny") -> list[tuple[str, str]]:
 def get_experiment(name: str, model: str = "tiny", overrides: Iterable[str] = ()) -> stages.Experiment:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
-    exp = EXPERIMENTS[name](model)
-    for item in overrides:
-        exp = apply_override(exp, item)
-    return exp
+    return apply_overrides(EXPERIMENTS[name](model), overrides)
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -72,7 +69,8 @@ def _fields(obj) -> list[str]:
     return [f.name for f in dataclasses.fields(obj)]
 
 
-def _set(obj, path: list[str], text: str, full_key: str):
+def _parse_at(obj, path: list[str], text: str, full_key: str):
+    """The parsed value of `text` for the field at `path` under `obj` (checks every step of the path)."""
     name = path[0]
     if not dataclasses.is_dataclass(obj) or name not in _fields(obj):
         where = full_key[: len(full_key) - len(".".join(path))].rstrip(".") or "experiment"
@@ -82,27 +80,61 @@ def _set(obj, path: list[str], text: str, full_key: str):
     if len(path) > 1:
         if not dataclasses.is_dataclass(current):
             raise ValueError(f"unknown key {full_key!r}: {name!r} is a {type(current).__name__}, not a config")
-        value = _set(current, path[1:], text, full_key)
-    elif dataclasses.is_dataclass(current):
+        return _parse_at(current, path[1:], text, full_key)
+    if dataclasses.is_dataclass(current):
         raise ValueError(f"--set {full_key}: {name!r} is a config; set one of its fields: "
                          f"{', '.join(f'{full_key}.{f}' for f in _fields(current))}")
-    else:
-        value = parse_value(text, current, full_key)
+    return parse_value(text, current, full_key)
+
+
+def _rebuild(obj, changes: dict, prefix: str):
+    """dataclasses.replace of `obj` with every change below it at once (nested configs first), so fields that
+    must agree (model.hidden_size with model.vision.out_hidden_size, ...) can be changed together."""
+    kw = {name: _rebuild(getattr(obj, name), ch, f"{prefix}{name}.") if isinstance(ch, dict) else ch[0]
+          for name, ch in changes.items()}
     try:
-        return dataclasses.replace(obj, **{name: value})
+        return dataclasses.replace(obj, **kw)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"--set {full_key}={text!r} is invalid: {e}") from None
+        given = ", ".join(f"{k}={t!r}" for k, t in _leaf_texts(changes, prefix))
+        raise ValueError(f"--set {given} is invalid: {e}") from None
 
 
-def apply_override(exp: stages.Experiment, item: str) -> stages.Experiment:
-    """One `key=value` override (dotted key)."""
+def _leaf_texts(changes: dict, prefix: str):
+    for name, ch in changes.items():
+        if isinstance(ch, dict):
+            yield from _leaf_texts(ch, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", ch[1]
+
+
+def _split_item(item: str) -> tuple[str, str]:
     if "=" not in item:
         raise ValueError(f"--set {item!r}: expected key=value, e.g. optim.peak_lr=1e-4")
     key, text = item.split("=", 1)
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
         raise ValueError(f"--set {item!r}: empty key")
-    return _set(exp, key.split("."), text, key)
+    return key, text
+
+
+def apply_overrides(exp: stages.Experiment, items: Iterable[str]) -> stages.Experiment:
+    """`key=value` overrides (dotted keys), applied together: each config is rebuilt once with all of its
+    changes, so its validation sees the final combination (a later value of the same key wins)."""
+    changes: dict = {}
+    for item in items:
+        key, text = _split_item(item)
+        path = key.split(".")
+        value = _parse_at(exp, path, text, key)
+        node = changes
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = (value, text)
+    return _rebuild(exp, changes, "") if changes else exp
+
+
+def apply_override(exp: stages.Experiment, item: str) -> stages.Experiment:
+    """One `key=value` override (dotted key)."""
+    return apply_overrides(exp, [item])
 
 
 def describe(exp: stages.Experiment) -> str:

@@ -234,9 +234,7 @@ def point_experiment(point: SweepPoint, root: str = "runs/sweeps", eval_every: i
     (ROOT/<run_name>). Warmup is 10% of the steps; the cosine runs over the point's own length."""
     from experiments import registry
 
-    exp = registry.get_experiment(point.experiment, point.base_model)
-    for kv in point.overrides:
-        exp = registry.apply_override(exp, "=".join(kv))
+    exp = registry.get_experiment(point.experiment, point.base_model, ["=".join(kv) for kv in point.overrides])
     data = dataclasses.replace(exp.data, seq_len=point.seq_len, max_patches=2 * point.seq_len)
     optim_cfg = dataclasses.replace(exp.optim, peak_lr=point.lr, warmup_steps=max(1, point.steps // 10),
                                     total_steps=0)

@@ -87,3 +87,15 @@ def test_cpu_patch_budget_matches_the_embedded_data(stage):
     measured = pipeline.balanced_max_patches(exp.data, exp.model, tokenizer.load_tokenizer("embedded"),
                                              num_samples=64)
     assert abs(exp.data.max_patches - measured) <= 0.15 * measured, (exp.data.max_patches, measured)
+
+
+def test_coupled_model_fields_can_be_overridden_together():
+    """--set values are applied together: a model shape whose fields must agree (hidden size, the ViT's output
+    size, M-RoPE sections) is reachable from the command line; alone, the same change is a clear error."""
+    sets = ["model.hidden_size=384", "model.vision.out_hidden_size=384", "model.mrope_section=(12,18,18)",
+            "optim.peak_lr=1e-4", "optim.peak_lr=3e-4"]
+    exp = registry.get_experiment("stage2", "tiny", sets)
+    assert (exp.model.hidden_size, exp.model.vision.out_hidden_size, exp.model.head_dim) == (384, 384, 96)
+    assert exp.optim.peak_lr == 3e-4                               # the later value of a key wins
+    with pytest.raises(ValueError, match=r"model.hidden_size='384'.*mrope_section"):
+        registry.get_experiment("stage2", "tiny", ["model.hidden_size=384"])
