@@ -61,18 +61,18 @@ def vision_options_for(checkpoint: str):
     """(formats.VisionOptions, source): the pixel budgets of the run's data_config.json, else the defaults."""
     from launch.pretrain import DATA_CONFIG_FILE
     from qwen2vl_jax.data import formats
+    from qwen2vl_jax.data.pipeline import DataConfig
     for d in (checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
         path = os.path.join(d, DATA_CONFIG_FILE)
         if os.path.exists(path):
             with open(path) as f:
                 data = json.load(f)
-            keys = {"min_pixels": "image_min_pixels", "max_pixels": "image_max_pixels",
-                    "video_min_pixels": "video_min_pixels", "video_max_pixels": "video_max_pixels",
-                    "video_total_pixels": "video_total_pixels"}
-            missing = [v for v in keys.values() if v not in data]
-            if missing:
-                raise ValueError(f"{path}: missing {', '.join(missing)}")
-            return formats.VisionOptions(**{k: int(data[v]) for k, v in keys.items()}), path
+            fields = [f.name for f in dataclasses.fields(DataConfig)]
+            missing, unknown = [f for f in fields if f not in data], sorted(set(data) - set(fields))
+            if missing or unknown:
+                raise ValueError(f"{path} is not a DataConfig written by launch.pretrain (missing: "
+                                 f"{', '.join(missing) or '-'}; unknown: {', '.join(unknown) or '-'})")
+            return DataConfig(**data).vision_options, path      # the inverse of DataConfig.to_dict
     return formats.VisionOptions(), "defaults (no data_config.json beside the checkpoint)"
 
 

@@ -38,7 +38,6 @@ def done_keys(path: str) -> set[str]:
 
 
 def _final_params(exp, checkpoint_dir: str):
-
     from qwen2vl_jax import checkpoint, sharding, train
     mesh = sharding.make_mesh(exp.mesh)
     abstract, _ = train.abstract_state(exp.model, exp.step_config(), mesh)

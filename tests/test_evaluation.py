@@ -154,3 +154,8 @@ def test_evaluate_reads_the_runs_pixel_budgets(tmp_path):
     assert evaluate.model_config_for(str(tmp_path / "checkpoints"), "tiny") == exp.model
     opts, source = evaluate.vision_options_for(str(tmp_path / "elsewhere" / "ckpt"))
     assert opts == formats.VisionOptions() and "defaults" in source
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "data_config.json").write_text(json.dumps({"seq_len": 128, "image_max_pixels": 9408}))
+    with pytest.raises(ValueError, match="missing: mixture.*video_total_pixels"):
+        evaluate.vision_options_for(str(bad))
