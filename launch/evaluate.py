@@ -1,7 +1,7 @@
 """Task accuracy (and optionally held-out loss) of a checkpoint on the embedded data's held-out scenes.
 
     python -m launch.evaluate --checkpoint DIR [--model=tiny] [--num=64] [--kinds=caption,count,ocr,grounding]
-        [--chat] [--loss] [--json OUT.json]
+        [--chat] [--loss] [--ablate_pixels] [--json OUT.json]
 
 DIR is a training checkpoint folder (qwen2vl_jax.checkpoint: latest step's params) or a converted
 checkpoint (model_config.json + params/). The model config comes from DIR/model_config.json (or its
@@ -10,6 +10,8 @@ Held-out images and videos are preprocessed at the pixel budgets of the run that
 (DIR/data_config.json or its parent's, written by launch.pretrain), else at formats.VisionOptions()'s
 defaults; the budget used is printed (a model evaluated at another resolution than it trained at scores low).
 Prints one line per metric: accuracy and the chance level (permutation baseline) beside it.
+--ablate_pixels (implies --loss) also scores the held-out loss with every pixel value set to 0: the gap
+between the two says how much the model reads its images (0 = it answers from the text prior alone).
 """
 from __future__ import annotations
 
@@ -100,6 +102,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max_new_tokens", type=int, default=None, help="default: longest answer + 8")
     p.add_argument("--chat", action="store_true", help="ChatML prompts (stage-3 form) instead of pre-training form")
     p.add_argument("--loss", action="store_true", help="also report the held-out loss per data type")
+    p.add_argument("--ablate_pixels", action="store_true",
+                   help="also report the held-out loss with zeroed pixels (implies --loss)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     a = p.parse_args(argv)
 
@@ -122,11 +126,18 @@ def main(argv=None) -> dict:
     out = {"checkpoint": a.checkpoint, "chat": a.chat, "num": a.num,
            "accuracy": {n: v for r in results.values() for n, v in r.scores.items()},
            "chance": {n: v for r in results.values() for n, v in r.chance.items()}}
-    if a.loss:
-        losses = evaluation.make_eval_fn(cfg, {"vision_options": vision_opts}, seq_len=1024, max_patches=2048,
-                                         batch_size=4)(params)
+    if a.loss or a.ablate_pixels:
+        eval_fn = evaluation.make_eval_fn(cfg, {"vision_options": vision_opts}, seq_len=1024, max_patches=2048,
+                                          batch_size=4)
+        losses = eval_fn(params)
         out["heldout_loss"] = losses
         print("held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        if a.ablate_pixels:
+            zeroed = eval_fn(params, zero_pixels=True)
+            out["heldout_loss_zeroed_pixels"] = zeroed
+            print("held-out loss with zeroed pixels (gap = how much the model reads its images):")
+            for k, v in losses.items():
+                print(f"  {k:10s} real {v:.4f}  zeroed {zeroed[k]:.4f}  gap {zeroed[k] - v:+.4f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

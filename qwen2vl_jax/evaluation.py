@@ -84,6 +84,8 @@ def make_eval_fn(cfg: ModelConfig, data_cfg: Any = None, *, num_per_kind: int = 
     Shapes come from `data_cfg` (an object or dict with seq_len / max_patches / batch_size, e.g. the
     pipeline's data config) unless given explicitly. The batches are built here, once; fn jits one
     loss step for the [batch_size, seq_len] shape and reuses it for every kind and call.
+    fn(params, zero_pixels=True) scores the same batches with every pixel value 0: the image ablation (a
+    model that reads its images has a clearly higher loss without them).
     """
     from qwen2vl_jax import train
     from qwen2vl_jax.data.tokenizer import load_tokenizer
@@ -105,11 +107,13 @@ def make_eval_fn(cfg: ModelConfig, data_cfg: Any = None, *, num_per_kind: int = 
         _, (nll, _, n) = train.loss_terms(cfg, params, batch, step_cfg, model)
         return nll, n
 
-    def eval_fn(params) -> dict:
+    def eval_fn(params, zero_pixels: bool = False) -> dict:
         out = {}
         for k, bs in batches.items():
             nll = n = 0.0
             for b in bs:
+                if zero_pixels:
+                    b = {**b, "pixel_values": np.zeros_like(b["pixel_values"])}
                 s, c = loss_sums(params, b)
                 nll += float(s)
                 n += float(c)

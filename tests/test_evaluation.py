@@ -114,6 +114,12 @@ def test_heldout_loss_matches_unpacked_forward(params, tok):
         assert got[kind] == pytest.approx(want, rel=2e-4), kind
     assert got["mean"] == pytest.approx(np.mean([got[k] for k in ("caption", "video", "chat")]))
     assert fn(params) == got                                    # fixed sets: deterministic
+    # image ablation: the same batches with zeroed pixels == the unpacked forward on zeroed pixels
+    zeroed = fn(params, zero_pixels=True)
+    blank = [{**s, "pixel_values": np.zeros_like(s["pixel_values"])} for s in ev.heldout_samples("caption", 3, tok, CFG)]
+    assert zeroed["caption"] == pytest.approx(_unpacked_loss(params, blank), rel=2e-4)
+    assert zeroed["caption"] != pytest.approx(got["caption"], rel=1e-6)
+    assert fn(params) == got                                    # the ablation left the batches alone
     assert abs(got["caption"] - np.log(CFG.vocab_size)) < 0.5   # random init ~ uniform
 
 
@@ -127,9 +133,11 @@ def test_evaluate_cli_on_saved_checkpoint(tmp_path, params, capsys):
     hf.save_jax_checkpoint(CFG, jax.tree.map(np.asarray, params), str(ckpt))
     out_json = tmp_path / "acc.json"
     out = evaluate.main(["--checkpoint", str(ckpt), "--num", "3", "--kinds", "caption,count",
-                         "--batch_size", "2", "--max_new_tokens", "6", "--json", str(out_json)])
+                         "--batch_size", "2", "--max_new_tokens", "6", "--ablate_pixels", "--json", str(out_json)])
     text = capsys.readouterr().out
-    assert "chance" in text and "caption_exact" in text
+    assert "chance" in text and "caption_exact" in text and "zeroed" in text
+    assert set(out["heldout_loss_zeroed_pixels"]) == set(out["heldout_loss"]) == {*ev.LOSS_KINDS, "mean"}
+    assert out["heldout_loss_zeroed_pixels"]["chat"] != out["heldout_loss"]["chat"]     # chat has images
     assert set(out["accuracy"]) == {"caption", "caption_exact", "caption_colours", "caption_shapes", "count"}
     assert all(0.0 <= v <= 1.0 for v in out["accuracy"].values())
     assert json.loads(out_json.read_text())["chance"] == out["chance"]
