@@ -10,8 +10,9 @@ Held-out images and videos are preprocessed at the pixel budgets of the run that
 (DIR/data_config.json or its parent's, written by launch.pretrain), else at formats.VisionOptions()'s
 defaults; the budget used is printed (a model evaluated at another resolution than it trained at scores low).
 Prints one line per metric: accuracy and the chance level (permutation baseline) beside it.
---ablate_pixels (implies --loss) also scores the held-out loss with every pixel value set to 0: the gap
-between the two says how much the model reads its images (0 = it answers from the text prior alone).
+--ablate_pixels (implies --loss) also scores the accuracy and the held-out loss with every pixel value set
+to 0 (blank images): the gap says how much the model reads its images (0 = it answers from the text prior
+alone; a prior can beat the permutation chance, e.g. a typical box for grounding).
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def main(argv=None) -> dict:
     p.add_argument("--chat", action="store_true", help="ChatML prompts (stage-3 form) instead of pre-training form")
     p.add_argument("--loss", action="store_true", help="also report the held-out loss per data type")
     p.add_argument("--ablate_pixels", action="store_true",
-                   help="also report the held-out loss with zeroed pixels (implies --loss)")
+                   help="also report accuracy and held-out loss on blank images (implies --loss)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     a = p.parse_args(argv)
 
@@ -119,13 +120,21 @@ def main(argv=None) -> dict:
     results = evaluation.evaluate_accuracy(cfg, params, num=a.num, kinds=kinds, batch_size=a.batch_size,
                                            max_new_tokens=a.max_new_tokens, chat=a.chat, vision_opts=vision_opts,
                                            log=lambda s: print(s, flush=True))
-    print(evaluation.accuracy_table(results))
+    zeroed = None
+    if a.ablate_pixels:
+        print("the same prompts with blank images (every pixel value 0):", flush=True)
+        zeroed = evaluation.evaluate_accuracy(cfg, params, num=a.num, kinds=kinds, batch_size=a.batch_size,
+                                              max_new_tokens=a.max_new_tokens, chat=a.chat, vision_opts=vision_opts,
+                                              zero_pixels=True, log=lambda s: print(s, flush=True))
+    print(evaluation.accuracy_table(results, zeroed))
     for r in results.values():
         for pred, exp in r.examples[:2]:
             print(f"  {r.kind}: predicted {pred!r}, expected {exp!r}")
     out = {"checkpoint": a.checkpoint, "chat": a.chat, "num": a.num,
            "accuracy": {n: v for r in results.values() for n, v in r.scores.items()},
            "chance": {n: v for r in results.values() for n, v in r.chance.items()}}
+    if zeroed:
+        out["accuracy_blank_images"] = {n: v for r in zeroed.values() for n, v in r.scores.items()}
     if a.loss or a.ablate_pixels:
         eval_fn = evaluation.make_eval_fn(cfg, {"vision_options": vision_opts}, seq_len=1024, max_patches=2048,
                                           batch_size=4)

@@ -180,9 +180,11 @@ class KindResult:
 def evaluate_accuracy(cfg: ModelConfig, params: dict, *, num: int = 64, kinds: Sequence[str] = ACCURACY_KINDS,
                       tokenizer: Any = None, batch_size: int = 16, max_new_tokens: int | None = None, chat: bool = False,
                       vision_opts: formats.VisionOptions | None = None, model: Any = None,
-                      log: Callable[[str], None] | None = None) -> dict[str, KindResult]:
+                      zero_pixels: bool = False, log: Callable[[str], None] | None = None) -> dict[str, KindResult]:
     """Greedy-decodes the held-out eval prompts and scores them (module docstring). max_new_tokens
-    None = per kind, the longest expected answer + 8 tokens (room for eos and a little more)."""
+    None = per kind, the longest expected answer + 8 tokens (room for eos and a little more).
+    zero_pixels=True: the same prompts with every pixel value 0 (image ablation): what the model scores from
+    the text prior alone, the baseline a model that reads its images must beat."""
     from qwen2vl_jax import generate as gen
     from qwen2vl_jax.data.tokenizer import load_tokenizer
 
@@ -199,6 +201,8 @@ def evaluate_accuracy(cfg: ModelConfig, params: dict, *, num: int = 64, kinds: S
         pairs = [formats.eval_prompt(kind, src, tokenizer, cfg, vision_opts, chat=chat)
                  for src in synthetic.heldout_scenes(kind, num)]
         prompts, expected = [p for p, _ in pairs], [e for _, e in pairs]
+        if zero_pixels:
+            prompts = [{**p, "pixel_values": np.zeros_like(p["pixel_values"])} for p in prompts]
         # one padded length per kind: every batch of this kind reuses the same compiled decode loop
         length = -(-max(len(p["input_ids"]) for p in prompts) // 8) * 8
         new_tokens = max_new_tokens or max(len(tokenizer.encode(e)) for e in expected) + 8
@@ -223,9 +227,12 @@ def evaluate_accuracy(cfg: ModelConfig, params: dict, *, num: int = 64, kinds: S
     return results
 
 
-def accuracy_table(results: dict[str, KindResult]) -> str:
-    lines = [f"{'metric':<16} {'accuracy':>9} {'chance':>8}   n"]
-    for r in results.values():
+def accuracy_table(results: dict[str, KindResult], zeroed: dict[str, KindResult] | None = None) -> str:
+    """One line per metric: accuracy, chance; with `zeroed` (the same evaluation with zero_pixels=True) also
+    the accuracy on blank images."""
+    lines = [f"{'metric':<16} {'accuracy':>9} {'chance':>8}" + (f" {'blank images':>13}" if zeroed else "") + "   n"]
+    for kind, r in results.items():
         for name in r.scores:
-            lines.append(f"{name:<16} {r.scores[name]:>9.3f} {r.chance[name]:>8.3f}   {r.num}")
+            blank = f" {zeroed[kind].scores[name]:>13.3f}" if zeroed else ""
+            lines.append(f"{name:<16} {r.scores[name]:>9.3f} {r.chance[name]:>8.3f}{blank}   {r.num}")
     return "\n".join(lines)

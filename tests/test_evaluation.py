@@ -135,7 +135,8 @@ def test_evaluate_cli_on_saved_checkpoint(tmp_path, params, capsys):
     out = evaluate.main(["--checkpoint", str(ckpt), "--num", "3", "--kinds", "caption,count",
                          "--batch_size", "2", "--max_new_tokens", "6", "--ablate_pixels", "--json", str(out_json)])
     text = capsys.readouterr().out
-    assert "chance" in text and "caption_exact" in text and "zeroed" in text
+    assert "chance" in text and "caption_exact" in text and "zeroed" in text and "blank images" in text
+    assert set(out["accuracy_blank_images"]) == set(out["accuracy"])
     assert set(out["heldout_loss_zeroed_pixels"]) == set(out["heldout_loss"]) == {*ev.LOSS_KINDS, "mean"}
     assert out["heldout_loss_zeroed_pixels"]["chat"] != out["heldout_loss"]["chat"]     # chat has images
     assert set(out["accuracy"]) == {"caption", "caption_exact", "caption_colours", "caption_shapes", "count"}
@@ -167,3 +168,24 @@ def test_evaluate_reads_the_runs_pixel_budgets(tmp_path):
     (bad / "data_config.json").write_text(json.dumps({"seq_len": 128, "image_max_pixels": 9408}))
     with pytest.raises(ValueError, match="missing: mixture.*video_total_pixels"):
         evaluate.vision_options_for(str(bad))
+
+
+def test_accuracy_on_blank_images_decodes_zeroed_pixels(params, monkeypatch):
+    """zero_pixels=True decodes the same prompts with every pixel value 0 (the text-prior baseline)."""
+    from qwen2vl_jax import generate as gen
+
+    seen = []
+    orig = gen.prepare_prompts
+
+    def spy(cfg, samples, **kw):
+        seen.append([np.asarray(s["pixel_values"]) for s in samples])
+        return orig(cfg, samples, **kw)
+
+    monkeypatch.setattr(gen, "prepare_prompts", spy)
+    for zero in (False, True):
+        res = ev.evaluate_accuracy(CFG, params, num=2, kinds=("caption",), batch_size=2, max_new_tokens=2,
+                                   zero_pixels=zero)
+        assert set(res["caption"].scores) == set(ev.metrics_of("caption"))
+    real, blank = seen
+    assert all(p.any() for p in real) and not any(p.any() for p in blank)
+    assert [p.shape for p in real] == [p.shape for p in blank]
