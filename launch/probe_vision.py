@@ -9,7 +9,8 @@ its mean-pooled merged features to classify one attribute of single-item synthet
   shape    the shape of a single-group scene (6 classes)
   word     the word of a single-word scene without digits (len(synthetic.WORDS) classes)
 and prints a learning curve: training loss and accuracy on a fixed held-out set, with the majority-class
-rate as chance. --freeze trains the head only: a linear probe of what DIR's tower already encodes.
+rate as chance. --freeze trains the head only: a linear probe of what DIR's tower already encodes (on
+features standardised per vector, since a frozen tower's feature scale is arbitrary).
 
 Why: in the three-stage pipeline the ViT learns only through the decoder's next-token loss, so a
 slow-learning attribute there can be the tower (it cannot learn it that fast) or the coupling (the decoder
@@ -96,7 +97,9 @@ def run(cfg, params: dict, task: str, *, steps: int, batch: int, lr: float, max_
     def logits(tp, pv, seg, pos):
         f = M.encode_vision(cfg, {**params, "visual": tp.get("visual", params["visual"])}, pv, seg, pos)  # [B,P/4,D]
         m = (seg[:, ::cfg.vision.merge_unit] > 0)[..., None]
-        pooled = (f * m).sum(1) / jnp.maximum(m.sum(1), 1)
+        pooled = (f * m).sum(1) / jnp.maximum(m.sum(1), 1)                               # [B,D]
+        if freeze:      # a frozen tower's feature scale is arbitrary (norms ~50 after training): standardise
+            pooled = (pooled - pooled.mean(-1, keepdims=True)) / (pooled.std(-1, keepdims=True) + 1e-6)
         return pooled @ tp["head"]["w"] + tp["head"]["b"]
 
     opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, lr * 0.1),
