@@ -6,9 +6,10 @@
 Each stage is the registry experiment `stage{k}` for --model (launch.pretrain.run), with its own run dir
 WORKDIR/stage{k}; stage k > 1 starts from stage k-1's final checkpoint (`init_from`). A re-run resumes:
 finished stages are not trained again (their checkpoints already hold the last step). After each stage in
---eval_after, held-out task accuracy is printed beside chance (evaluation.evaluate_accuracy), in the
-pre-training prompt form after stages 1-2 and in the ChatML form after stage 3 (what each stage trained);
-the figures are also written to WORKDIR/eval.json.
+--eval_after, held-out task accuracy is printed beside chance (evaluation.evaluate_accuracy) and beside the
+accuracy on blank images (the same prompts with every pixel value 0: what the text prior alone scores), in
+the pre-training prompt form after stages 1-2 and in the ChatML form after stage 3 (what each stage
+trained); the figures are also written to WORKDIR/eval.json.
 """
 from __future__ import annotations
 
@@ -94,10 +95,14 @@ def main(argv=None) -> dict:
                                                max_new_tokens=a.max_new_tokens,
                                                vision_opts=exp.data.vision_options,
                                                log=lambda s: print("    " + s, flush=True))
-            print(evaluation.accuracy_table(res), flush=True)
+            blank = evaluation.evaluate_accuracy(exp.model, params, num=a.eval_num, kinds=kinds, chat=chat,
+                                                 max_new_tokens=a.max_new_tokens, vision_opts=exp.data.vision_options,
+                                                 zero_pixels=True)
+            print(evaluation.accuracy_table(res, blank), flush=True)
             entry["eval"] = {"chat": chat, "num": a.eval_num,
                              "accuracy": {n: v for r in res.values() for n, v in r.scores.items()},
                              "chance": {n: v for r in res.values() for n, v in r.chance.items()},
+                             "accuracy_blank_images": {n: v for r in blank.values() for n, v in r.scores.items()},
                              "examples": {r.kind: r.examples for r in res.values()}}
         report["stages"][k] = entry
         with open(os.path.join(workdir, "eval.json"), "w") as f:

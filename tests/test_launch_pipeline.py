@@ -1,0 +1,38 @@
+"""launch.pipeline: stage 1 -> 2 -> 3 chained through init_from on the test model, evaluation with chance and
+blank-image baselines in eval.json, and a re-run that resumes instead of training again."""
+import json
+
+from launch import pipeline
+
+ARGS = ["--model=test", "--stage_set", "1:steps=2", "--stage_set", "2:steps=2", "--stage_set", "3:steps=2",
+        "--eval_after", "3", "--eval_num", "2", "--eval_kinds", "caption,count", "--max_new_tokens", "4"]
+
+
+def test_stages_chain_and_report(tmp_path, capsys):
+    workdir = str(tmp_path / "pipe")
+    exps = pipeline.stage_experiments("test", workdir, (), ("1:steps=2", "2:steps=2", "3:steps=2"))
+    assert [e.stage for e in exps] == [1, 2, 3]
+    assert exps[0].init_from == "" and exps[1].init_from == exps[0].checkpoint_dir
+    assert exps[2].init_from == exps[1].checkpoint_dir and all(e.num_steps == 2 for e in exps)
+
+    report = pipeline.main(ARGS + ["--workdir", workdir])
+    assert [report["stages"][k]["steps"] for k in (1, 2, 3)] == [2, 2, 2]
+    ev = report["stages"][3]["eval"]
+    assert ev["chat"] and set(ev["accuracy"]) == set(ev["chance"]) == set(ev["accuracy_blank_images"])
+    assert "eval" not in report["stages"][2]
+    assert json.loads((tmp_path / "pipe" / "eval.json").read_text())["stages"]["3"]["steps"] == 2
+    assert "blank images" in capsys.readouterr().out
+
+    logs = [tmp_path / "pipe" / f"stage{k}" / "losses.jsonl" for k in (1, 2, 3)]
+    before = [p.read_text() for p in logs]
+    again = pipeline.main(ARGS + ["--workdir", workdir, "--eval_after", ""])     # finished stages: not retrained
+    assert [again["stages"][k]["steps"] for k in (1, 2, 3)] == [2, 2, 2]
+    assert [p.read_text() for p in logs] == before                              # no step was run again
+
+
+def test_bad_stage_set_is_a_clear_error(tmp_path):
+    import pytest
+    with pytest.raises(ValueError, match="STAGE:key=value"):
+        pipeline.stage_experiments("test", str(tmp_path), (), ("4:steps=2",))
+    with pytest.raises(ValueError, match="stages are 1, 2, 3"):
+        pipeline.main(["--model=test", "--workdir", str(tmp_path), "--eval_after", "5"])
