@@ -117,24 +117,24 @@ def main(argv=None) -> dict:
     print(f"pixel budgets from {source}: images {vision_opts.min_pixels}..{vision_opts.max_pixels}, "
           f"video frames {vision_opts.video_min_pixels}..{vision_opts.video_max_pixels} "
           f"(total {vision_opts.video_total_pixels})", flush=True)
-    results = evaluation.evaluate_accuracy(cfg, params, num=a.num, kinds=kinds, batch_size=a.batch_size,
-                                           max_new_tokens=a.max_new_tokens, chat=a.chat, vision_opts=vision_opts,
-                                           log=lambda s: print(s, flush=True))
-    zeroed = None
+    def accuracy(zero_pixels: bool):
+        return evaluation.evaluate_accuracy(cfg, params, num=a.num, kinds=kinds, batch_size=a.batch_size,
+                                            max_new_tokens=a.max_new_tokens, chat=a.chat, vision_opts=vision_opts,
+                                            zero_pixels=zero_pixels, log=lambda s: print(s, flush=True))
+
+    results = accuracy(False)
+    blank = None
     if a.ablate_pixels:
         print("the same prompts with blank images (every pixel value 0):", flush=True)
-        zeroed = evaluation.evaluate_accuracy(cfg, params, num=a.num, kinds=kinds, batch_size=a.batch_size,
-                                              max_new_tokens=a.max_new_tokens, chat=a.chat, vision_opts=vision_opts,
-                                              zero_pixels=True, log=lambda s: print(s, flush=True))
-    print(evaluation.accuracy_table(results, zeroed))
+        blank = accuracy(True)
+    print(evaluation.accuracy_table(results, blank))
     for r in results.values():
         for pred, exp in r.examples[:2]:
             print(f"  {r.kind}: predicted {pred!r}, expected {exp!r}")
     out = {"checkpoint": a.checkpoint, "chat": a.chat, "num": a.num,
-           "accuracy": {n: v for r in results.values() for n, v in r.scores.items()},
-           "chance": {n: v for r in results.values() for n, v in r.chance.items()}}
-    if zeroed:
-        out["accuracy_blank_images"] = {n: v for r in zeroed.values() for n, v in r.scores.items()}
+           "accuracy": evaluation.by_metric(results), "chance": evaluation.by_metric(results, "chance")}
+    if blank:
+        out["accuracy_blank_images"] = evaluation.by_metric(blank)
     if a.loss or a.ablate_pixels:
         eval_fn = evaluation.make_eval_fn(cfg, {"vision_options": vision_opts}, seq_len=1024, max_patches=2048,
                                           batch_size=4)
@@ -142,11 +142,11 @@ def main(argv=None) -> dict:
         out["heldout_loss"] = losses
         print("held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
         if a.ablate_pixels:
-            zeroed = eval_fn(params, zero_pixels=True)
-            out["heldout_loss_zeroed_pixels"] = zeroed
+            zeroed_losses = eval_fn(params, zero_pixels=True)
+            out["heldout_loss_zeroed_pixels"] = zeroed_losses
             print("held-out loss with zeroed pixels (gap = how much the model reads its images):")
             for k, v in losses.items():
-                print(f"  {k:10s} real {v:.4f}  zeroed {zeroed[k]:.4f}  gap {zeroed[k] - v:+.4f}")
+                print(f"  {k:10s} real {v:.4f}  zeroed {zeroed_losses[k]:.4f}  gap {zeroed_losses[k] - v:+.4f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -91,18 +91,14 @@ def main(argv=None) -> dict:
         if k in eval_after:
             params = evaluate.load_params(exp.model, exp.checkpoint_dir)
             chat = k == 3
-            res = evaluation.evaluate_accuracy(exp.model, params, num=a.eval_num, kinds=kinds, chat=chat,
-                                               max_new_tokens=a.max_new_tokens,
-                                               vision_opts=exp.data.vision_options,
-                                               log=lambda s: print("    " + s, flush=True))
-            blank = evaluation.evaluate_accuracy(exp.model, params, num=a.eval_num, kinds=kinds, chat=chat,
-                                                 max_new_tokens=a.max_new_tokens, vision_opts=exp.data.vision_options,
-                                                 zero_pixels=True)
+            res, blank = (evaluation.evaluate_accuracy(
+                exp.model, params, num=a.eval_num, kinds=kinds, chat=chat, max_new_tokens=a.max_new_tokens,
+                vision_opts=exp.data.vision_options, zero_pixels=zero,
+                log=None if zero else lambda s: print("    " + s, flush=True)) for zero in (False, True))
             print(evaluation.accuracy_table(res, blank), flush=True)
-            entry["eval"] = {"chat": chat, "num": a.eval_num,
-                             "accuracy": {n: v for r in res.values() for n, v in r.scores.items()},
-                             "chance": {n: v for r in res.values() for n, v in r.chance.items()},
-                             "accuracy_blank_images": {n: v for r in blank.values() for n, v in r.scores.items()},
+            entry["eval"] = {"chat": chat, "num": a.eval_num, "accuracy": evaluation.by_metric(res),
+                             "chance": evaluation.by_metric(res, "chance"),
+                             "accuracy_blank_images": evaluation.by_metric(blank),
                              "examples": {r.kind: r.examples for r in res.values()}}
         report["stages"][k] = entry
         with open(os.path.join(workdir, "eval.json"), "w") as f:

@@ -227,6 +227,11 @@ def evaluate_accuracy(cfg: ModelConfig, params: dict, *, num: int = 64, kinds: S
     return results
 
 
+def by_metric(results: dict[str, KindResult], field: str = "scores") -> dict[str, float]:
+    """{metric: value} over all kinds of an evaluate_accuracy result (field "scores" or "chance")."""
+    return {name: v for r in results.values() for name, v in getattr(r, field).items()}
+
+
 def accuracy_table(results: dict[str, KindResult], zeroed: dict[str, KindResult] | None = None) -> str:
     """One line per metric: accuracy, chance; with `zeroed` (the same evaluation with zero_pixels=True) also
     the accuracy on blank images."""
