@@ -2,7 +2,7 @@
 
     python -m benchmarks.data_pipeline [--images 50] [--rounds 3] [--core 0] [--skip_pipeline]
 
-Part 1: images/s and patches/s of ``qwen2vl_jax.data.vision.preprocess_images`` vs transformers 4.57.6
+Part 1: images/s and patches/s of ``qwen2vl_jax.data.media.preprocess_images`` vs transformers 4.57.6
 ``Qwen2VLImageProcessor`` (the slow PIL one) on the same seeded mix of sizes (64x64 .. 1500x1000), one image
 per call as a loader does, single process pinned to one core. Both outputs are checked equal first. The last
 row times the PIL bicubic resize alone (the same call both make; bit-exact pixels need it): its speedup is the
@@ -62,7 +62,7 @@ def bench_images(count: int, rounds: int, min_pixels: int, max_pixels: int) -> N
     torch.set_num_threads(1)
     from transformers import Qwen2VLImageProcessor
 
-    from qwen2vl_jax.data.vision import FACTOR, preprocess_images, smart_resize
+    from qwen2vl_jax.data.media import FACTOR, preprocess_images, smart_resize
 
     images = make_images(count)
     processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
@@ -128,7 +128,7 @@ def bench_pipeline(seconds: float, model: str, batch_size: int, seq_len: int, ma
     """make_iterator over the synthetic mixture, in-process (num_workers=0, its decode threads share the pinned
     core): batches until ``seconds`` of CPU time are spent; rates per CPU second of this process."""
     try:
-        from qwen2vl_jax.config import get_config
+        from qwen2vl_jax.model.config import get_config
         from qwen2vl_jax.data import pipeline, tokenizer
     except ImportError as e:
         print(f"pipeline: not available ({e})")

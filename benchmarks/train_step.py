@@ -11,7 +11,7 @@ rest is text, all of it supervised. The row is built with the packer (`data.pack
 JAX: `train.make_train_step` on one device, bf16 compute with fp32 master weights (`cfg.dtype=bfloat16`,
 `param_dtype=float32`), cuDNN attention on GPU (`--attention`; xla on CPU), no remat (`--remat`),
 AdamW. torch: `Qwen2VLForConditionalGeneration` (transformers), bf16 weights, sdpa, no gradient
-checkpointing, fused AdamW, loaded with the SAME initial weights (qwen2vl_jax.hf), so the first-step
+checkpointing, fused AdamW, loaded with the SAME initial weights (qwen2vl_jax.model.hf), so the first-step
 losses must agree (printed; a mismatch means the two sides do not run the same model).
 
 Reported per side and batch size: seconds per step (median of `--steps` after `--warmup` steps),
@@ -108,7 +108,7 @@ def param_counts(cfg) -> tuple[int, int]:
     """(vision params incl. merger, decoder params incl. embeddings and lm_head)."""
     import jax
 
-    from qwen2vl_jax import memory
+    from qwen2vl_jax.train import memory
     abstract = memory.abstract_params(cfg)
     n = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))  # noqa: E731
     return n(abstract["visual"]), n(abstract) - n(abstract["visual"])
@@ -142,15 +142,15 @@ def _time(step: Callable[[], float], steps: int, warmup: int) -> tuple[float, fl
 def jax_side(cfg, params_host, rows: dict, steps: int, warmup: int, peak: float | None) -> Result:
     import jax
 
-    from qwen2vl_jax import optim, sharding, train
+    from qwen2vl_jax.train import optim, sharding, train_step
     device = jax.devices()[0]
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), [device])
-    step_cfg = train.StepConfig(optim=optim.OptimConfig(total_steps=1000, warmup_steps=0))
-    _, state_sh = train.abstract_state(cfg.replace(attention_impl="xla"), step_cfg, mesh)
-    state = train.place_params(params_host, step_cfg, state_sh)
+    step_cfg = train_step.StepConfig(optim=optim.OptimConfig(total_steps=1000, warmup_steps=0))
+    _, state_sh = train_step.abstract_state(cfg.replace(attention_impl="xla"), step_cfg, mesh)
+    state = train_step.place_params(params_host, step_cfg, state_sh)
     batch_sh = sharding.batch_shardings(rows, mesh)
     batch = {k: jax.device_put(v, batch_sh[k]) for k, v in rows.items()}
-    fn = train.make_train_step(cfg, step_cfg, mesh, state_sh, batch_sh)
+    fn = train_step.make_train_step(cfg, step_cfg, mesh, state_sh, batch_sh)
     holder = {"state": state}
 
     def step():
@@ -170,8 +170,8 @@ def torch_side(cfg, params_host, rows: dict, grid: np.ndarray, steps: int, warmu
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from qwen2vl_jax import hf
-    from qwen2vl_jax.config import to_hf_config
+    from qwen2vl_jax.model import hf
+    from qwen2vl_jax.model.config import to_hf_config
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hf_cfg = Qwen2VLConfig(**to_hf_config(cfg))
     hf_cfg._attn_implementation = "sdpa"
@@ -231,7 +231,7 @@ def run(model: str = "2b", batch_sizes: Sequence[int] = (1, 2), steps: int = 10,
         peak_tflops: float | None = None) -> list[Result]:
     import jax
 
-    from qwen2vl_jax.config import get_config
+    from qwen2vl_jax.model.config import get_config
     on_gpu = jax.default_backend() == "gpu"
     attention = attention or ("cudnn" if on_gpu else "xla")
     cfg = get_config(model, dtype="bfloat16", param_dtype="float32", attention_impl=attention, remat_policy=remat)
@@ -241,7 +241,7 @@ def run(model: str = "2b", batch_sizes: Sequence[int] = (1, 2), steps: int = 10,
     n_vis, n_dec = param_counts(cfg)
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):   # host copy: shared by both sides
-        params = jax.device_get(jax.jit(lambda k: __import__("qwen2vl_jax.model").model.init_params(
+        params = jax.device_get(jax.jit(lambda k: __import__("qwen2vl_jax.model.model").model.model.init_params(
             cfg.replace(attention_impl="xla"), k))(jax.random.key(0)))
     kind = jax.devices()[0].device_kind
     peak = peak_for(kind, peak_tflops)

@@ -24,11 +24,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from qwen2vl_jax import optim
-from qwen2vl_jax.checkpoint import CheckpointConfig
-from qwen2vl_jax.config import ModelConfig, get_config
+from qwen2vl_jax.train import optim
+from qwen2vl_jax.train.checkpoint import CheckpointConfig
+from qwen2vl_jax.model.config import ModelConfig, get_config
 from qwen2vl_jax.data.pipeline import DataConfig
-from qwen2vl_jax.sharding import MeshConfig
+from qwen2vl_jax.train.sharding import MeshConfig
 
 MODELS = ("test", "tiny", "2b", "7b", "72b")
 
@@ -92,7 +92,7 @@ class Experiment:
         return self.checkpoint.directory or f"{self.run_dir}/checkpoints"
 
     def step_config(self):
-        from qwen2vl_jax.train import StepConfig
+        from qwen2vl_jax.train.train_step import StepConfig
         total = self.optim.total_steps or self.num_steps
         return StepConfig(trainable=self.trainable, microbatches=self.microbatches, z_loss=self.z_loss,
                           loss_chunk=self.loss_chunk, max_consecutive_skips=self.max_consecutive_skips,

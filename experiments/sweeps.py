@@ -23,8 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from qwen2vl_jax import hf
-from qwen2vl_jax.config import ModelConfig, VisionConfig
+from qwen2vl_jax.model import hf
+from qwen2vl_jax.model.config import ModelConfig, VisionConfig
 
 EVAL_KINDS = ("caption", "ocr", "grounding", "video", "chat")
 

@@ -222,18 +222,18 @@ def check_fits(result: AotResult) -> None:
 
 
 def compile_train_step(cfg, step_cfg, mesh_cfg, topo: Topology, batch_size: int, seq_len: int,
-                       max_patches: int, model=None) -> AotResult:
+                       max_patches: int) -> AotResult:
     """AOT-compiles train.make_train_step for `topo` with the mesh `mesh_cfg` over its devices."""
-    from qwen2vl_jax import sharding, train
+    from qwen2vl_jax.train import sharding, train_step
     devices = get_topology_devices(topo)
     mesh = sharding.make_mesh(mesh_cfg, devices)
     # Parameter shapes do not depend on the attention kernel; the model's init traces attention on tiny
     # dummy inputs that the splash kernel rejects (block sizes < 128), so shapes come from the xla path.
-    abs_state, state_sh = train.abstract_state(cfg.replace(attention_impl="xla"), step_cfg, mesh, model)
-    spec = train.batch_spec(cfg, batch_size, seq_len, max_patches)
+    abs_state, state_sh = train_step.abstract_state(cfg.replace(attention_impl="xla"), step_cfg, mesh)
+    spec = train_step.batch_spec(cfg, batch_size, seq_len, max_patches)
     batch_sh = sharding.batch_shardings(spec, mesh)
     abs_batch = {k: type(v)(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in spec.items()}
-    step = train.make_train_step(cfg, step_cfg, mesh, state_sh, batch_sh, model)
+    step = train_step.make_train_step(cfg, step_cfg, mesh, state_sh, batch_sh)
     return compile_for_topology(step, (abs_state, abs_batch), topo, len(devices))
 
 
@@ -244,7 +244,7 @@ def resolve_attention(impl: str) -> str:
 
 def analytic_flops(cfg, exp) -> float:
     """6 x params x tokens per optimizer step (flops.six_nd), for comparison with XLA's count."""
-    from qwen2vl_jax import flops
+    from qwen2vl_jax.train import flops
     rows = exp.batch_size
     return flops.six_nd(cfg, tokens=rows * exp.data.seq_len, patches=rows * exp.data.max_patches)
 

@@ -19,7 +19,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from qwen2vl_jax.config import SPECIAL_TOKENS, TINY_TEXT_VOCAB
+from qwen2vl_jax.model.config import SPECIAL_TOKENS, TINY_TEXT_VOCAB
 from qwen2vl_jax.data import formats, synthetic
 from qwen2vl_jax.data.tokenizer import EMBEDDED_PATH, from_json_str
 

@@ -4,7 +4,7 @@
   python -m launch.convert --jax_to_hf SRC_JAX_DIR DST_HF_DIR [--dtype bfloat16] [--max_shard_size 5GB]
 
 The orbax layout (DST_JAX_DIR/model_config.json + DST_JAX_DIR/params/) is documented in qwen2vl_jax/hf.py;
-training starts from it with `qwen2vl_jax.hf.load_jax_checkpoint`. The HF folder written by --jax_to_hf
+training starts from it with `qwen2vl_jax.model.hf.load_jax_checkpoint`. The HF folder written by --jax_to_hf
 loads with `Qwen2VLForConditionalGeneration.from_pretrained`.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 
 from absl import app, flags, logging
 
-from qwen2vl_jax import hf
-from qwen2vl_jax.config import DTYPES
+from qwen2vl_jax.model import hf
+from qwen2vl_jax.model.config import DTYPES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("hf_to_jax", False, "SRC is a transformers folder, DST an orbax checkpoint folder")

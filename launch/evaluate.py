@@ -3,7 +3,7 @@
     python -m launch.evaluate --checkpoint DIR [--model=tiny] [--num=64] [--kinds=caption,count,ocr,grounding]
         [--chat] [--loss] [--ablate_pixels] [--json OUT.json]
 
-DIR is a training checkpoint folder (qwen2vl_jax.checkpoint: latest step's params) or a converted
+DIR is a training checkpoint folder (qwen2vl_jax.train.checkpoint: latest step's params) or a converted
 checkpoint (model_config.json + params/). The model config comes from DIR/model_config.json (or its
 parent's) when present, else from the --model preset (+ --set key=value overrides of ModelConfig fields).
 Held-out images and videos are preprocessed at the pixel budgets of the run that wrote DIR
@@ -24,8 +24,8 @@ import sys
 
 import jax
 
-from qwen2vl_jax import evaluation
-from qwen2vl_jax.config import ModelConfig, get_config
+from qwen2vl_jax.eval import evaluation
+from qwen2vl_jax.model.config import ModelConfig, get_config
 
 
 def _coerce(cfg: ModelConfig, key: str, value: str):
@@ -43,7 +43,7 @@ def _coerce(cfg: ModelConfig, key: str, value: str):
 
 
 def model_config_for(checkpoint: str, preset: str, overrides=()) -> ModelConfig:
-    from qwen2vl_jax import hf
+    from qwen2vl_jax.model import hf
     for d in (checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
         path = os.path.join(d, "model_config.json")
         if os.path.exists(path):
@@ -80,8 +80,8 @@ def vision_options_for(checkpoint: str):
 
 
 def load_params(cfg: ModelConfig, checkpoint: str) -> dict:
-    from qwen2vl_jax import checkpoint as ckpt
-    from qwen2vl_jax import model
+    from qwen2vl_jax.train import checkpoint as ckpt
+    from qwen2vl_jax.model import model
 
     if not os.path.isdir(checkpoint):
         raise ValueError(f"--checkpoint {checkpoint!r} is not a directory")

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from qwen2vl_jax import scaling
+from qwen2vl_jax.eval import scaling
 
 
 def main(argv=None) -> dict:

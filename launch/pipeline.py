@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
 
     from launch import evaluate, pretrain
-    from qwen2vl_jax import evaluation
+    from qwen2vl_jax.eval import evaluation
 
     workdir = a.workdir or f"runs/pipeline_{a.model}"
     eval_after = {int(s) for s in a.eval_after.split(",") if s}

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Sequence
 
-from qwen2vl_jax.data import sources, vision
+from qwen2vl_jax.data import sources, media
 
 
 def shard_paths(out_dir: str, num_shards: int) -> list[str]:
@@ -41,11 +41,11 @@ def _check_video(path: str) -> None:
     try:
         with av.open(path) as container:
             if not container.streams.video:
-                raise vision.BadMediaError("unreadable_video", f"{path}: no video stream")
+                raise media.BadMediaError("unreadable_video", f"{path}: no video stream")
     except (av.error.FFmpegError, OSError, ValueError) as e:
-        if isinstance(e, vision.BadMediaError):
+        if isinstance(e, media.BadMediaError):
             raise
-        raise vision.BadMediaError("unreadable_video", f"{path}: {e}") from e
+        raise media.BadMediaError("unreadable_video", f"{path}: {e}") from e
 
 
 def entry_to_record(line: str, base_dir: str, origin: str, verify: bool = True) -> bytes:
@@ -64,7 +64,7 @@ def entry_to_record(line: str, base_dir: str, origin: str, verify: bool = True) 
         if verify:
             try:
                 sources.load_image_bytes(data)
-            except vision.BadMediaError as e:
+            except media.BadMediaError as e:
                 raise sources.BadRecordError(f"image_{e.reason}", f"{path}: {e}") from e
         images.append(data)
     video = None
@@ -77,7 +77,7 @@ def entry_to_record(line: str, base_dir: str, origin: str, verify: bool = True) 
         if verify:
             try:
                 _check_video(video)
-            except vision.BadMediaError as e:
+            except media.BadMediaError as e:
                 raise sources.BadRecordError(f"video_{e.reason}", str(e)) from e
     return sources.encode_record(entry, images, video, origin)
 

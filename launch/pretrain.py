@@ -18,7 +18,7 @@ Every `eval_every` steps (tiny: on) the loss on fixed held-out batches of each m
 "heldout") is printed and written to TensorBoard as eval/heldout/<source>.
 SIGTERM (preemption) saves a checkpoint at the next step boundary and exits 0. `max_consecutive_skips`
 non-finite steps in a row save a checkpoint and stop with exit code 3. Before anything is allocated the
-per-device memory of the step is estimated (qwen2vl_jax.memory) and a too-large model stops with
+per-device memory of the step is estimated (qwen2vl_jax.train.memory) and a too-large model stops with
 what it needs and what the machine has.
 
 Multi-host: pass --coordinator_address/--num_processes/--process_id, or let the environment decide
@@ -77,7 +77,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 def check_memory(exp, mesh) -> None:
     """Raises memory.InsufficientMemoryError (needed vs available) before anything is allocated."""
-    from qwen2vl_jax import memory
+    from qwen2vl_jax.train import memory
     est = memory.estimate(exp.model, memory.StepShape(
         batch_size=exp.batch_size // exp.microbatches, seq_len=exp.data.seq_len,
         max_patches=exp.data.max_patches, grad_accum=exp.microbatches,
@@ -87,7 +87,7 @@ def check_memory(exp, mesh) -> None:
     memory.check_fits(est, what=f"{exp.name} with model {exp.model.name}")
 
 
-def heldout_evaluator(exp, tokenizer, params_sharding, batch_sharding, model=None):
+def heldout_evaluator(exp, tokenizer, params_sharding, batch_sharding):
     """fn(params) -> {"heldout/<source>": mean loss} over `exp.eval_batches` fixed held-out batches of each
     mixture source (split "heldout"), or None when `exp.eval_every` is 0."""
     if not exp.eval_every:
@@ -97,7 +97,7 @@ def heldout_evaluator(exp, tokenizer, params_sharding, batch_sharding, model=Non
     import jax
     import numpy as np
 
-    from qwen2vl_jax import sharding, train
+    from qwen2vl_jax.train import sharding, train_step
     from qwen2vl_jax.data.pipeline import make_iterator
 
     pc, pi = jax.process_count(), jax.process_index()
@@ -109,7 +109,7 @@ def heldout_evaluator(exp, tokenizer, params_sharding, batch_sharding, model=Non
         sets[label] = [next(it) for _ in range(exp.eval_batches)]
         it.close()
     step_cfg = exp.step_config()
-    loss_fn = jax.jit(lambda p, b: train.loss_terms(exp.model, p, b, step_cfg, model)[1],
+    loss_fn = jax.jit(lambda p, b: train_step.loss_terms(exp.model, p, b, step_cfg)[1],
                       in_shardings=(params_sharding, dict(batch_sharding)))
 
     def evaluate(params) -> dict:
@@ -127,20 +127,20 @@ def heldout_evaluator(exp, tokenizer, params_sharding, batch_sharding, model=Non
 
 def write_run_configs(exp) -> None:
     """RUN_DIR/model_config.json and RUN_DIR/data_config.json (read back by launch.evaluate)."""
-    from qwen2vl_jax import hf
+    from qwen2vl_jax.model import hf
     for name, payload in ((hf.MODEL_CONFIG_FILE, hf.model_config_to_dict(exp.model)),
                           (DATA_CONFIG_FILE, exp.data.to_dict())):
         with open(os.path.join(exp.run_dir, name), "w") as f:
             json.dump(payload, f, indent=1)
 
 
-def run(exp, model=None, stream=None) -> dict:
+def run(exp, stream=None) -> dict:
     """Trains `exp` (resuming from its checkpoints). Returns {"step", "losses": {step: loss},
     "eval": {step: {"heldout/<source>": loss}}, "preempted", "skipped_steps", "checkpoint_dir"}."""
     import jax
     import numpy as np
 
-    from qwen2vl_jax import checkpoint, flops, metrics, sharding, train
+    from qwen2vl_jax.train import checkpoint, flops, metrics, sharding, train_step
     from qwen2vl_jax.data.pipeline import make_iterator
     from qwen2vl_jax.data.tokenizer import load_tokenizer
 
@@ -156,8 +156,8 @@ def run(exp, model=None, stream=None) -> dict:
     if pi == 0:
         write_run_configs(exp)
 
-    abstract, st_sh = train.abstract_state(cfg, step_cfg, mesh, model)
-    spec = train.batch_spec(cfg, exp.batch_size, exp.data.seq_len, exp.data.max_patches)
+    abstract, st_sh = train_step.abstract_state(cfg, step_cfg, mesh)
+    spec = train_step.batch_spec(cfg, exp.batch_size, exp.data.seq_len, exp.data.max_patches)
     b_sh = sharding.batch_shardings(spec, mesh)
     tokenizer = load_tokenizer(exp.tokenizer)
     data = make_iterator(exp.data, cfg, tokenizer, batch_size=exp.batch_size // pc,
@@ -173,14 +173,14 @@ def run(exp, model=None, stream=None) -> dict:
         log.message(f"resumed from {ckpt.directory} step {meta['step']}")
     elif exp.init_from:
         params = checkpoint.load_params(exp.init_from, abstract.params)
-        state = train.place_params(params, step_cfg, st_sh)
+        state = train_step.place_params(params, step_cfg, st_sh)
         log.message(f"initialised params from {exp.init_from}")
     else:
-        state = train.init_state(cfg, step_cfg, jax.random.key(exp.seed), mesh, model)
+        state = train_step.init_state(cfg, step_cfg, jax.random.key(exp.seed), mesh)
     step = int(jax.device_get(state.step))
 
-    step_fn = train.make_train_step(cfg, step_cfg, mesh, st_sh, b_sh, model)
-    evaluate = heldout_evaluator(exp, tokenizer, st_sh.params, b_sh, model)
+    step_fn = train_step.make_train_step(cfg, step_cfg, mesh, st_sh, b_sh)
+    evaluate = heldout_evaluator(exp, tokenizer, st_sh.params, b_sh)
     evals: dict[int, dict] = {}
     preempt = {"flag": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: preempt.__setitem__("flag", True))
@@ -196,7 +196,7 @@ def run(exp, model=None, stream=None) -> dict:
             state, m = step_fn(state, sharding.global_batch(local, b_sh))   # dispatched asynchronously
             step_flops = flops.batch_flops(cfg, local, exp.trainable).total * pc
             pending = next(data) if step + 1 < n_steps else None          # overlaps the device step
-            hm = train.host_metrics(m)
+            hm = train_step.host_metrics(m)
             step += 1
             losses[step] = hm["loss"]
             window_tokens += float(np.asarray(local["segment_ids"] > 0).sum()) * pc
@@ -250,7 +250,7 @@ def main(argv):
             print(f"{name:10s} {desc}")
         print("models: test, tiny, 2b, 7b, 72b (--model); override any field with --set key=value")
         return 0
-    from qwen2vl_jax.memory import InsufficientMemoryError
+    from qwen2vl_jax.train.memory import InsufficientMemoryError
     try:
         exp = registry.get_experiment(FLAGS.experiment, FLAGS.model, FLAGS.set)
     except ValueError as e:

@@ -56,8 +56,8 @@ def labelled_scene(task: str, split: str, index: int, seed: int = 0):
 def make_batch(cfg, task: str, split: str, start: int, n: int, max_pixels: int, seed: int = 0):
     """n labelled scenes from scene index `start` -> (pixel_values [n,P,C], segment ids [n,P], positions [n,P,2],
     labels [n], next index); one image per row, P = the patch rows of the largest image the budget allows."""
-    from qwen2vl_jax import rope
-    from qwen2vl_jax.data import vision
+    from qwen2vl_jax.model import rope
+    from qwen2vl_jax.data import media
     v = cfg.vision
     unit = v.patch_size * v.spatial_merge_size
     P = (max_pixels // unit**2) * v.merge_unit
@@ -68,7 +68,7 @@ def make_batch(cfg, task: str, split: str, start: int, n: int, max_pixels: int, 
     index = start
     for j in range(n):
         sc, labels[j], index = labelled_scene(task, split, index, seed)
-        px, grid = vision.preprocess_images([sc.image], max_pixels=max_pixels)
+        px, grid = media.preprocess_images([sc.image], max_pixels=max_pixels)
         if len(px) > P:
             raise ValueError(f"image of {len(px)} patch rows exceeds the {P} a {max_pixels}-pixel budget allows")
         pv[j, :len(px)], seg[j, :len(px)] = px, 1
@@ -79,7 +79,7 @@ def make_batch(cfg, task: str, split: str, start: int, n: int, max_pixels: int, 
 def run(cfg, params: dict, task: str, *, steps: int, batch: int, lr: float, max_pixels: int, freeze: bool = False,
         eval_every: int = 100, num_heldout: int = 256, seed: int = 0, log=print) -> list[dict]:
     """Trains (tower +) head; returns the learning curve [{step, loss, accuracy, chance}, ...]."""
-    from qwen2vl_jax import model as M
+    from qwen2vl_jax.model import model as M
     if task not in TASKS:
         raise ValueError(f"task {task!r} unknown; valid: {', '.join(TASKS)}")
     for name, value in (("steps", steps), ("batch", batch), ("eval_every", eval_every), ("num_heldout", num_heldout)):
@@ -137,7 +137,7 @@ def table(curve: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     from launch import evaluate
-    from qwen2vl_jax import model as M
+    from qwen2vl_jax.model import model as M
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=TASKS)
@@ -159,7 +159,7 @@ def main(argv=None) -> list[dict]:
         cfg = evaluate.model_config_for(a.checkpoint, a.model)
         params = evaluate.load_params(cfg, a.checkpoint)
     else:
-        from qwen2vl_jax.config import get_config
+        from qwen2vl_jax.model.config import get_config
         cfg = get_config(a.model)
         params = M.init_params(cfg, jax.random.PRNGKey(a.seed))
     print(f"vision probe: task {a.task} ({len(classes(a.task))} classes), model {cfg.name}, tower from "

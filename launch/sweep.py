@@ -24,7 +24,7 @@ import sys
 import time
 
 from experiments import sweeps
-from qwen2vl_jax import scaling
+from qwen2vl_jax.eval import scaling
 
 
 def default_results(sweep: str) -> str:
@@ -38,9 +38,9 @@ def done_keys(path: str) -> set[str]:
 
 
 def _final_params(exp, checkpoint_dir: str):
-    from qwen2vl_jax import checkpoint, sharding, train
+    from qwen2vl_jax.train import checkpoint, sharding, train_step
     mesh = sharding.make_mesh(exp.mesh)
-    abstract, _ = train.abstract_state(exp.model, exp.step_config(), mesh)
+    abstract, _ = train_step.abstract_state(exp.model, exp.step_config(), mesh)
     return checkpoint.load_params(checkpoint_dir, abstract.params)
 
 
@@ -49,7 +49,7 @@ def run_point(point: sweeps.SweepPoint, results: str, root: str, eval_num: int, 
     import jax
 
     from launch import pretrain
-    from qwen2vl_jax import evaluation
+    from qwen2vl_jax.eval import evaluation
 
     exp = sweeps.point_experiment(point, root)
     os.makedirs(exp.run_dir, exist_ok=True)

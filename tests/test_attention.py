@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwen2vl_jax.attention import attention, make_mask, mesh_context, resolve_impl
+from qwen2vl_jax.model.attention import attention, make_mask, mesh_context, resolve_impl
 
 
 def naive_attention(q, k, v, q_seg, kv_seg, causal, q_offset=0):
@@ -127,7 +127,7 @@ def test_splash_shard_map_matches_naive(mesh_shape, heads, causal):
     runs in shard_map (batch over data/fsdp, heads over tensor) and equals the float64 loop, forward and
     q/k/v gradients (vs the xla backend)."""
     _splash_or_skip()
-    from qwen2vl_jax import sharding
+    from qwen2vl_jax.train import sharding
 
     data, fsdp, tensor = mesh_shape
     mesh = sharding.make_mesh(sharding.MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
@@ -192,7 +192,7 @@ def test_shape_errors_name_values():
 def test_init_params_independent_of_attention_backend():
     """init traces the model on 4-token dummy inputs, below splash's 128-row blocks: it must not use the
     configured backend, and the parameters must not depend on it."""
-    from qwen2vl_jax import config, model
+    from qwen2vl_jax.model import config, model
 
     cfg = config.get_config("test")
     ref = model.init_params(cfg.replace(attention_impl="xla"), jax.random.key(0))

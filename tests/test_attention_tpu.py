@@ -2,7 +2,7 @@
 libtpu's compile-only devices (launch.aot.get_topology_devices). A train-like step (projections ->
 splash attention -> output projection -> loss, gradients of the weights) on a mesh with data / fsdp /
 tensor axes must lower and compile, with the Mosaic kernel partitioned by the shard_map in
-qwen2vl_jax.attention; without a mesh in context, XLA cannot partition it (the contract train steps
+qwen2vl_jax.model.attention; without a mesh in context, XLA cannot partition it (the contract train steps
 rely on: trace under `jax.set_mesh(mesh)`). Skipped when libtpu is not installed."""
 import jax
 import jax.numpy as jnp
@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import NamedSharding
 
 from launch import aot
-from qwen2vl_jax import sharding
-from qwen2vl_jax.attention import attention
+from qwen2vl_jax.train import sharding
+from qwen2vl_jax.model.attention import attention
 
 
 @pytest.fixture(scope="module")

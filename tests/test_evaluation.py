@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from qwen2vl_jax import evaluation as ev
-from qwen2vl_jax import hf, model
-from qwen2vl_jax.config import get_config
+from qwen2vl_jax.eval import evaluation as ev
+from qwen2vl_jax.model import hf, model
+from qwen2vl_jax.model.config import get_config
 from qwen2vl_jax.data import formats
 from qwen2vl_jax.data.tokenizer import load_tokenizer
 
@@ -172,7 +172,7 @@ def test_evaluate_reads_the_runs_pixel_budgets(tmp_path):
 
 def test_accuracy_on_blank_images_decodes_zeroed_pixels(params, monkeypatch):
     """zero_pixels=True decodes the same prompts with every pixel value 0 (the text-prior baseline)."""
-    from qwen2vl_jax import generate as gen
+    from qwen2vl_jax.eval import generate as gen
 
     seen = []
     orig = gen.prepare_prompts

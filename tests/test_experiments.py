@@ -2,7 +2,7 @@
 import pytest
 
 from experiments import registry, stages
-from qwen2vl_jax import optim
+from qwen2vl_jax.train import optim
 from qwen2vl_jax.data.pipeline import DataConfig
 
 

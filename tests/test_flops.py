@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from qwen2vl_jax import flops
-from qwen2vl_jax.config import get_config
+from qwen2vl_jax.train import flops
+from qwen2vl_jax.model.config import get_config
 
 CFG = get_config("test")  # D=64 I=128 L=2 Hq=4 Hkv=2 hd=16 V=2048; ViT E=32 M=128 depth 2
 
@@ -63,7 +63,7 @@ def test_param_counts_match_reference_table():
 
 
 def test_param_counts_match_model_init():
-    model = pytest.importorskip("qwen2vl_jax.model")
+    model = pytest.importorskip("qwen2vl_jax.model.model")
     import jax
     for name in ("test", "tiny"):
         cfg = get_config(name)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from qwen2vl_jax import generate as gen
-from qwen2vl_jax import hf
-from qwen2vl_jax.config import get_config, to_hf_config
+from qwen2vl_jax.eval import generate as gen
+from qwen2vl_jax.model import hf
+from qwen2vl_jax.model.config import get_config, to_hf_config
 
 CFG = get_config("test")
 MAX_NEW = 12

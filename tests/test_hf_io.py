@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from qwen2vl_jax import hf
-from qwen2vl_jax.config import get_config, to_hf_config
+from qwen2vl_jax.model import hf
+from qwen2vl_jax.model.config import get_config, to_hf_config
 
 
 def _config(tied: bool):
@@ -431,7 +431,7 @@ def _random_params(shapes, rng, std=0.1):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_save_pretrained_logits_match_transformers(tied, tmp_path):
-    model_mod = pytest.importorskip("qwen2vl_jax.model")
+    model_mod = pytest.importorskip("qwen2vl_jax.model.model")
 
     cfg = _config(tied)
     rng = np.random.default_rng(5)

@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from qwen2vl_jax import memory, optim, sharding
-from qwen2vl_jax.config import get_config
-from qwen2vl_jax.memory import StepShape
+from qwen2vl_jax.train import memory, optim, sharding
+from qwen2vl_jax.model.config import get_config
+from qwen2vl_jax.train.memory import StepShape
 
 CFG = get_config("test")
 
@@ -65,11 +65,11 @@ def test_per_device_bytes_equal_placed_shards(mesh_cfg):
 
 def test_optimizer_bytes_match_the_train_state():
     """m + v of the estimate == the real optax state of train.abstract_state minus its int32 counters."""
-    from qwen2vl_jax import train
+    from qwen2vl_jax.train import train_step
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=8, data=1))
     for stage in (1, 3):
-        step_cfg = train.StepConfig(trainable=optim.STAGE_TRAINABLE[stage], optim=optim.OptimConfig(total_steps=10))
-        abstract, _ = train.abstract_state(CFG, step_cfg, mesh)
+        step_cfg = train_step.StepConfig(trainable=optim.STAGE_TRAINABLE[stage], optim=optim.OptimConfig(total_steps=10))
+        abstract, _ = train_step.abstract_state(CFG, step_cfg, mesh)
         opt_leaves = [x for x in jax.tree.leaves(abstract.opt_state) if x.ndim > 0]
         opt = sum(memory.leaf_bytes(x, x.sharding) for x in opt_leaves)
         est = memory.estimate(CFG, STEP, mesh, parts=step_cfg.trainable)

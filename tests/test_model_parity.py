@@ -1,4 +1,4 @@
-"""Parity with transformers 4.57.6 (fp32, eager attention) on the "test" config, via qwen2vl_jax.hf.
+"""Parity with transformers 4.57.6 (fp32, eager attention) on the "test" config, via qwen2vl_jax.model.hf.
 
 Logits (max |diff| over real tokens <= 1e-4) for text, one image, two images of different aspect ratios, a
 video, images + video in one sequence, and a left-padded batch of two layouts; the tied-embedding variant;
@@ -15,10 +15,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from hf_reference import build_inputs, hf_logits, hf_model, hf_rope_index, layout_tokens, state_dict_numpy  # noqa: E402
-from qwen2vl_jax import hf  # noqa: E402
-from qwen2vl_jax import model as M  # noqa: E402
-from qwen2vl_jax.config import get_config  # noqa: E402
-from qwen2vl_jax.mrope import get_rope_index, sample_positions  # noqa: E402
+from qwen2vl_jax.model import hf  # noqa: E402
+from qwen2vl_jax.model import model as M  # noqa: E402
+from qwen2vl_jax.model.config import get_config  # noqa: E402
+from qwen2vl_jax.model.mrope import get_rope_index, sample_positions  # noqa: E402
 
 TOL = 1e-4
 

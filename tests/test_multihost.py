@@ -55,7 +55,7 @@ def _losses_of_two_processes(procs: list[subprocess.Popen], workdir: str) -> lis
 
 def _reference_one_process() -> list[float]:
     """1 process x 8 devices: the same init, step and global batches (both data shards concatenated)."""
-    from qwen2vl_jax import sharding, train
+    from qwen2vl_jax.train import sharding, train_step
     from qwen2vl_jax.data.pipeline import make_iterator
     from qwen2vl_jax.data.tokenizer import load_tokenizer
 
@@ -63,20 +63,20 @@ def _reference_one_process() -> list[float]:
     exp = registry.get_experiment("stage2", "test", OVERRIDES)
     cfg, step_cfg = exp.model, exp.step_config()
     mesh = sharding.make_mesh(exp.mesh)
-    _, st_sh = train.abstract_state(cfg, step_cfg, mesh)
-    b_sh = sharding.batch_shardings(train.batch_spec(cfg, exp.batch_size, exp.data.seq_len, exp.data.max_patches), mesh)
+    _, st_sh = train_step.abstract_state(cfg, step_cfg, mesh)
+    b_sh = sharding.batch_shardings(train_step.batch_spec(cfg, exp.batch_size, exp.data.seq_len, exp.data.max_patches), mesh)
     tok = load_tokenizer(exp.tokenizer)
     shards = [make_iterator(exp.data, cfg, tok, batch_size=exp.batch_size // 2, process_index=i, process_count=2)
               for i in range(2)]
-    state = train.init_state(cfg, step_cfg, jax.random.key(exp.seed), mesh)
-    step = train.make_train_step(cfg, step_cfg, mesh, st_sh, b_sh)
+    state = train_step.init_state(cfg, step_cfg, jax.random.key(exp.seed), mesh)
+    step = train_step.make_train_step(cfg, step_cfg, mesh, st_sh, b_sh)
     losses = []
     try:
         for _ in range(STEPS):
             parts = [next(it) for it in shards]
             batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             state, m = step(state, sharding.global_batch(batch, b_sh))
-            losses.append(train.host_metrics(m)["loss"])
+            losses.append(train_step.host_metrics(m)["loss"])
     finally:
         for it in shards:
             it.close()

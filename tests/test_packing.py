@@ -4,8 +4,8 @@ import collections
 import numpy as np
 import pytest
 
-from qwen2vl_jax import mrope, rope
-from qwen2vl_jax.config import get_config
+from qwen2vl_jax.model import mrope, rope
+from qwen2vl_jax.model.config import get_config
 from qwen2vl_jax.data import packing
 
 CFG = get_config("test")

@@ -10,7 +10,7 @@ import pytest
 from media import write_video
 from PIL import Image
 
-from qwen2vl_jax.config import get_config
+from qwen2vl_jax.model.config import get_config
 from qwen2vl_jax.data import pipeline, sources, tokenizer
 
 CFG = get_config("test")

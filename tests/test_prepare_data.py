@@ -12,7 +12,7 @@ import media
 from PIL import Image
 
 from launch import prepare_data
-from qwen2vl_jax.config import get_config
+from qwen2vl_jax.model.config import get_config
 from qwen2vl_jax.data import formats, sources, tokenizer
 
 CFG = get_config("test")

@@ -1,4 +1,4 @@
-"""qwen2vl_jax.data.vision against transformers 4.57.6 Qwen2VLImageProcessor (slow, PIL) and hand counts."""
+"""qwen2vl_jax.data.media against transformers 4.57.6 Qwen2VLImageProcessor (slow, PIL) and hand counts."""
 
 import io
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from qwen2vl_jax.data import vision as V
+from qwen2vl_jax.data import media as V
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2VLImageProcessor  # noqa: E402

@@ -8,8 +8,9 @@ import pytest
 
 from experiments import sweeps
 from launch import sweep as sweep_cli
-from qwen2vl_jax import model, scaling
-from qwen2vl_jax.config import VisionConfig
+from qwen2vl_jax.model import model
+from qwen2vl_jax.eval import scaling
+from qwen2vl_jax.model.config import VisionConfig
 
 
 def test_named_sweeps_and_cpu_small_grid():

@@ -30,8 +30,8 @@ from typing import Any, Hashable, Sequence
 
 import numpy as np
 
-from qwen2vl_jax import mrope, rope
-from qwen2vl_jax.config import ModelConfig
+from qwen2vl_jax.model import mrope, rope
+from qwen2vl_jax.model.config import ModelConfig
 
 OVERFLOW_RULES = ("truncate", "drop")
 

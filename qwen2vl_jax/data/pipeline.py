@@ -4,7 +4,7 @@
       sharded by process              disjoint: range(process_index, .., process_count) / records[pi::pc]
       arrayrecord: shuffle + repeat   a new permutation every epoch (seed + s)
     MapDataset.mix(weights)           grain's deterministic weighted interleave
-    .map_with_index(Decoder)          -> Decoded(key=global index, sample=PreparedSample | None, event)
+    .map_with_index(SampleDecoder)          -> Decoded(key=global index, sample=PreparedSample | None, event)
                                       bad media / records become skip events (counted, logged once)
     .to_iter_dataset(ReadOptions)     threads decode ahead in order
     PackIterDataset                   packing.OnlinePacker -> batches of `batch_size` packed rows
@@ -33,8 +33,8 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from qwen2vl_jax.config import ModelConfig
-from qwen2vl_jax.data import formats, packing, sources, vision
+from qwen2vl_jax.model.config import ModelConfig
+from qwen2vl_jax.data import formats, packing, sources, media
 
 SYNTHETIC_LENGTH = 1 << 48     # "infinite": index space of a synthetic source
 MAX_UNUSABLE_RUN = 10_000      # consecutive skipped/dropped samples before the pipeline gives up (all-bad data)
@@ -66,8 +66,8 @@ class DataConfig:
     video_min_pixels: int = 16 * 28 * 28
     video_max_pixels: int = 64 * 28 * 28
     video_total_pixels: int = 1024 * 28 * 28
-    video_fps: float = vision.VIDEO_FPS   # frame sampling of video files
-    video_max_frames: int = vision.FPS_MAX_FRAMES
+    video_fps: float = media.VIDEO_FPS   # frame sampling of video files
+    video_max_frames: int = media.FPS_MAX_FRAMES
     # packing
     overflow: str = "truncate"            # packing.OVERFLOW_RULES
     lookahead: int = 32                   # samples buffered ahead of the open row
@@ -152,7 +152,7 @@ def _log_once(event: str, message: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Decoder:
+class SampleDecoder:
     """map_with_index transform: raw element -> Decoded. Bad input becomes a skip event, never an error."""
     specs: tuple[sources.SourceSpec, ...]
     split: str
@@ -174,7 +174,7 @@ class Decoder:
         source, payload = element
         try:
             sample = self.tokenized(source, payload)
-        except (vision.BadMediaError, sources.BadRecordError) as e:
+        except (media.BadMediaError, sources.BadRecordError) as e:
             event = f"skipped/{e.reason}"
             _log_once(event, f"{self.specs[source].name}: {e}")
             return Decoded(index, source, None, event)
@@ -341,7 +341,7 @@ def build_dataset(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer, *, ba
     tokenizer.check_model_config(model_cfg)
     pack_cfg = data_cfg.pack_config(model_cfg)
     specs = tuple(sources.parse_source(n) for n, _ in data_cfg.mixture)
-    decoder = Decoder(specs, split, data_cfg.seed, tokenizer, model_cfg, pack_cfg, data_cfg.vision_options,
+    decoder = SampleDecoder(specs, split, data_cfg.seed, tokenizer, model_cfg, pack_cfg, data_cfg.vision_options,
                       data_cfg.video_sampling)
     decoded = _mixed_dataset(data_cfg, process_index, process_count, split).map_with_index(decoder)
     it_ds = decoded.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads,
@@ -428,7 +428,7 @@ def balanced_max_patches(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer
     probe = dataclasses.replace(data_cfg, max_patches=1 << 30, overflow="truncate")
     pack_cfg = probe.pack_config(model_cfg)
     specs = tuple(sources.parse_source(n) for n, _ in probe.mixture)
-    decoder = Decoder(specs, split, probe.seed, tokenizer, model_cfg, pack_cfg, probe.vision_options,
+    decoder = SampleDecoder(specs, split, probe.seed, tokenizer, model_cfg, pack_cfg, probe.vision_options,
                       probe.video_sampling)
     mixed = _mixed_dataset(probe, 0, 1, split)
     tokens = patches = largest = 0

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from qwen2vl_jax.config import ModelConfig
+from qwen2vl_jax.model.config import ModelConfig
 from qwen2vl_jax.data import formats, synthetic
 from qwen2vl_jax.data.packing import PackConfig, empty_row, pack_samples, stack_rows
 
@@ -77,8 +77,7 @@ def _data_field(data_cfg, name: str, default):
 
 def make_eval_fn(cfg: ModelConfig, data_cfg: Any = None, *, num_per_kind: int = 16,
                  kinds: Sequence[str] = LOSS_KINDS, batch_size: int | None = None, seq_len: int | None = None,
-                 max_patches: int | None = None, tokenizer: Any = None, step_cfg: Any = None,
-                 model: Any = None) -> Callable[[dict], dict]:
+                 max_patches: int | None = None, tokenizer: Any = None, step_cfg: Any = None) -> Callable[[dict], dict]:
     """-> fn(params) -> {kind: held-out loss, "mean": mean over kinds}.
 
     Shapes come from `data_cfg` (an object or dict with seq_len / max_patches / batch_size, e.g. the
@@ -87,7 +86,7 @@ def make_eval_fn(cfg: ModelConfig, data_cfg: Any = None, *, num_per_kind: int = 
     fn(params, zero_pixels=True) scores the same batches with every pixel value 0: the image ablation (a
     model that reads its images has a clearly higher loss without them).
     """
-    from qwen2vl_jax import train
+    from qwen2vl_jax.train import train_step
     from qwen2vl_jax.data.tokenizer import load_tokenizer
 
     seq_len = seq_len or _data_field(data_cfg, "seq_len", 1024)
@@ -100,11 +99,11 @@ def make_eval_fn(cfg: ModelConfig, data_cfg: Any = None, *, num_per_kind: int = 
     vision_opts = _data_field(data_cfg, "vision_options", None)       # pipeline.DataConfig property
     pack_cfg = PackConfig.for_model(cfg, seq_len=seq_len, max_patches=max_patches, overflow="truncate")
     batches = {k: heldout_batches(k, num_per_kind, tokenizer, cfg, pack_cfg, batch_size, vision_opts) for k in kinds}
-    step_cfg = step_cfg or train.StepConfig()
+    step_cfg = step_cfg or train_step.StepConfig()
 
     @jax.jit
     def loss_sums(params, batch):
-        _, (nll, _, n) = train.loss_terms(cfg, params, batch, step_cfg, model)
+        _, (nll, _, n) = train_step.loss_terms(cfg, params, batch, step_cfg)
         return nll, n
 
     def eval_fn(params, zero_pixels: bool = False) -> dict:
@@ -179,13 +178,13 @@ class KindResult:
 
 def evaluate_accuracy(cfg: ModelConfig, params: dict, *, num: int = 64, kinds: Sequence[str] = ACCURACY_KINDS,
                       tokenizer: Any = None, batch_size: int = 16, max_new_tokens: int | None = None, chat: bool = False,
-                      vision_opts: formats.VisionOptions | None = None, model: Any = None,
+                      vision_opts: formats.VisionOptions | None = None,
                       zero_pixels: bool = False, log: Callable[[str], None] | None = None) -> dict[str, KindResult]:
     """Greedy-decodes the held-out eval prompts and scores them (module docstring). max_new_tokens
     None = per kind, the longest expected answer + 8 tokens (room for eos and a little more).
     zero_pixels=True: the same prompts with every pixel value 0 (image ablation): what the model scores from
     the text prior alone, the baseline a model that reads its images must beat."""
-    from qwen2vl_jax import generate as gen
+    from qwen2vl_jax.eval import generate as gen
     from qwen2vl_jax.data.tokenizer import load_tokenizer
 
     bad = [k for k in kinds if k not in ACCURACY_KINDS]
@@ -211,7 +210,7 @@ def evaluate_accuracy(cfg: ModelConfig, params: dict, *, num: int = 64, kinds: S
             chunk = prompts[i:i + batch_size]
             chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))          # static batch shape
             pb = gen.prepare_prompts(cfg, chunk, length=length)
-            out = gen.generate(cfg, params, pb, max_new_tokens=new_tokens, eos_ids=stop, model=model)
+            out = gen.generate(cfg, params, pb, max_new_tokens=new_tokens, eos_ids=stop)
             for b in range(min(batch_size, num - i)):
                 ids = [t for t in out.row(b, eos_ids=stop) if t < tokenizer.vocab_size]   # drop embedding padding ids
                 preds.append(tokenizer.decode(ids))

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2vl_jax import mrope
-from qwen2vl_jax.config import ModelConfig
+from qwen2vl_jax.model import model, mrope
+from qwen2vl_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +169,9 @@ def _eos_hit(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return jnp.any(tokens[:, None] == jnp.asarray(eos_ids, jnp.int32)[None, :], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_ids", "pad_id", "model"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_ids", "pad_id"))
 def _decode_loop(cfg: ModelConfig, params: dict, cache: dict, logits: jax.Array, rng: jax.Array, *,
-                 max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int, model: Any):
+                 max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int):
     """From the prefill's last logits [B, V] and cache: tokens [B, max_new_tokens], lengths [B]."""
     B = logits.shape[0]
     rngs = jax.random.split(rng, max_new_tokens)
@@ -213,13 +213,10 @@ def default_eos_ids(cfg: ModelConfig) -> tuple[int, ...]:
 
 def generate(cfg: ModelConfig, params: dict, prompts: PromptBatch | Sequence[dict], *, max_new_tokens: int,
              sampling: SamplingConfig = GREEDY, rng: jax.Array | None = None,
-             eos_ids: Sequence[int] | None = None, model: Any = None) -> Generation:
+             eos_ids: Sequence[int] | None = None) -> Generation:
     """Generates up to `max_new_tokens` tokens for every prompt (a PromptBatch or Tokenized samples)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-    if model is None:
-        from qwen2vl_jax import model as model_lib
-        model = model_lib
     pb = prompts if isinstance(prompts, PromptBatch) else prepare_prompts(cfg, prompts)
     if pb.length + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt length {pb.length} + max_new_tokens {max_new_tokens} exceeds "
@@ -232,5 +229,5 @@ def generate(cfg: ModelConfig, params: dict, prompts: PromptBatch | Sequence[dic
                                   pixel_values_videos=pb.pixel_values_videos, video_grid_thw=pb.video_grid_thw,
                                   position_ids=pb.positions)                   # [B, V], cache
     tokens, lengths = _decode_loop(cfg, params, cache, logits, rng, max_new_tokens=max_new_tokens,
-                                   sampling=sampling, eos_ids=eos, pad_id=int(cfg.pad_token_id), model=model)
+                                   sampling=sampling, eos_ids=eos, pad_id=int(cfg.pad_token_id))
     return Generation(tokens=np.asarray(tokens), lengths=np.asarray(lengths))

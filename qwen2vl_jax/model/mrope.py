@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwen2vl_jax.config import ModelConfig
+from qwen2vl_jax.model.config import ModelConfig
 
 
 def _as_grid(grid, name: str) -> np.ndarray:

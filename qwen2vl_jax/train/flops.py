@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from qwen2vl_jax.config import ModelConfig
+from qwen2vl_jax.model.config import ModelConfig
 
 # dense bf16 peak per chip, FLOP/s
 PEAK_FLOPS = {

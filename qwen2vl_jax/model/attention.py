@@ -186,7 +186,7 @@ def _logical_rules() -> dict[str, tuple[str, ...]]:
     except ImportError:  # pragma: no cover
         pass
     if not rules:
-        from qwen2vl_jax.sharding import LOGICAL_RULES
+        from qwen2vl_jax.train.sharding import LOGICAL_RULES
         rules = LOGICAL_RULES
     out: dict[str, tuple[str, ...]] = {}
     for name, axes in rules:

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from qwen2vl_jax.config import ModelConfig, VisionConfig, from_hf_config, to_hf_config
+from qwen2vl_jax.model.config import ModelConfig, VisionConfig, from_hf_config, to_hf_config
 
 Progress = Callable[[str], None] | None
 

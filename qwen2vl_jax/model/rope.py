@@ -55,7 +55,7 @@ def vision_rope(patch_positions, head_dim: int, theta: float = 10000.0):
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def mrope(positions, head_dim: int, mrope_section, theta: float, dtype):
+def mrope_cos_sin(positions, head_dim: int, mrope_section, theta: float, dtype):
     """M-RoPE: positions [B, 3, S] (t, h, w) int -> (cos, sin) [B, S, head_dim] in `dtype`.
 
     Angles in fp32 (positions * inv_freq, inv_freq = 1/theta^(arange(0, hd, 2)/hd)); frequency j takes its

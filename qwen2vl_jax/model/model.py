@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2vl_jax.config import ModelConfig
-from qwen2vl_jax.decoder import INIT_STD, Decoder, dtype_of
-from qwen2vl_jax.mrope import get_rope_index
-from qwen2vl_jax.rope import vision_position_ids
-from qwen2vl_jax.vision import VisionTower
+from qwen2vl_jax.model.config import ModelConfig
+from qwen2vl_jax.model.decoder import Decoder
+from qwen2vl_jax.model.layers import INIT_STD, dtype_of
+from qwen2vl_jax.model.mrope import get_rope_index
+from qwen2vl_jax.model.rope import vision_position_ids
+from qwen2vl_jax.model.vision_tower import VisionTower
 
 
 class Qwen2VL(nn.Module):
