@@ -38,7 +38,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla", "cudnn", "splash", "auto")
+from qwen2vl_jax.model.config import ATTENTION_IMPLS
 
 
 def make_mask(q_segment_ids, kv_segment_ids, *, causal: bool, q_offset=None):
@@ -261,8 +261,8 @@ def splash_supported(T: int, S: int) -> bool:
 def resolve_impl(impl: str, dtype, lengths: tuple[int, int] | None = None) -> str:
     """Concrete backend for `impl` on the default jax backend ("auto" -> cudnn | splash | xla).
     lengths (T, S): with "auto" on TPU, sequences splash cannot tile fall back to xla."""
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl {impl!r}; valid: {', '.join(IMPLS)}")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r}; valid: {', '.join(ATTENTION_IMPLS)}")
     if impl != "auto":
         return impl
     platform = jax.default_backend()
