@@ -170,7 +170,7 @@ def test_every_sample_appears_once_with_correct_targets_positions_and_patches(ra
 
 
 def test_positions_worked_example_from_reference():
-    """Reference §3.4: t0 t1 <vs> [6 pads, grid (1,4,6)] <ve> t2 t3, packed after another sample."""
+    """The hand-worked M-RoPE example: t0 t1 <vs> [6 pads, grid (1,4,6)] <ve> t2 t3, packed after another sample."""
     ids = np.array([5, 6, CFG.vision_start_token_id] + [CFG.image_token_id] * 6 + [CFG.vision_end_token_id, 7, 8],
                    np.int32)
     img = {"input_ids": ids, "loss_mask": np.ones(len(ids), np.float32),
@@ -186,7 +186,7 @@ def test_positions_worked_example_from_reference():
                      [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8]])
     np.testing.assert_array_equal(row["positions"][:, 4:16], want)
     assert (row["positions"][:, 16:] == 0).all()
-    # processor order (reference §2.1): rows 0..3 of a 2x2 block are (0,0), (0,1), (1,0), (1,1)
+    # processor order (Qwen2VLImageProcessor): rows 0..3 of a 2x2 block are (0,0), (0,1), (1,0), (1,1)
     np.testing.assert_array_equal(row["patch_positions"][:6], [[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3]])
     np.testing.assert_array_equal(row["segment_ids"][:16], [1] * 4 + [2] * 12)
     np.testing.assert_array_equal(row["patch_segment_ids"][:24], [1] * 24)

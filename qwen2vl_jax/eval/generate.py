@@ -6,7 +6,7 @@ per prompt all work. `prepare_prompts` left-pads a batch (B rows, L = longest pr
 `pad_multiple`), concatenates the vision inputs in batch order (as the HF processor does) and computes
 the prefill M-RoPE ids with `mrope.get_rope_index`: positions [3, B, L] and rope_deltas [B, 1].
 
-Decoding (qwen2vl.md §3.5): after the prefill of L slots, step k (k = 0..max_new_tokens-2) feeds the
+Decoding (as transformers' rope_deltas): after the prefill of L slots, step k (k = 0..max_new_tokens-2) feeds the
 token generated last at cache slot L + k with M-RoPE position (L + k) + rope_delta[b] on all 3 rows,
 i.e. max(prefill position) + 1 + k for every row whatever its padding.
 

@@ -14,7 +14,7 @@ Backends:
   cudnn  `jax.nn.dot_product_attention(implementation="cudnn")` (bf16/fp16 only). The public API takes no
          segment ids, so: no segments -> plain causal (fastest); `single_segment=True` (each row one
          sample followed by right padding) -> query/key lengths (cheap padding mask); otherwise an explicit
-         boolean mask (about 2x slower than causal-only, see shared/reference/baselines.md).
+         boolean mask (the slowest of the three forms, so it is the last resort).
   splash Pallas TPU splash kernel with SegmentIds (interpret mode runs it on CPU for tests). A Mosaic
          kernel cannot be partitioned by XLA, so when a mesh is active (`jax.set_mesh(mesh)` around the
          jit trace, or `mesh_context(mesh)` inside it; read with `jax.sharding.get_abstract_mesh()`) the kernel runs under `shard_map`: batch

@@ -45,7 +45,8 @@ def vision_rope(patch_positions, head_dim: int, theta: float = 10000.0):
     """2-D vision RoPE: patch_positions [..., 2] (h, w) int -> (cos, sin) [..., head_dim] float32.
 
     d = head_dim / 2 rotary dims per axis pair; inv_freq = 1 / theta^(arange(0, d, 2) / d) (d/2 frequencies);
-    angles = [h * inv_freq | w * inv_freq] (d values), duplicated to head_dim. Always fp32 (reference §8.5).
+    angles = [h * inv_freq | w * inv_freq] (d values), duplicated to head_dim. Always fp32: in bf16,
+    positions above 256 round and the phases drift in proportion to the position.
     """
     d = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
