@@ -341,22 +341,19 @@ def test_validate_sample_names_the_problem():
         packing.PackConfig(seq_len=8, max_patches=6)
     with pytest.raises(ValueError, match="cannot fit"):
         packing.OnlinePacker(8, 8, 2).push("a", 9, 0)
+    # grids: the one model-side check (a 3-patch-high grid cannot be merged 2x2)
+    for grid, msg in (([[1, 3, 4]], r"grid_thw rows \[\[1, 3, 4\]\]: h and w must be multiples of "
+                                    r"spatial_merge_size 2"),
+                      ([[1.0, 2.0, 4.0]], r"grid_thw must hold integers; got dtype float64"),
+                      ([[0, 2, 4]], r"grid_thw \[\[0, 2, 4\]\] has non-positive entries"),
+                      ([1, 2, 4], r"grid_thw must have shape \[num, 3\] \(t, h, w\); got shape \(3,\)")):
+        s = {**text_sample(5), "grid_thw": np.asarray(grid), "vision_kind": np.zeros(1, np.int8)}
+        with pytest.raises(ValueError, match=msg):
+            packing.validate_sample(s, CFG)
 
 
 # ----------------------------------------------------------------------------------------------
-# determinism and state
-
-def test_deterministic():
-    rng = np.random.default_rng(5)
-    samples = [random_sample(rng) for _ in range(40)]
-    pcfg = packing.PackConfig.for_model(CFG, seq_len=256, max_patches=512, lookahead=6)
-    a, ca = packing.pack_samples(samples, pcfg, CFG)
-    b, cb = packing.pack_samples(samples, pcfg, CFG)
-    assert ca == cb and len(a) == len(b)
-    for ra, rb in zip(a, b):
-        for k in packing.ROW_KEYS:
-            np.testing.assert_array_equal(ra[k], rb[k])
-
+# resume state
 
 def test_packer_state_roundtrip_resumes_identically():
     sizes = realistic_sizes(800, seed=2)
