@@ -3,9 +3,9 @@
     python -m benchmarks.train_step --model=2b --batch_sizes=1,2 --steps=10          # on a GPU
     python -m benchmarks.train_step --model=test --steps=2                           # CPU smoke test
 
-Batch (the baselines.md setting): each row holds `--seq_len` tokens (4096) with `--images` (4)
-images of `--image_px` (448) pixels square: 32 x 32 = 1024 patches -> 256 merged tokens each; the
-rest is text, all of it supervised. The row is built with the packer (`data.packing.prepare_sample` +
+Batch (the setting of the transformers 2B baseline): each row holds `--seq_len` tokens (4096) with
+`--images` (4) images of `--image_px` (448) pixels square: 32 x 32 = 1024 patches -> 256 merged tokens
+each; the rest is text, all of it supervised. The row is built with the packer (`data.packing.prepare_sample` +
 `assemble_row`), so it is exactly what `launch.pretrain` feeds the step.
 
 JAX: `train.make_train_step` on one device, bf16 compute with fp32 master weights (`cfg.dtype=bfloat16`,
@@ -16,7 +16,7 @@ losses must agree (printed; a mismatch means the two sides do not run the same m
 
 Reported per side and batch size: seconds per step (median of `--steps` after `--warmup` steps),
 tokens/s, "model TFLOP/s" = 6 x (decoder params x tokens + vision params x patches) / step time
-(attention FLOPs excluded, as in baselines.md), MFU against the device's dense bf16 peak (`--peak_tflops`
+(attention FLOPs excluded, as in that baseline), MFU against the device's dense bf16 peak (`--peak_tflops`
 overrides; none on CPU), and peak device memory.
 """
 from __future__ import annotations

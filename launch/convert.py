@@ -3,14 +3,13 @@
   python -m launch.convert --hf_to_jax SRC_HF_DIR DST_JAX_DIR [--param_dtype float32] [--overwrite]
   python -m launch.convert --jax_to_hf SRC_JAX_DIR DST_HF_DIR [--dtype bfloat16] [--max_shard_size 5GB]
 
-The orbax layout (DST_JAX_DIR/model_config.json + DST_JAX_DIR/params/) is documented in qwen2vl_jax/hf.py;
-training starts from it with `qwen2vl_jax.model.hf.load_jax_checkpoint`. The HF folder written by --jax_to_hf
-loads with `Qwen2VLForConditionalGeneration.from_pretrained`.
+The orbax layout (DST_JAX_DIR/model_config.json + DST_JAX_DIR/params/) is documented in
+qwen2vl_jax/model/hf.py; training starts from it with `qwen2vl_jax.model.hf.load_jax_checkpoint`. The HF
+folder written by --jax_to_hf loads with `Qwen2VLForConditionalGeneration.from_pretrained`.
 """
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from absl import app, flags, logging
@@ -19,12 +18,15 @@ from qwen2vl_jax.model import hf
 from qwen2vl_jax.model.config import DTYPES
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("hf_to_jax", False, "SRC is a transformers folder, DST an orbax checkpoint folder")
-flags.DEFINE_bool("jax_to_hf", False, "SRC is an orbax checkpoint folder, DST a transformers folder")
-flags.DEFINE_enum("param_dtype", "float32", DTYPES, "--hf_to_jax: dtype of the stored params (master weights)")
-flags.DEFINE_enum("dtype", None, DTYPES, "--jax_to_hf: dtype of the safetensors (default: the params' dtype)")
-flags.DEFINE_string("max_shard_size", "5GB", "--jax_to_hf: largest safetensors shard, e.g. 5GB, 500MB, 2GiB")
-flags.DEFINE_bool("overwrite", False, "--hf_to_jax: replace an existing DST/params checkpoint")
+
+
+def define_flags() -> None:
+    flags.DEFINE_bool("hf_to_jax", False, "SRC is a transformers folder, DST an orbax checkpoint folder")
+    flags.DEFINE_bool("jax_to_hf", False, "SRC is an orbax checkpoint folder, DST a transformers folder")
+    flags.DEFINE_enum("param_dtype", "float32", DTYPES, "--hf_to_jax: dtype of the stored params (master weights)")
+    flags.DEFINE_enum("dtype", None, DTYPES, "--jax_to_hf: dtype of the safetensors (default: the params' dtype)")
+    flags.DEFINE_string("max_shard_size", "5GB", "--jax_to_hf: largest safetensors shard, e.g. 5GB, 500MB, 2GiB")
+    flags.DEFINE_bool("overwrite", False, "--hf_to_jax: replace an existing DST/params checkpoint")
 
 
 def _log(msg: str) -> None:
@@ -62,4 +64,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, argv=sys.argv)
+    define_flags()
+    app.run(main)

@@ -1,6 +1,6 @@
 """JSONL manifest -> ArrayRecord shards for the "arrayrecord:<glob>" data source.
 
-    python -m launch.prepare_data --manifest data.jsonl --out DIR [--num_shards N] [--no_verify]
+    python -m launch.prepare_data --manifest=data.jsonl --out=DIR [--num_shards=N] [--no_verify]
 
 Each manifest line is one JSON object (schema: qwen2vl_jax/data/sources.py docstring), e.g.
     {"type": "caption", "images": ["img/0001.jpg"], "text": "a dog on a beach"}
@@ -15,15 +15,17 @@ Exit status 0 when at least one record was written, 1 otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
 import sys
 import time
-from typing import Sequence
 
-from qwen2vl_jax.data import sources, media
+from absl import app, flags
+
+from qwen2vl_jax.data import media, sources
+
+FLAGS = flags.FLAGS
 
 
 def shard_paths(out_dir: str, num_shards: int) -> list[str]:
@@ -168,17 +170,26 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--manifest", required=True, help="JSONL manifest (schema: qwen2vl_jax/data/sources.py)")
-    ap.add_argument("--out", required=True, help="output folder for the ArrayRecord shards")
-    ap.add_argument("--num_shards", type=int, default=1)
-    ap.add_argument("--no_verify", action="store_true", help="skip decoding images / opening videos")
-    args = ap.parse_args(argv)
-    summary = prepare(args.manifest, args.out, args.num_shards, verify=not args.no_verify)
+def define_flags() -> None:
+    flags.DEFINE_string("manifest", None, "JSONL manifest (schema: qwen2vl_jax/data/sources.py)")
+    flags.DEFINE_string("out", None, "output folder for the ArrayRecord shards")
+    flags.DEFINE_integer("num_shards", 1, "number of ArrayRecord shards", lower_bound=1)
+    flags.DEFINE_bool("no_verify", False, "skip decoding images / opening videos")
+    flags.mark_flags_as_required(["manifest", "out"])
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+    try:
+        summary = prepare(FLAGS.manifest, FLAGS.out, FLAGS.num_shards, verify=not FLAGS.no_verify)
+    except (OSError, ValueError) as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
     print(format_summary(summary), file=sys.stderr)
     return 0 if summary["written"] else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))

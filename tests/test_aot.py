@@ -1,13 +1,13 @@
-"""launch.aot: accelerator -> topology mapping, AOT compile of the real train step for a TPU topology on
-this CPU machine (libtpu compile-only devices), per-device memory against qwen2vl_jax.train.memory, and the
-does-not-fit exit path."""
+"""qwen2vl_jax.train.aot and its CLI launch.aot: accelerator -> topology mapping, AOT compile of the real
+train step for a TPU topology on this CPU machine (libtpu compile-only devices), per-device memory against
+qwen2vl_jax.train.memory, and the does-not-fit exit path."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from launch import aot
+from qwen2vl_jax.train import aot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -501,7 +501,7 @@ def test_outputs_never_alias_inputs(hf_pair):
 
 
 def test_real_model_sizes_match_published_checkpoints():
-    """Counts for the presets against the released checkpoints (shared/reference/qwen2vl.md §1.3):
+    """Counts for the presets against the released checkpoints (their index.json files):
     the 2B index.json total_size is 4,417,971,200 bytes of bf16, i.e. 2,208,985,600 parameters."""
     published = {"2b": 2_208_985_600, "7b": 8_291_375_616, "72b": 73_405_560_320}
     for name, count in published.items():

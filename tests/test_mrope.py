@@ -21,7 +21,7 @@ def _ids(*parts):
 
 
 def test_worked_example_image():
-    """t0 t1 <vs> [6 image pads, grid (1,4,6)] <ve> t2 t3 (qwen2vl.md §3.4)."""
+    """t0 t1 <vs> [6 image pads, grid (1,4,6)] <ve> t2 t3, worked by hand."""
     c = CFG
     ids = _ids(10, 11, c.vision_start_token_id, [c.image_token_id] * 6, c.vision_end_token_id, 12, 13)
     pos, delta = get_rope_index(c, ids, image_grid_thw=[[1, 4, 6]])

@@ -153,7 +153,7 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Presets. Values from the released config.json files (../shared/reference/qwen2vl.md §1).
+# Presets. Values from the released config.json files of Qwen/Qwen2-VL-{2B,7B,72B}.
 
 def _vision(out: int, **kw) -> VisionConfig:
     return VisionConfig(out_hidden_size=out, **kw)
