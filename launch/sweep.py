@@ -92,7 +92,7 @@ def tpu_jobs(sweep: sweeps.Sweep, tpu_prefix: str, zone: str, accelerator: str, 
              eval_num: int = 16) -> list[tuple[object, list[list[str]]]]:
     """[(TpuVm, commands)] per point; commands = launch.tpu.job_commands with the start step replaced by
     `launch.sweep --point=KEY --local`."""
-    from launch import tpu
+    from qwen2vl_jax.cloud import tpu
 
     out = []
     for p in sweep.points():
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         only = set(a.point.split(",")) if a.point else None
         run_local(sweep, results, a.root, a.eval_num, only)
         return 0
-    from launch import tpu
+    from qwen2vl_jax.cloud import tpu
     if not (a.zone and a.accelerator):
         raise ValueError("--tpu needs --zone and --accelerator")
     jobs = tpu_jobs(sweep, a.tpu, a.zone, a.accelerator, a.project, a.version, a.spot, a.results, a.eval_num)
