@@ -84,8 +84,9 @@ def main(argv: Sequence[str]) -> dict:
                  "checkpoint_dir": summary["checkpoint_dir"]}
         trained = ("nothing to train (already at the last step)" if summary["step"] == summary["start_step"]
                    else f"trained steps {summary['start_step'] + 1}..{summary['step']}")
-        print(f"    stage {k}: step {entry['steps']} of {exp.num_steps}, {trained}, loss {entry['first_loss']} -> "
-              f"{entry['last_loss']} ({entry['seconds']:.0f}s)", flush=True)
+        loss = f", loss {entry['first_loss']:.4f} -> {entry['last_loss']:.4f}" if steps else ""
+        print(f"    stage {k}: step {entry['steps']} of {exp.num_steps}, {trained}{loss} ({entry['seconds']:.0f}s)",
+              flush=True)
         if summary["preempted"]:
             report["stages"][k] = entry
             print(f"    stage {k} preempted at step {entry['steps']}: re-run the same command to resume", flush=True)

@@ -313,7 +313,7 @@ def plot_loss_curves(runs: Sequence[tuple[str, Mapping[int, float], Mapping[int,
 
     kinds = sorted({k for _, _, evals in runs for e in evals.values() for k in kind_losses(e)})
     colour = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(kinds)}
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     offset, labelled = 0, set()
     for name, losses, evals in runs:
         if offset:
@@ -333,9 +333,8 @@ def plot_loss_curves(runs: Sequence[tuple[str, Mapping[int, float], Mapping[int,
         offset += max(steps + eval_steps, default=0)
     ax.set_xlabel("step (runs one after another)")
     ax.set_ylabel("loss (mean NLL per supervised token)")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(True, alpha=0.25)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if title:
         ax.set_title(title)
     fig.tight_layout()

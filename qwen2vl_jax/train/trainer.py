@@ -150,7 +150,9 @@ def run(exp: TrainSpec, evaluate: EvalHook | None = None, stream: TextIO | None 
                     "packing_efficiency": stats.get("token_efficiency", 0.0),
                     "skipped_samples": stats.get("skipped", 0.0)}, stats)
             if evaluate is not None and (step % exp.eval_every == 0 or step == n_steps):
+                t = time.perf_counter()
                 evals[step] = evaluate(state.params)
+                window.exclude(time.perf_counter() - t)      # throughput counts training time only
                 log.log_eval(step, evals[step])
                 _append_jsonl(eval_file, {"step": step, **evals[step]})
             ckpt.save(state, data_state)
@@ -195,6 +197,9 @@ class _Window:
     def add(self, tokens: float, flops: float) -> None:
         self.tokens += tokens
         self.flops += flops
+
+    def exclude(self, seconds: float) -> None:
+        self.t0 += seconds
 
     def rates(self) -> tuple[float, float]:
         """(tokens/s, FLOP/s) over the window, then starts a new one."""
