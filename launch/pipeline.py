@@ -3,32 +3,51 @@
     python -m launch.pipeline --model=tiny [--workdir runs/pipeline_tiny] [--set key=value ...]
         [--stage_set 2:optim.peak_lr=5e-4 ...] [--eval_num 64] [--eval_after 2,3]
 
-Each stage is the registry experiment `stage{k}` for --model (launch.pretrain.run), with its own run dir
-WORKDIR/stage{k}; stage k > 1 starts from stage k-1's final checkpoint (`init_from`). A re-run resumes:
-finished stages are not trained again (their checkpoints already hold the last step). After each stage in
---eval_after, held-out task accuracy is printed beside chance (evaluation.evaluate_accuracy) and beside the
-accuracy on blank images (the same prompts with every pixel value 0: what the text prior alone scores), in
-the pre-training prompt form after stages 1-2 and in the ChatML form after stage 3 (what each stage
-trained); the figures are also written to WORKDIR/eval.json.
+Each stage is the registry experiment `stage{k}` for --model, trained by qwen2vl_jax.train.trainer with its
+own run dir WORKDIR/stage{k}; stage k > 1 starts from stage k-1's final checkpoint (`init_from`). A re-run
+resumes: finished stages are not trained again (their checkpoints already hold the last step). While a stage
+trains, its held-out loss by source and data kind is logged every `eval_every` steps (tiny: on). After each
+stage in --eval_after, held-out task accuracy is printed beside chance (evaluation.evaluate_accuracy) and
+beside the accuracy on blank images (the same prompts with every pixel value 0: what the text prior alone
+scores), in the pre-training prompt form after stages 1-2 and in the ChatML form after stage 3 (what each
+stage trained). Written to WORKDIR: eval.json (per stage: steps, losses, last held-out losses, accuracy) and
+losses.png (every stage's training loss and held-out losses over the steps, one figure).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
+from typing import Sequence
+
+from absl import flags, logging
+
+from experiments import flags as cli
+from experiments import registry
+from qwen2vl_jax.eval import evaluation
+from qwen2vl_jax.train import trainer
+
+STAGES = ("1", "2", "3")
+
+FLAGS = flags.FlagValues()
+cli.define_model(FLAGS)
+flags.DEFINE_string("workdir", None, "default runs/pipeline_<model>", flag_values=FLAGS)
+cli.define_set(FLAGS, "every stage's experiment config")
+flags.DEFINE_multi_string("stage_set", [], "override for one stage: STAGE:key=value (repeatable)", flag_values=FLAGS)
+cli.define_list(FLAGS, "eval_after", ("2", "3"), STAGES, "stages to evaluate after ('' = none)")
+flags.DEFINE_integer("eval_num", 64, "held-out items per task kind", flag_values=FLAGS)
+cli.define_list(FLAGS, "eval_kinds", ("caption", "count", "ocr", "grounding"), evaluation.ACCURACY_KINDS,
+                "task kinds to score")
+flags.DEFINE_integer("max_new_tokens", None, "default: longest answer + 8", flag_values=FLAGS)
 
 
 def stage_experiments(model: str, workdir: str, overrides=(), stage_overrides=()):
     """[Experiment stage1, stage2, stage3] chained through init_from."""
-    from experiments import registry
-
     per_stage = {1: [], 2: [], 3: []}
     for item in stage_overrides:
         stage, sep, kv = item.partition(":")
-        if not sep or stage not in ("1", "2", "3"):
-            raise ValueError(f"--stage_set {item!r}: expected STAGE:key=value with STAGE in 1, 2, 3")
+        if not sep or stage not in STAGES:
+            raise ValueError(f"--stage_set {item!r}: expected STAGE:key=value with STAGE in {', '.join(STAGES)}")
         per_stage[int(stage)].append(kv)
     exps = []
     for k in (1, 2, 3):
@@ -39,72 +58,59 @@ def stage_experiments(model: str, workdir: str, overrides=(), stage_overrides=()
     return exps
 
 
-def _logged_losses(run_dir: str) -> dict[int, float]:
-    """{step: loss} from launch.pretrain's losses.jsonl (the last record of a step wins)."""
-    path = os.path.join(run_dir, "losses.jsonl")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return {int(r["step"]): float(r["loss"]) for r in map(json.loads, filter(str.strip, f))}
-
-
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--workdir", default=None, help="default runs/pipeline_<model>")
-    ap.add_argument("--set", action="append", default=[], help="override for every stage (key=value)")
-    ap.add_argument("--stage_set", action="append", default=[], help="override for one stage: STAGE:key=value")
-    ap.add_argument("--eval_after", default="2,3", help="comma list of stages to evaluate after ('' = none)")
-    ap.add_argument("--eval_num", type=int, default=64, help="held-out items per task")
-    ap.add_argument("--eval_kinds", default="caption,count,ocr,grounding")
-    ap.add_argument("--max_new_tokens", type=int, default=None, help="default: longest answer + 8")
-    a = ap.parse_args(argv)
-
-    from launch import evaluate, pretrain
-    from qwen2vl_jax.eval import evaluation
-
-    workdir = a.workdir or f"runs/pipeline_{a.model}"
-    eval_after = {int(s) for s in a.eval_after.split(",") if s}
-    if not eval_after <= {1, 2, 3}:
-        raise ValueError(f"--eval_after {a.eval_after!r}: stages are 1, 2, 3")
-    kinds = tuple(k for k in a.eval_kinds.split(",") if k)
-    exps = stage_experiments(a.model, workdir, a.set, a.stage_set)
-    report: dict = {"model": a.model, "workdir": workdir, "stages": {}}
+def main(argv: Sequence[str]) -> dict:
+    cli.parse(FLAGS, argv, __doc__)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    workdir = FLAGS.workdir or f"runs/pipeline_{FLAGS.model}"
+    eval_after = {int(s) for s in FLAGS.eval_after}
+    exps = stage_experiments(FLAGS.model, workdir, FLAGS.set, FLAGS.stage_set)
+    report: dict = {"model": FLAGS.model, "workdir": workdir, "stages": {}}
+    curves = []
     for k, exp in enumerate(exps, start=1):
-        os.makedirs(exp.run_dir, exist_ok=True)
         print(f"=== stage {k}: {exp.description}\n    {exp.num_steps} steps x {exp.batch_size} x {exp.data.seq_len}, "
               f"trainable {exp.trainable}, init_from {exp.init_from or 'scratch'}", flush=True)
         t0 = time.time()
-        summary = pretrain.run(exp)
-        losses = _logged_losses(exp.run_dir) or summary["losses"]        # whole run, across resumes
+        summary = trainer.run(exp, evaluate=exp.evaluator())
+        # the whole run's records, across resumes
+        losses = {s: r["loss"] for s, r in trainer.read_jsonl(exp.run_dir, trainer.LOSSES_FILE).items()}
+        heldout = {s: {n: v for n, v in r.items() if n != "step"}
+                   for s, r in trainer.read_jsonl(exp.run_dir, trainer.HELDOUT_FILE).items()}
+        curves.append((f"stage {k}", losses, heldout))
         steps = sorted(losses)
         entry = {"steps": summary["step"], "seconds": round(time.time() - t0, 1),
                  "first_loss": losses[steps[0]] if steps else None,
                  "last_loss": losses[steps[-1]] if steps else None,
+                 "heldout_loss": heldout[max(heldout)] if heldout else None,
                  "checkpoint_dir": summary["checkpoint_dir"]}
-        print(f"    stage {k} done: step {entry['steps']}, loss {entry['first_loss']} -> {entry['last_loss']} "
-              f"({entry['seconds']:.0f}s)", flush=True)
+        trained = ("nothing to train (already at the last step)" if summary["step"] == summary["start_step"]
+                   else f"trained steps {summary['start_step'] + 1}..{summary['step']}")
+        loss = f", loss {entry['first_loss']:.4f} -> {entry['last_loss']:.4f}" if steps else ""
+        print(f"    stage {k}: step {entry['steps']} of {exp.num_steps}, {trained}{loss} ({entry['seconds']:.0f}s)",
+              flush=True)
         if summary["preempted"]:
             report["stages"][k] = entry
             print(f"    stage {k} preempted at step {entry['steps']}: re-run the same command to resume", flush=True)
             break
         if k in eval_after:
-            params = evaluate.load_params(exp.model, exp.checkpoint_dir)
+            params = trainer.load_params(exp.model, exp.checkpoint_dir)
             chat = k == 3
             res, blank = (evaluation.evaluate_accuracy(
-                exp.model, params, num=a.eval_num, kinds=kinds, chat=chat, max_new_tokens=a.max_new_tokens,
-                vision_opts=exp.data.vision_options, zero_pixels=zero,
+                exp.model, params, num=FLAGS.eval_num, kinds=FLAGS.eval_kinds, chat=chat,
+                max_new_tokens=FLAGS.max_new_tokens, vision_opts=exp.data.vision_options, zero_pixels=zero,
                 log=None if zero else lambda s: print("    " + s, flush=True)) for zero in (False, True))
             print(evaluation.accuracy_table(res, blank), flush=True)
-            entry["eval"] = {"chat": chat, "num": a.eval_num, "accuracy": evaluation.by_metric(res),
+            entry["eval"] = {"chat": chat, "num": FLAGS.eval_num, "accuracy": evaluation.by_metric(res),
                              "chance": evaluation.by_metric(res, "chance"),
                              "accuracy_blank_images": evaluation.by_metric(blank),
                              "examples": {r.kind: r.examples for r in res.values()}}
         report["stages"][k] = entry
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(report, f, indent=1)
+    evaluation.plot_loss_curves(curves, os.path.join(workdir, "losses.png"),
+                                title=f"three-stage pipeline, model {FLAGS.model}")
+    print(f"wrote {workdir}/eval.json and {workdir}/losses.png", flush=True)
     return report
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main)

@@ -1,6 +1,7 @@
 """Multi-host: `launch.pretrain` as 2 local processes x 4 CPU devices (jax.distributed on localhost, gloo
 CPU collectives), each process reading its own data shard, gives the losses of 1 process x 8 devices
-running the same train step on the same global batches (process 0's shard rows, then process 1's)."""
+running the same train step on the same global batches (process 0's shard rows, then process 1's), and
+the held-out losses that 1 process x 8 devices computes from the same final params."""
 import json
 import os
 import socket
@@ -12,10 +13,12 @@ import numpy as np
 import pytest
 
 from experiments import registry
+from qwen2vl_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
-OVERRIDES = ["batch_size=8", f"steps={STEPS}", "log_every=1", "checkpoint.every=1000", "data.max_patches=256"]
+OVERRIDES = ["batch_size=8", f"steps={STEPS}", "log_every=1", "checkpoint.every=1000", "data.max_patches=256",
+             f"eval_every={STEPS}", "eval_samples=32", "eval_mixture=(('synthetic:caption', 1.0),)"]
 
 
 def _free_port() -> int:
@@ -94,3 +97,10 @@ def test_two_processes_match_one_process(tmp_path):
     assert np.all(np.isfinite(multi))
     np.testing.assert_allclose(multi, single, rtol=2e-5, atol=2e-5)
     assert multi[0] != multi[-1]        # the steps really update the params
+    # the held-out evaluation of the 2-process run (each process feeding its shard of every batch)
+    exp = registry.get_experiment("stage2", "test", OVERRIDES + [f"workdir={workdir}"])
+    evaluate = exp.evaluator()
+    (batch,) = evaluate.groups[0].batches
+    assert batch["segment_ids"][:4].any() and batch["segment_ids"][4:].any()     # both processes feed real rows
+    logged = {k: v for k, v in trainer.read_jsonl(workdir, trainer.HELDOUT_FILE)[STEPS].items() if k != "step"}
+    assert logged == pytest.approx(evaluate(trainer.load_params(exp.model, exp.checkpoint_dir)), rel=1e-5)

@@ -265,17 +265,6 @@ def test_all_bad_data_fails_loudly_instead_of_hanging(tmp_path, monkeypatch):
         next(pipeline.make_iterator(cfg, CFG, TOK, batch_size=1))
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_stage_mixtures(stage):
-    cfg = pipeline.DataConfig.for_stage(stage, **{**SMALL, "seq_len": 1024, "max_patches": 4096})
-    assert abs(sum(w for _, w in cfg.mixture) - 1.0) < 1e-9
-    it = pipeline.make_iterator(cfg, CFG, TOK, batch_size=1)
-    next(it)
-    assert it.stats()["samples_packed"] > 0
-    with pytest.raises(ValueError, match="stage"):
-        pipeline.DataConfig.for_stage(4)
-
-
 def test_balanced_max_patches_matches_the_mixture_ratio():
     from qwen2vl_jax.data import formats
     cfg = dcfg(mixture=(("synthetic:caption", 1.0), ("synthetic:chat", 1.0)), seq_len=1000)

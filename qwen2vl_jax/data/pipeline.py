@@ -42,20 +42,10 @@ STATE_VERSION = 1
 SPLITS = ("train", "heldout")
 
 
-# Synthetic mixtures per training stage (reference §6.2). The paper gives the data kinds of each stage but
-# no ratios; these weights are ours. Stage 1 trains the ViT on image-text pairs, OCR and classification-like
-# data; stage 2 adds VQA (count), grounding, video and interleaved documents; stage 3 is instruction tuning.
-STAGE_MIXTURES = {
-    1: (("synthetic:caption", 0.6), ("synthetic:ocr", 0.25), ("synthetic:count", 0.15)),
-    2: (("synthetic:caption", 0.25), ("synthetic:ocr", 0.15), ("synthetic:count", 0.15), ("synthetic:grounding", 0.15),
-        ("synthetic:video", 0.1), ("synthetic:interleaved", 0.2)),
-    3: (("synthetic:chat", 1.0),),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    # (source name, weight) pairs; names as in sources.py ("synthetic:caption", "arrayrecord:/data/*.ar")
+    # (source name, weight) pairs; names as in sources.py ("synthetic:caption", "arrayrecord:/data/*.ar");
+    # the training stages' mixtures are experiments.stages.STAGE_MIXTURE
     mixture: tuple[tuple[str, float], ...] = (("synthetic:caption", 1.0),)
     seq_len: int = 2048                   # S tokens per packed row
     max_patches: int = 8192               # P patch rows per packed row (multiple of 4)
@@ -97,13 +87,6 @@ class DataConfig:
         formats.VisionOptions(**self._vision_kw())  # validates the pixel limits
         if self.video_fps <= 0:
             raise ValueError(f"video_fps must be > 0; got {self.video_fps}")
-
-    @classmethod
-    def for_stage(cls, stage: int, **kw) -> "DataConfig":
-        """DataConfig with the synthetic mixture of training stage 1, 2 or 3 (STAGE_MIXTURES)."""
-        if stage not in STAGE_MIXTURES:
-            raise ValueError(f"stage {stage!r}; valid: {sorted(STAGE_MIXTURES)}")
-        return cls(mixture=STAGE_MIXTURES[stage], **kw)
 
     def _vision_kw(self) -> dict:
         return dict(min_pixels=self.image_min_pixels, max_pixels=self.image_max_pixels,

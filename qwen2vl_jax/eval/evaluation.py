@@ -1,11 +1,17 @@
-"""Evaluation on the embedded data's held-out split: per-type held-out loss and task accuracy.
+"""Evaluation: held-out loss by mixture source and by data kind, and task accuracy.
 
-(a) Held-out loss (`make_eval_fn`): for each type in LOSS_KINDS (caption, ocr, grounding, video, chat),
-    `num_per_kind` fixed held-out samples (formats.make_sample(kind, i, "heldout", seed=HELDOUT_SEED))
-    are packed once, offline, into rows of the training shapes [B, S] / [B, P, 1176]; the returned
-    fn(params) runs the train loss (train.loss_terms: same forward, same chunked cross entropy) on every
-    batch and returns {kind: supervised-token mean NLL, ..., "mean": mean over kinds}. Deterministic:
-    the same params give the same numbers at every call.
+(a) Held-out loss (`HeldoutEvaluator`): the first `num_samples` samples of each source of a data mixture's
+    held-out split, decoded as the training pipeline decodes them (pipeline.SampleDecoder: same tokenizer,
+    pixel budgets and video sampling), grouped by (source, data kind = the sample's `sample_type`) and packed
+    once, offline, into global batches of the training shapes [B, S] / [B, P, 1176]. evaluator(params) runs the
+    train loss (train_step.loss_terms: same forward, same chunked cross entropy) on every batch, sharded over
+    the mesh like the train step, and returns supervised-token mean NLLs:
+        {"source/<label>": ..., "kind/<sample_type>": ..., "mean": mean over kinds}
+    (label: the synthetic kind, or the file name of an ArrayRecord glob). Deterministic, and the same for any
+    process count: every process builds the same batches and feeds its own shard of each. It is the
+    trainer's evaluation hook (experiments.stages.Experiment.evaluator), launch.evaluate's --loss (on
+    `loss_mixture()`, one synthetic source per kind of LOSS_KINDS) and the sweeps' eval_loss_<kind>.
+    evaluator(params, zero_pixels=True) scores the same batches with every pixel value 0 (image ablation).
 
 (b) Task accuracy (`evaluate_accuracy`): greedy decoding (generate.py) of formats.eval_prompt prompts on
     synthetic.heldout_scenes(kind, n); per kind a score in [0, 1]:
@@ -21,20 +27,30 @@
     Chance level per metric = the permutation baseline: the mean score of answering item i with the
     true answer of another held-out item j != i (an answer drawn from the answer distribution but
     independent of the input).
+
+(c) Curves (`plot_loss_curves`): training and held-out losses of consecutive runs (the pipeline's stages) on
+    one figure.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import os
 import re
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
+from qwen2vl_jax.data import formats, media, pipeline, sources, synthetic
+from qwen2vl_jax.data.packing import TRUNCATED, empty_row, pack_samples, prepare_sample, stack_rows
+from qwen2vl_jax.data.pipeline import DataConfig, SampleDecoder
+from qwen2vl_jax.data.tokenizer import load_tokenizer
+from qwen2vl_jax.eval import generate as gen
+from qwen2vl_jax.model import attention
 from qwen2vl_jax.model.config import ModelConfig
-from qwen2vl_jax.data import formats, synthetic
-from qwen2vl_jax.data.packing import PackConfig, empty_row, pack_samples, stack_rows
+from qwen2vl_jax.train import sharding, train_step
 
 LOSS_KINDS = ("caption", "ocr", "grounding", "video", "chat")
 ACCURACY_KINDS = ("caption", "count", "ocr", "grounding", "video", "text")
@@ -44,84 +60,128 @@ _PAIR_RE = re.compile(r"\b(" + "|".join(synthetic.COLOURS) + r")\s+(" + "|".join
 # ----------------------------------------------------------------------------------------------
 # (a) held-out loss
 
-def heldout_samples(kind: str, num: int, tokenizer, cfg: ModelConfig,
-                    vision_opts: formats.VisionOptions | None = None) -> list[dict]:
-    """The fixed held-out Tokenized samples of one data type."""
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"loss kind {kind!r} unknown; valid: {', '.join(LOSS_KINDS)}")
-    if num < 1:
-        raise ValueError(f"num_per_kind must be >= 1; got {num}")
-    return [formats.make_sample(kind, i, "heldout", tokenizer, cfg, vision_opts, seed=synthetic.HELDOUT_SEED)
-            for i in range(num)]
+def loss_mixture(kinds: Sequence[str] = LOSS_KINDS) -> tuple[tuple[str, float], ...]:
+    """A mixture of one synthetic source per data kind (a DataConfig.mixture)."""
+    bad = [k for k in kinds if k not in formats.KINDS]
+    if bad or not kinds:
+        raise ValueError(f"loss kinds {list(kinds)}: unknown {bad}; valid: {', '.join(formats.KINDS)}")
+    return tuple((f"synthetic:{k}", 1.0) for k in kinds)
 
 
-def heldout_batches(kind: str, num: int, tokenizer, cfg: ModelConfig, pack_cfg: PackConfig, batch_size: int,
-                    vision_opts: formats.VisionOptions | None = None) -> list[dict]:
-    """Packed batches (numpy, leading axis batch_size; the last one filled with all-padding rows)."""
-    rows, counts = pack_samples(heldout_samples(kind, num, tokenizer, cfg, vision_opts), pack_cfg, cfg)
-    if not rows:
-        raise ValueError(f"no held-out {kind} sample fits seq_len={pack_cfg.seq_len} / "
-                         f"max_patches={pack_cfg.max_patches} (packer events: {counts})")
-    while len(rows) % batch_size:
-        rows.append(empty_row(pack_cfg))
-    return [stack_rows(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+def source_labels(mixture: Sequence[tuple[str, float]]) -> list[str]:
+    """Short names of a mixture's sources: the synthetic kind, the file name of an ArrayRecord glob (the whole
+    glob where two file names coincide)."""
+    specs = [sources.parse_source(name) for name, _ in mixture]
+    short = [s.arg if s.kind == "synthetic" else os.path.basename(s.arg) for s in specs]
+    return [lab if short.count(lab) == 1 else s.arg for lab, s in zip(short, specs)]
 
 
-def _data_field(data_cfg, name: str, default):
-    if data_cfg is None:
-        return default
-    if isinstance(data_cfg, dict):
-        return data_cfg.get(name, default)
-    return getattr(data_cfg, name, default)
+def heldout_samples(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer, num_samples: int
+                    ) -> dict[str, list[dict]]:
+    """{source label: the first `num_samples` Tokenized samples of the source's held-out split that the
+    training pipeline would pack} (synthetic: indices 0, 1, ...; ArrayRecord: the held-out files' records in
+    order). Like the pipeline, unreadable records and samples that cannot fit a row (packing.prepare_sample:
+    too many patches, vision cut by seq_len) are passed over; a source with none usable is a ValueError."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+    pack_cfg = data_cfg.pack_config(model_cfg)
+    specs = tuple(sources.parse_source(name) for name, _ in data_cfg.mixture)
+    decoder = SampleDecoder(specs, "heldout", data_cfg.seed, tokenizer, model_cfg, pack_cfg,
+                            data_cfg.vision_options, data_cfg.video_sampling)
+    out = {}
+    for s, (spec, label) in enumerate(zip(specs, source_labels(data_cfg.mixture))):
+        records = (range(pipeline.SYNTHETIC_LENGTH) if spec.kind == "synthetic"
+                   else sources.arrayrecord_source(spec.arg, "heldout"))
+        samples, passed_over = [], collections.Counter()
+        for i in range(len(records)):
+            try:
+                sample = decoder.tokenized(s, records[i])
+            except (media.BadMediaError, sources.BadRecordError) as e:
+                passed_over[f"unreadable/{type(e).__name__}"] += 1
+            else:
+                _, event = prepare_sample(sample, pack_cfg, model_cfg)
+                if event is None or event == TRUNCATED:
+                    samples.append(sample)
+                else:
+                    passed_over[event] += 1
+            if len(samples) == num_samples or sum(passed_over.values()) >= pipeline.MAX_UNUSABLE_RUN:
+                break
+        if not samples:
+            raise ValueError(f"held-out split of {spec.name}: no sample fits seq_len={pack_cfg.seq_len} / "
+                             f"max_patches={pack_cfg.max_patches} (passed over: {dict(passed_over)})")
+        out[label] = samples
+    return out
 
 
-def make_eval_fn(cfg: ModelConfig, data_cfg: Any = None, *, num_per_kind: int = 16,
-                 kinds: Sequence[str] = LOSS_KINDS, batch_size: int | None = None, seq_len: int | None = None,
-                 max_patches: int | None = None, tokenizer: Any = None, step_cfg: Any = None) -> Callable[[dict], dict]:
-    """-> fn(params) -> {kind: held-out loss, "mean": mean over kinds}.
+@dataclasses.dataclass(frozen=True)
+class HeldoutGroup:
+    """The held-out samples of one (source, data kind), packed into global batches."""
+    source: str
+    kind: str
+    num_samples: int
+    batches: tuple[dict, ...]      # numpy {key: [batch_size, ...]}; the last one padded with empty rows
 
-    Shapes come from `data_cfg` (an object or dict with seq_len / max_patches / batch_size, e.g. the
-    pipeline's data config) unless given explicitly. The batches are built here, once; fn jits one
-    loss step for the [batch_size, seq_len] shape and reuses it for every kind and call.
-    fn(params, zero_pixels=True) scores the same batches with every pixel value 0: the image ablation (a
-    model that reads its images has a clearly higher loss without them).
-    """
-    from qwen2vl_jax.train import train_step
-    from qwen2vl_jax.data.tokenizer import load_tokenizer
 
-    seq_len = seq_len or _data_field(data_cfg, "seq_len", 1024)
-    max_patches = max_patches or _data_field(data_cfg, "max_patches", 2048)
-    batch_size = batch_size or _data_field(data_cfg, "batch_size", 4)
-    bad = [k for k in kinds if k not in LOSS_KINDS]
-    if bad:
-        raise ValueError(f"loss kinds {bad} unknown; valid: {', '.join(LOSS_KINDS)}")
-    tokenizer = tokenizer or load_tokenizer(_data_field(data_cfg, "tokenizer", "embedded"))
-    vision_opts = _data_field(data_cfg, "vision_options", None)       # pipeline.DataConfig property
-    pack_cfg = PackConfig.for_model(cfg, seq_len=seq_len, max_patches=max_patches, overflow="truncate")
-    batches = {k: heldout_batches(k, num_per_kind, tokenizer, cfg, pack_cfg, batch_size, vision_opts) for k in kinds}
-    step_cfg = step_cfg or train_step.StepConfig()
+class HeldoutEvaluator:
+    """evaluator(params, zero_pixels=False) -> {"source/<label>", "kind/<kind>", "mean": held-out mean NLL}
+    (module docstring (a)). Built once: the batches are decoded and packed here; one loss step is jitted for
+    the [batch_size, seq_len] shape and reused for every group and call."""
 
-    @jax.jit
-    def loss_sums(params, batch):
-        _, (nll, _, n) = train_step.loss_terms(cfg, params, batch, step_cfg)
-        return nll, n
+    def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, *, num_samples: int, batch_size: int,
+                 mesh: jax.sharding.Mesh | None = None, step_cfg: train_step.StepConfig | None = None,
+                 tokenizer: Any = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        tokenizer = tokenizer or load_tokenizer("embedded")
+        mesh = mesh or sharding.make_mesh()
+        step_cfg = step_cfg or train_step.StepConfig()
+        pack_cfg = data_cfg.pack_config(model_cfg)
+        groups = []
+        for label, samples in heldout_samples(data_cfg, model_cfg, tokenizer, num_samples).items():
+            by_kind = collections.defaultdict(list)
+            for sample in samples:
+                by_kind[sample["sample_type"]].append(sample)
+            for kind, group in by_kind.items():
+                rows, _ = pack_samples(group, pack_cfg, model_cfg)     # every sample fits (heldout_samples)
+                rows += [empty_row(pack_cfg)] * (-len(rows) % batch_size)
+                groups.append(HeldoutGroup(label, kind, len(group), tuple(
+                    stack_rows(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size))))
+        self.groups = tuple(groups)
+        self.param_shardings = train_step.param_shardings(model_cfg, mesh)
+        self.batch_shardings = sharding.batch_shardings(
+            train_step.batch_spec(model_cfg, batch_size, data_cfg.seq_len, data_cfg.max_patches), mesh)
 
-    def eval_fn(params, zero_pixels: bool = False) -> dict:
-        out = {}
-        for k, bs in batches.items():
-            nll = n = 0.0
-            for b in bs:
+        def loss_sums(params, batch):
+            with attention.mesh_context(mesh):        # as in the train step (splash attention runs on it)
+                _, (nll, _, n) = train_step.loss_terms(model_cfg, params, batch, step_cfg)
+            return nll, n
+
+        self._loss_sums = jax.jit(loss_sums)          # in/out shardings: those of the placed arguments
+
+    def _place(self, batch: Mapping[str, np.ndarray]) -> dict:
+        """A global batch every process holds whole -> jax.Arrays sharded like the train step's batches."""
+        return {k: jax.make_array_from_callback(v.shape, self.batch_shardings[k], lambda idx, v=v: v[idx])
+                for k, v in batch.items()}
+
+    def __call__(self, params: dict, zero_pixels: bool = False) -> dict[str, float]:
+        params = jax.device_put(params, self.param_shardings)       # no-op for the trainer's state.params
+        sums: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])   # name -> [nll, tokens]
+        for g in self.groups:
+            for b in g.batches:
                 if zero_pixels:
                     b = {**b, "pixel_values": np.zeros_like(b["pixel_values"])}
-                s, c = loss_sums(params, b)
-                nll += float(s)
-                n += float(c)
-            out[k] = nll / max(n, 1.0)
-        out["mean"] = float(np.mean([out[k] for k in kinds]))
+                nll, n = (float(x) for x in self._loss_sums(params, self._place(b)))
+                for name in (f"source/{g.source}", f"kind/{g.kind}"):
+                    sums[name][0] += nll
+                    sums[name][1] += n
+        out = {name: nll / max(n, 1.0) for name, (nll, n) in sums.items()}
+        out["mean"] = float(np.mean([v for k, v in out.items() if k.startswith("kind/")]))
         return out
 
-    eval_fn.batches = batches          # exposed for inspection / tests
-    return eval_fn
+
+def kind_losses(losses: Mapping[str, float]) -> dict[str, float]:
+    """{kind: loss} of an evaluator result."""
+    return {k.split("/", 1)[1]: v for k, v in losses.items() if k.startswith("kind/")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,9 +244,6 @@ def evaluate_accuracy(cfg: ModelConfig, params: dict, *, num: int = 64, kinds: S
     None = per kind, the longest expected answer + 8 tokens (room for eos and a little more).
     zero_pixels=True: the same prompts with every pixel value 0 (image ablation): what the model scores from
     the text prior alone, the baseline a model that reads its images must beat."""
-    from qwen2vl_jax.eval import generate as gen
-    from qwen2vl_jax.data.tokenizer import load_tokenizer
-
     bad = [k for k in kinds if k not in ACCURACY_KINDS]
     if bad:
         raise ValueError(f"accuracy kinds {bad} unknown; valid: {', '.join(ACCURACY_KINDS)}")
@@ -240,3 +297,46 @@ def accuracy_table(results: dict[str, KindResult], zeroed: dict[str, KindResult]
             blank = f" {zeroed[kind].scores[name]:>13.3f}" if zeroed else ""
             lines.append(f"{name:<16} {r.scores[name]:>9.3f} {r.chance[name]:>8.3f}{blank}   {r.num}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# (c) curves
+
+def plot_loss_curves(runs: Sequence[tuple[str, Mapping[int, float], Mapping[int, Mapping[str, float]]]],
+                     path: str, title: str = "") -> None:
+    """One figure of consecutive runs [(name, {step: training loss}, {step: evaluator result})], each run's
+    steps after the previous run's last: the training loss (grey) and the held-out loss of every data kind
+    ("kind/<kind>" entries; one colour per kind across runs), a dashed line where a run starts. PNG at `path`."""
+    import matplotlib                     # imported here: a plotting backend is needed only for this figure
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({k for _, _, evals in runs for e in evals.values() for k in kind_losses(e)})
+    colour = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(kinds)}
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    offset, labelled = 0, set()
+    for name, losses, evals in runs:
+        if offset:
+            ax.axvline(offset, color="0.6", linestyle="--", linewidth=0.8)
+        ax.text(offset, 1.0, f" {name}", transform=ax.get_xaxis_transform(), va="top", fontsize=9)
+        steps = sorted(losses)
+        ax.plot([offset + s for s in steps], [losses[s] for s in steps], color="0.55", linewidth=0.8,
+                label=None if "train" in labelled else "training loss")
+        labelled.add("train")
+        eval_steps = sorted(evals)
+        for k in kinds:
+            pts = [(offset + s, kind_losses(evals[s])[k]) for s in eval_steps if k in kind_losses(evals[s])]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=3.5, color=colour[k],
+                        label=None if k in labelled else f"held-out {k}")
+                labelled.add(k)
+        offset += max(steps + eval_steps, default=0)
+    ax.set_xlabel("step (runs one after another)")
+    ax.set_ylabel("loss (mean NLL per supervised token)")
+    ax.grid(True, alpha=0.25)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
