@@ -23,9 +23,11 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # b
 
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-FLAGS = flags.FLAGS
+from experiments import flags as cli  # noqa: E402
+
+FLAGS = flags.FlagValues()
 
 
 def make_images(count: int, seed: int = 0) -> list[PIL.Image.Image]:
@@ -163,23 +165,21 @@ def bench_pipeline(seconds: float, model: str, batch_size: int, seq_len: int, ma
     )
 
 
-def define_flags() -> None:
-    flags.DEFINE_integer("images", 50, "images in the seeded mix", lower_bound=1)
-    flags.DEFINE_integer("rounds", 3, "timing rounds (best of)", lower_bound=1)
-    flags.DEFINE_integer("core", 0, "CPU core to pin this process to", lower_bound=0)
-    flags.DEFINE_integer("min_pixels", 56 * 56, "HF class default")
-    flags.DEFINE_integer("max_pixels", 28 * 28 * 1280, "HF class default; the checkpoints use 12845056")
-    flags.DEFINE_float("pipeline_seconds", 20.0, "CPU seconds of pipeline batches")
-    flags.DEFINE_string("pipeline_model", "test", "model preset for the pipeline hook")
-    flags.DEFINE_integer("batch_size", 4, "pipeline rows per batch")
-    flags.DEFINE_integer("seq_len", 2048, "pipeline tokens per row")
-    flags.DEFINE_integer("max_patches", 8192, "pipeline patch rows per row")
-    flags.DEFINE_bool("skip_pipeline", False, "time the image preprocessors only")
+flags.DEFINE_integer("images", 50, "images in the seeded mix", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("rounds", 3, "timing rounds (best of)", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("core", 0, "CPU core to pin this process to", lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_integer("min_pixels", 56 * 56, "HF class default", flag_values=FLAGS)
+flags.DEFINE_integer("max_pixels", 28 * 28 * 1280, "HF class default; the checkpoints use 12845056", flag_values=FLAGS)
+flags.DEFINE_float("pipeline_seconds", 20.0, "CPU seconds of pipeline batches", flag_values=FLAGS)
+flags.DEFINE_string("pipeline_model", "test", "model preset for the pipeline hook", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 4, "pipeline rows per batch", flag_values=FLAGS)
+flags.DEFINE_integer("seq_len", 2048, "pipeline tokens per row", flag_values=FLAGS)
+flags.DEFINE_integer("max_patches", 8192, "pipeline patch rows per row", flag_values=FLAGS)
+flags.DEFINE_bool("skip_pipeline", False, "time the image preprocessors only", flag_values=FLAGS)
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+    cli.parse(FLAGS, argv, __doc__)
     if FLAGS.core >= (os.cpu_count() or 1):
         print(f"ERROR: --core={FLAGS.core}; valid: 0..{(os.cpu_count() or 1) - 1}", file=sys.stderr)
         sys.exit(1)
@@ -193,5 +193,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main)

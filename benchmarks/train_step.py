@@ -32,6 +32,10 @@ import time  # noqa: E402
 from typing import Callable, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from experiments import flags as cli  # noqa: E402
+from qwen2vl_jax.model.config import ATTENTION_IMPLS, REMAT_POLICIES  # noqa: E402
 
 # dense bf16 peak per device, FLOP/s
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -273,24 +277,28 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    from absl import flags
-    F = flags.FLAGS
-    run(F.model, [int(b) for b in F.batch_sizes.split(",")], F.steps, F.warmup, F.seq_len, F.images, F.image_px,
+FLAGS = flags.FlagValues()
+cli.define_model(FLAGS, default="2b")
+flags.DEFINE_list("batch_sizes", ["1", "2"], "rows per step (comma list)", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 10, "timed steps", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 2, "untimed steps (the first compiles)", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("seq_len", None, "tokens per row (default 4096; 256 for test)", flag_values=FLAGS)
+flags.DEFINE_integer("images", None, "images per row (default 4)", flag_values=FLAGS)
+flags.DEFINE_integer("image_px", None, "image side in pixels (default 448)", flag_values=FLAGS)
+flags.DEFINE_enum("attention", None, ATTENTION_IMPLS, "attention_impl (default cudnn on GPU, xla elsewhere)",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("remat", "none", REMAT_POLICIES, "remat policy of the JAX model", flag_values=FLAGS)
+flags.DEFINE_bool("torch", True, "also time the transformers model", flag_values=FLAGS)
+flags.DEFINE_float("peak_tflops", None, "dense bf16 peak per device (default from the device kind)",
+                   flag_values=FLAGS)
+
+
+def main(argv) -> None:
+    cli.parse(FLAGS, argv, __doc__)
+    F = FLAGS
+    run(F.model, [int(b) for b in F.batch_sizes], F.steps, F.warmup, F.seq_len, F.images, F.image_px,
         F.attention, F.remat, F.torch, F.peak_tflops)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    flags.DEFINE_string("model", "2b", "model preset")
-    flags.DEFINE_string("batch_sizes", "1,2", "comma-separated rows per step")
-    flags.DEFINE_integer("steps", 10, "timed steps")
-    flags.DEFINE_integer("warmup", 2, "untimed steps (the first compiles)")
-    flags.DEFINE_integer("seq_len", None, "tokens per row (default 4096; 256 for test)")
-    flags.DEFINE_integer("images", None, "images per row (default 4)")
-    flags.DEFINE_integer("image_px", None, "image side in pixels (default 448)")
-    flags.DEFINE_string("attention", None, "attention_impl (default cudnn on GPU, xla elsewhere)")
-    flags.DEFINE_string("remat", "none", "remat policy of the JAX model")
-    flags.DEFINE_bool("torch", True, "also time the transformers model")
-    flags.DEFINE_float("peak_tflops", None, "dense bf16 peak per device (default from the device kind)")
-    app.run(main)
+    cli.run(main)

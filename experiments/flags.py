@@ -48,13 +48,15 @@ def define_list(fv: flags.FlagValues, name: str, default: Sequence[str], choices
         message=f"each item must be one of {', '.join(choices)}", flag_values=fv)
 
 
-def parse(fv: flags.FlagValues, argv: Sequence[str], doc: str | None = None) -> None:
-    """Parses `argv` (flags only, no program name) into `fv`, from the defaults up (a second call does not
-    inherit the first's values). --help prints `doc` and the flags and exits 0; a bad flag or a stray
-    argument prints one ERROR line and exits 2."""
+def parse(fv: flags.FlagValues, argv: Sequence[str], doc: str | None = None,
+          positional: Sequence[str] = ()) -> list[str]:
+    """Parses `argv` (no program name) into `fv`, from the defaults up (a second call does not inherit the
+    first's values), and returns the positional arguments, exactly len(positional) of them (their names,
+    e.g. ("SRC", "DST")). --help prints `doc` and the flags and exits 0; a bad flag or a wrong number of
+    positional arguments prints one ERROR line and exits 2."""
     argv = list(argv)
     if any(a in HELP_FLAGS for a in argv):
-        print((doc or "").strip() + "\n\nflags:" + fv.get_help(include_special_flags=False))
+        print((doc or "").strip() + "\n\nflags:\n" + flags_help(fv))
         raise SystemExit(0)
     for name in fv:
         fv[name].unparse()           # back to the default (FlagValues.unparse_flags would also log about it)
@@ -65,8 +67,24 @@ def parse(fv: flags.FlagValues, argv: Sequence[str], doc: str | None = None) -> 
         _usage_error(f"{e}; valid: {valid}")
     except flags.Error as e:
         _usage_error(str(e))
-    if rest:
-        _usage_error(f"unexpected arguments {rest}: every option is a --flag (see --help)")
+    if len(rest) != len(positional):
+        if not positional:
+            _usage_error(f"unexpected arguments {rest}: every option is a --flag (see --help)")
+        _usage_error(f"expected {' '.join(positional)}, got {rest}")
+    return rest
+
+
+def flags_help(fv: flags.FlagValues) -> str:
+    """One entry per flag, alphabetical: `--name: help (default: value)`."""
+    lines = []
+    for name in sorted(fv):
+        if name in ("flagfile", "undefok"):
+            continue
+        f = fv[name]
+        kind = f"<{'|'.join(f.enum_values)}>: " if getattr(f, "enum_values", None) else ""
+        prefix = "--[no]" if f.boolean else "--"
+        lines.append(f"  {prefix}{name}: {kind}{f.help} (default: {f.default_as_str or 'none'})")
+    return "\n".join(lines)
 
 
 def _usage_error(message: str):

@@ -14,22 +14,20 @@ import sys
 # The TPU devices are libtpu's compile-only ones; the host backend must never probe for an accelerator.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+from experiments import flags as cli  # noqa: E402
 from experiments import registry  # noqa: E402
 from qwen2vl_jax.model.config import ATTENTION_IMPLS  # noqa: E402
 from qwen2vl_jax.train import aot, flops  # noqa: E402
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-    flags.DEFINE_string("experiment", "stage2", "experiment name (experiments/registry.py)")
-    flags.DEFINE_string("model", "72b", "model preset: test, tiny, 2b, 7b, 72b")
-    flags.DEFINE_string("topology", "v5p-256", "accelerator type (v5p-256) or topology (v5p:4x4x8)")
-    flags.DEFINE_enum("attention", None, ATTENTION_IMPLS,
-                      "attention_impl for the TPU (default: the experiment's; auto -> splash)")
-    flags.DEFINE_multi_string("set", [], "experiment override key=value")
+FLAGS = flags.FlagValues()
+cli.define_experiment(FLAGS, default="stage2")
+cli.define_model(FLAGS, default="72b")
+cli.define_set(FLAGS)
+flags.DEFINE_string("topology", "v5p-256", "accelerator type (v5p-256) or topology (v5p:4x4x8)", flag_values=FLAGS)
+flags.DEFINE_enum("attention", None, ATTENTION_IMPLS,
+                  "attention_impl for the TPU (default: the experiment's; auto -> splash)", flag_values=FLAGS)
 
 
 def run_experiment(experiment: str, model: str, topology: str, overrides=(), attention: str | None = None):
@@ -51,8 +49,7 @@ def run_experiment(experiment: str, model: str, topology: str, overrides=(), att
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+    cli.parse(FLAGS, argv, __doc__)
     try:
         exp, cfg, result = run_experiment(FLAGS.experiment, FLAGS.model, FLAGS.topology, FLAGS.set,
                                           FLAGS.attention)
@@ -82,5 +79,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 import numpy as np
 import tokenizers
-from absl import app, flags
+from absl import flags
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from experiments import flags as cli
 from qwen2vl_jax.model.config import SPECIAL_TOKENS, TINY_TEXT_VOCAB
 from qwen2vl_jax.data import formats, synthetic
 from qwen2vl_jax.data.tokenizer import EMBEDDED_PATH, from_json_str
@@ -80,17 +80,15 @@ def build(samples_per_kind: int = SAMPLES_PER_KIND, seed: int = 0) -> str:
     return text
 
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()
 
 
-def define_flags() -> None:
-    flags.DEFINE_bool("check", False, "compare a rebuild with the shipped asset (exit 1 if they differ)")
-    flags.DEFINE_string("out", EMBEDDED_PATH, "tokenizer.json to write (or to compare with --check)")
+flags.DEFINE_bool("check", False, "compare a rebuild with the shipped asset (exit 1 if they differ)", flag_values=FLAGS)
+flags.DEFINE_string("out", EMBEDDED_PATH, "tokenizer.json to write (or to compare with --check)", flag_values=FLAGS)
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+    cli.parse(FLAGS, argv, __doc__)
     text = build()
     if FLAGS.check:
         with open(FLAGS.out, encoding="utf-8") as f:
@@ -104,5 +102,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

@@ -9,25 +9,25 @@ import json
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from experiments import flags as cli
 from qwen2vl_jax.eval import scaling
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()
 
 
-def define_flags() -> None:
-    flags.DEFINE_string("results", None, "CSV or JSON-lines table (params, tokens, flops, eval_loss_*)")
-    flags.DEFINE_string("loss", "mean", "loss kind to fit: mean (default) or one eval_loss_<kind>")
-    flags.DEFINE_string("n_column", "params", "column used as N (e.g. params or params_non_embedding)")
-    flags.DEFINE_multi_float("budget", None, "FLOP budget C (repeatable): print the compute-optimal N and D for "
-                             "C = 6ND (default: 10x the largest 6ND of the table)")
-    flags.DEFINE_string("plot", None, "write a PNG of the data and the fitted curves")
-    flags.DEFINE_integer("bootstrap", 50, "bootstrap replicates for the intervals (0 = none)", lower_bound=0)
-    flags.DEFINE_float("ci", 0.9, "central interval mass", lower_bound=0.0, upper_bound=1.0)
-    flags.DEFINE_integer("seed", 0, "seed of the bootstrap resampling")
-    flags.DEFINE_bool("json", False, "print one JSON object instead of text")
-    flags.mark_flag_as_required("results")
+flags.DEFINE_string("results", None, "CSV or JSON-lines table (params, tokens, flops, eval_loss_*)", flag_values=FLAGS)
+flags.DEFINE_string("loss", "mean", "loss kind to fit: mean (default) or one eval_loss_<kind>", flag_values=FLAGS)
+flags.DEFINE_string("n_column", "params", "column used as N (e.g. params or params_non_embedding)", flag_values=FLAGS)
+flags.DEFINE_multi_float("budget", None, "FLOP budget C (repeatable): print the compute-optimal N and D for "
+                         "C = 6ND (default: 10x the largest 6ND of the table)", flag_values=FLAGS)
+flags.DEFINE_string("plot", None, "write a PNG of the data and the fitted curves", flag_values=FLAGS)
+flags.DEFINE_integer("bootstrap", 50, "bootstrap replicates for the intervals (0 = none)", lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_float("ci", 0.9, "central interval mass", lower_bound=0.0, upper_bound=1.0, flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the bootstrap resampling", flag_values=FLAGS)
+flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=FLAGS)
+flags.mark_flag_as_required("results", flag_values=FLAGS)
 
 
 def fit(results: str, loss: str = "mean", n_column: str = "params", budgets=None, plot: str | None = None,
@@ -72,8 +72,7 @@ def format_fit(out: dict) -> str:
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+    cli.parse(FLAGS, argv, __doc__)
     try:
         out = fit(FLAGS.results, FLAGS.loss, FLAGS.n_column, FLAGS.budget, FLAGS.plot, FLAGS.bootstrap, FLAGS.ci,
                   FLAGS.seed)
@@ -85,5 +84,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

@@ -21,11 +21,12 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
+from experiments import flags as cli
 from qwen2vl_jax.data import media, sources
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()
 
 
 def shard_paths(out_dir: str, num_shards: int) -> list[str]:
@@ -170,17 +171,15 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def define_flags() -> None:
-    flags.DEFINE_string("manifest", None, "JSONL manifest (schema: qwen2vl_jax/data/sources.py)")
-    flags.DEFINE_string("out", None, "output folder for the ArrayRecord shards")
-    flags.DEFINE_integer("num_shards", 1, "number of ArrayRecord shards", lower_bound=1)
-    flags.DEFINE_bool("no_verify", False, "skip decoding images / opening videos")
-    flags.mark_flags_as_required(["manifest", "out"])
+flags.DEFINE_string("manifest", None, "JSONL manifest (schema: qwen2vl_jax/data/sources.py)", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output folder for the ArrayRecord shards", flag_values=FLAGS)
+flags.DEFINE_integer("num_shards", 1, "number of ArrayRecord shards", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_bool("no_verify", False, "skip decoding images / opening videos", flag_values=FLAGS)
+flags.mark_flags_as_required(["manifest", "out"], flag_values=FLAGS)
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+    cli.parse(FLAGS, argv, __doc__)
     try:
         summary = prepare(FLAGS.manifest, FLAGS.out, FLAGS.num_shards, verify=not FLAGS.no_verify)
     except (OSError, ValueError) as e:
@@ -191,5 +190,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

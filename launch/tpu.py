@@ -1,6 +1,6 @@
 """Launch a pretraining run on a Cloud TPU VM slice (single- or multi-host) with `gcloud`.
 
-    python -m launch.tpu --experiment=stage1 --model=7b --tpu=my-v5p --zone=us-east5-a \
+    python -m launch.tpu --experiment=stage1 --model=7b --tpu=my-v5p --zone=us-east5-a
         --accelerator=v5p-128 [--project=P] [--version=RUNTIME] [--spot] [--dry_run] [--set k=v ...]
 
 Reuses the TPU VM NAME or creates it, ships the repository's HEAD to every worker, installs it and starts
@@ -12,27 +12,35 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from experiments import flags as cli
 from experiments import registry
 from qwen2vl_jax.cloud import tpu
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()
+cli.define_experiment(FLAGS, default=None)
+cli.define_model(FLAGS, default=None, help="model size preset (default: the experiment's)")
+cli.define_set(FLAGS, what="the experiment config (passed to launch.pretrain)")
+flags.DEFINE_string("tpu", None, "TPU VM name", flag_values=FLAGS)
+flags.DEFINE_string("zone", None, "GCP zone, e.g. us-east5-a", flag_values=FLAGS)
+flags.DEFINE_string("accelerator", None, "accelerator type, e.g. v5p-128", flag_values=FLAGS)
+flags.DEFINE_string("project", None, "GCP project (default: gcloud's configured project)", flag_values=FLAGS)
+flags.DEFINE_string("version", None, "TPU runtime version (default per generation)", flag_values=FLAGS)
+flags.DEFINE_string("run_name", None, "log file name (default EXPERIMENT-TPU)", flag_values=FLAGS)
+flags.DEFINE_bool("spot", False, "create a Spot TPU VM", flag_values=FLAGS)
+flags.DEFINE_bool("dry_run", False, "print the commands, run nothing", flag_values=FLAGS)
+flags.mark_flags_as_required(["experiment", "tpu", "zone", "accelerator"], flag_values=FLAGS)
 
 
 def main(argv) -> int:
+    cli.parse(FLAGS, argv, __doc__)
     F = FLAGS
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-    try:
-        # the workers parse the same overrides; a typo found here costs no TPU time
-        registry.get_experiment(F.experiment, **({"model": F.model} if F.model else {}), overrides=F.set)
-        vm = tpu.TpuVm(name=F.tpu, zone=F.zone, accelerator=F.accelerator, project=F.project,
-                       version=F.version, spot=F.spot)
-        jobs = tpu.job_commands(vm, F.experiment, model=F.model, overrides=F.set, run_name=F.run_name)
-    except ValueError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 1
+    # the workers parse the same overrides; a typo found here costs no TPU time
+    registry.get_experiment(F.experiment, **({"model": F.model} if F.model else {}), overrides=F.set)
+    vm = tpu.TpuVm(name=F.tpu, zone=F.zone, accelerator=F.accelerator, project=F.project,
+                   version=F.version, spot=F.spot)
+    jobs = tpu.job_commands(vm, F.experiment, model=F.model, overrides=F.set, run_name=F.run_name)
     if F.dry_run:
         print(tpu.dry_run_script(vm, jobs))
         return 0
@@ -42,21 +50,5 @@ def main(argv) -> int:
     return 0
 
 
-def define_flags() -> None:
-    flags.DEFINE_string("experiment", None, "experiment name (experiments/registry.py)")
-    flags.DEFINE_string("model", None, "model preset override (test|tiny|2b|7b|72b)")
-    flags.DEFINE_string("tpu", None, "TPU VM name")
-    flags.DEFINE_string("zone", None, "GCP zone, e.g. us-east5-a")
-    flags.DEFINE_string("accelerator", None, "accelerator type, e.g. v5p-128")
-    flags.DEFINE_string("project", None, "GCP project (default: gcloud's configured project)")
-    flags.DEFINE_string("version", None, "TPU runtime version (default per generation)")
-    flags.DEFINE_string("run_name", None, "log file name (default EXPERIMENT-TPU)")
-    flags.DEFINE_bool("spot", False, "create a Spot TPU VM")
-    flags.DEFINE_bool("dry_run", False, "print the commands, run nothing")
-    flags.DEFINE_multi_string("set", [], "config override key=value, passed to launch.pretrain")
-    flags.mark_flags_as_required(["experiment", "tpu", "zone", "accelerator"])
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

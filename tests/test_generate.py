@@ -84,7 +84,7 @@ def _hf_generate(ref, pb: gen.PromptBatch, eos):
 
 def _teacher_forced_argmax(ref, pb: gen.PromptBatch, n):
     """Greedy by full re-forwards with explicit M-RoPE ids (no cache, no generate()): the reference
-    doc's §8.3 fallback, independent of transformers' decoding path."""
+    docs/qwen2vl.md §8.3 fallback, independent of transformers' decoding path."""
     ids, mask = pb.input_ids.copy(), pb.attention_mask.copy()
     deltas = pb.rope_deltas
     pos = pb.positions

@@ -44,7 +44,7 @@ def test_tree_matches_contract_shapes(hf_pair):
     v = cfg.vision
     E, H, hd, L = v.embed_dim, v.num_heads, v.head_dim, cfg.num_hidden_layers
     D, Hq, Hkv, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    # Hand-written from WORKSPACE.md "Parameters".
+    # Hand-written from docs/architecture.md "Parameters".
     assert params["visual"]["patch_embed"]["kernel"].shape == (1176, E)
     assert params["visual"]["blocks"]["attn"]["qkv"]["kernel"].shape == (v.depth, E, 3, H, hd)
     assert params["visual"]["blocks"]["attn"]["qkv"]["bias"].shape == (v.depth, 3, H, hd)

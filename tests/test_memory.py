@@ -10,7 +10,7 @@ from qwen2vl_jax.train.memory import StepShape
 
 CFG = get_config("test")
 
-# Hand count of the test config's parameter tree (WORKSPACE.md contract):
+# Hand count of the test config's parameter tree (docs/architecture.md contract):
 # V=2048 D=64 I=128 L=2 Hq=4 Hkv=2 hd=16; ViT depth 2, E=32, M=128, patch row 1176; untied lm_head.
 VISION_TOWER = (1176 * 32                                   # patch_embed
                 + 2 * (2 * 32 + 2 * 32                      # norm1, norm2 (scale, bias)
@@ -103,7 +103,7 @@ def test_activation_formula_hand_count():
 
 def test_check_fits_raises_with_needed_and_available():
     est = memory.estimate(get_config("72b"), StepShape(batch_size=1, seq_len=4096, max_patches=4096))
-    assert est.params == pytest.approx(4 * 73_405_560_320, rel=0)    # reference §1.3 parameter count
+    assert est.params == pytest.approx(4 * 73_405_560_320, rel=0)    # docs/qwen2vl.md §1.3 parameter count
     with pytest.raises(memory.InsufficientMemoryError, match=r"needs 1\d\d\d\.\d\d GiB per device but host RAM"):
         memory.check_fits(est, what="72b")
     small = memory.estimate(CFG, STEP)

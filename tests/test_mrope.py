@@ -1,4 +1,4 @@
-"""M-RoPE position ids (reference doc §3.4 worked example, video rule) and the rope.py cos/sin against
+"""M-RoPE position ids (docs/qwen2vl.md §3.4 worked example, video rule) and the rope.py cos/sin against
 transformers' rotary code."""
 import types
 

@@ -1,5 +1,5 @@
 """Parameter counts of the contract tree (jax.eval_shape, no allocation) against the released checkpoints
-(qwen2vl.md §1.3) and against transformers' model built on the meta device."""
+(docs/qwen2vl.md §1.3) and against transformers' model built on the meta device."""
 import functools
 
 import jax

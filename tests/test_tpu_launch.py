@@ -45,14 +45,14 @@ def test_dry_run_prints_exact_commands():
 
 @pytest.mark.parametrize("flag, msg", [
     ("--set=optim.peak_lrr=1e-4", "unknown key 'optim.peak_lrr': optim has no field 'peak_lrr'; valid: "),
-    ("--experiment=stage9", "unknown experiment 'stage9'; valid: stage1, stage2, stage3"),
+    ("--experiment=stage9", "flag --experiment=stage9: value should be one of <stage1|stage2|stage3>"),
 ])
 def test_cli_rejects_a_bad_experiment_before_any_command(flag, msg):
     """The overrides the workers will parse are parsed here first: a typo costs no TPU VM."""
     proc = subprocess.run(
         [sys.executable, "-m", "launch.tpu", "--experiment=stage2", "--tpu=qv-pod", "--zone=us-east5-a",
          "--accelerator=v5p-128", "--dry_run", flag], cwd=REPO_ROOT, capture_output=True, text=True)
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout == ""       # configuration errors exit 2 in every CLI
     assert proc.stderr.startswith(f"ERROR: {msg}") and proc.stderr.count("\n") == 1
 
 

@@ -17,7 +17,7 @@ CFG = get_config("test")
 
 
 def synthetic_batch(cfg, batch_size=8, seq_len=32, grid=(1, 2, 4), seed=0):
-    """A packed batch obeying the WORKSPACE.md contract: per row one image sample (vision_start,
+    """A packed batch obeying the docs/architecture.md contract: per row one image sample (vision_start,
     pads, vision_end, text) and one text sample, then padding."""
     rng = np.random.default_rng(seed)
     t, gh, gw = grid

@@ -9,7 +9,7 @@ to <= 1e-5 (in practice bit-exact), with the same defaults:
     uint8 -> float32 via a [3, 256] lookup table that holds, per channel and value v,
         float32(float64(v) * (1/255)), then (x - float32(mean)) / float32(std) in float32
         -- the reference's rescale -> normalize arithmetic, bit for bit, without float64 arrays
-    patchify (reference §2.1): an image is 2 identical frames; rows are
+    patchify (docs/qwen2vl.md §2.1): an image is 2 identical frames; rows are
         (t, block_row, block_col, 2x2 position in block), columns (channel, frame, 14 rows, 14 cols).
 
 Speed: PIL images are resized as PIL images (no numpy round trip); the patchify moves whole 14-pixel runs
@@ -229,7 +229,7 @@ def patchify_normalized(
 
     F is padded to a multiple of ``temporal_patch_size`` by repeating the last frame (an image, F=1,
     becomes tp identical frames), as transformers 4.57.6 does. H and W must be multiples of p*merge.
-    Row order (gt, gh/m, gw/m, m, m); column order (channel, frame, p, p) -- reference §2.1."""
+    Row order (gt, gh/m, gw/m, m, m); column order (channel, frame, p, p) -- docs/qwen2vl.md §2.1."""
     f, h, w, c = frames.shape
     if c != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")

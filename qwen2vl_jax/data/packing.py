@@ -3,7 +3,7 @@
 Three pure stages, each usable on its own:
 
 1. `prepare_sample(sample, pack_cfg, model_cfg) -> (PreparedSample | None, event)`: validates one Tokenized
-   sample (WORKSPACE.md contract), applies the overflow rule, and precomputes everything that is per
+   sample (docs/architecture.md contract), applies the overflow rule, and precomputes everything that is per
    sample: next-token targets and their loss mask, M-RoPE positions ([3, n], `mrope.sample_positions`,
    restarting at 0), 2-D patch RoPE ids ([p, 2], `rope.vision_position_ids`) and the sizes of the ViT
    attention segments (one per vision item and temporal slice, h*w patch rows each).

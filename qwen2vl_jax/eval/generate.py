@@ -1,6 +1,6 @@
 """Autoregressive generation with the model's KV cache and M-RoPE position deltas.
 
-Prompts are Tokenized samples (WORKSPACE.md contract: `input_ids` with vision pads already expanded,
+Prompts are Tokenized samples (docs/architecture.md contract: `input_ids` with vision pads already expanded,
 `pixel_values`, `grid_thw`, `vision_kind`; `loss_mask` ignored), so an image, several images or a video
 per prompt all work. `prepare_prompts` left-pads a batch (B rows, L = longest prompt rounded up to
 `pad_multiple`), concatenates the vision inputs in batch order (as the HF processor does) and computes

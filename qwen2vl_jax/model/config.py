@@ -1,6 +1,6 @@
 """Model configuration: frozen dataclasses for the Qwen2-VL vision tower and decoder.
 
-Architecture fields mirror the released `config.json` files (see WORKSPACE.md, "Model configs");
+Architecture fields mirror the released `config.json` files (see docs/architecture.md, "Model configs");
 execution fields (dtype, attention backend, remat, scan) are ours and never written to HF configs.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Qwen2 decoder (Flax linen): GQA attention with M-RoPE, SwiGLU MLP, RMSNorm, stacked layers.
 
 Shapes: B batch, S tokens, D hidden, Hq / Hkv query / kv heads, hd head_dim, I SwiGLU width, L layers,
-M KV-cache slots. Parameter names and logical axes follow WORKSPACE.md "Parameters".
+M KV-cache slots. Parameter names and logical axes follow docs/architecture.md "Parameters".
 
 Layer (pre-norm, as transformers Qwen2VLDecoderLayer):
   h = x + o_proj(attn(rope(q_proj(rms(x))), rope(k_proj(rms(x))), v_proj(rms(x))))     q/k/v with bias

@@ -1,6 +1,6 @@
 """Hugging Face <-> qwen2vl_jax weight conversion.
 
-The parameter tree is the contract in WORKSPACE.md ("Parameters"). Every HF tensor maps to exactly one
+The parameter tree is the contract in docs/architecture.md ("Parameters"). Every HF tensor maps to exactly one
 leaf (per layer for the stacked blocks) through one `_Spec` row of `_specs(cfg)`:
 
   HF name (on disk)                                  HF shape           ours                             our shape

@@ -1,6 +1,6 @@
 """Qwen2-VL model: the linen wiring of vision tower and decoder, and its functional API.
 
-  init_params(cfg, rng) -> params                  plain nested dict (WORKSPACE.md "Parameters"), cfg.param_dtype
+  init_params(cfg, rng) -> params                  plain nested dict (docs/architecture.md "Parameters"), cfg.param_dtype
   param_logical_axes(cfg) -> same tree of tuples of logical axis names
   forward(cfg, params, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
           video_grid_thw, position_ids) -> logits [B,S,V] fp32      (transformers input layouts, prepared
@@ -176,7 +176,7 @@ def encode_vision(cfg: ModelConfig, params: dict, pixel_values, patch_segment_id
 
 
 def forward_hidden(cfg: ModelConfig, params: dict, batch: dict):
-    """Packed batch (WORKSPACE.md) -> hidden [B,S,D] after the final norm.
+    """Packed batch (docs/architecture.md) -> hidden [B,S,D] after the final norm.
 
     Uses input_ids, segment_ids, positions [B,3,S]; with pixel_values [B,P,1176] also patch_segment_ids and
     patch_positions: the k-th image/video pad of row b takes merged vision token k of row b.

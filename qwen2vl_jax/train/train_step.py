@@ -205,7 +205,7 @@ def place_params(params: dict, step_cfg: StepConfig, shardings: TrainState) -> T
 # step
 
 def batch_spec(cfg: ModelConfig, batch_size: int, seq_len: int, max_patches: int) -> dict:
-    """ShapeDtypeStructs of a packed batch (WORKSPACE.md contract)."""
+    """ShapeDtypeStructs of a packed batch (docs/architecture.md contract)."""
     i32, f32 = jnp.int32, jnp.float32
     b, s, p = batch_size, seq_len, max_patches
     return {
