@@ -10,8 +10,6 @@ line, as a runnable shell script. The experiment and its `--set` overrides are c
 """
 from __future__ import annotations
 
-import sys
-
 from absl import flags
 
 from experiments import flags as cli
