@@ -1,6 +1,6 @@
 """The paper's three-stage recipe end to end: stage 1 -> stage 2 -> stage 3, then task accuracy.
 
-    python -m launch.pipeline --model=tiny [--workdir runs/pipeline_tiny] [--set key=value ...]
+    python -m launch.recipe --model=tiny [--workdir runs/recipe_tiny] [--set key=value ...]
         [--stage_set 2:optim.peak_lr=5e-4 ...] [--eval_num 64] [--eval_after 2,3]
 
 Each stage is the registry experiment `stage{k}` for --model, trained by qwen2vl_jax.train.trainer with its
@@ -31,7 +31,7 @@ STAGES = ("1", "2", "3")
 
 FLAGS = flags.FlagValues()
 cli.define_model(FLAGS)
-flags.DEFINE_string("workdir", None, "default runs/pipeline_<model>", flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "default runs/recipe_<model>", flag_values=FLAGS)
 cli.define_set(FLAGS, "every stage's experiment config")
 flags.DEFINE_multi_string("stage_set", [], "override for one stage: STAGE:key=value (repeatable)", flag_values=FLAGS)
 cli.define_list(FLAGS, "eval_after", ("2", "3"), STAGES, "stages to evaluate after ('' = none)")
@@ -61,7 +61,7 @@ def stage_experiments(model: str, workdir: str, overrides=(), stage_overrides=()
 def main(argv: Sequence[str]) -> dict:
     cli.parse(FLAGS, argv, __doc__)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    workdir = FLAGS.workdir or f"runs/pipeline_{FLAGS.model}"
+    workdir = FLAGS.workdir or f"runs/recipe_{FLAGS.model}"
     eval_after = {int(s) for s in FLAGS.eval_after}
     exps = stage_experiments(FLAGS.model, workdir, FLAGS.set, FLAGS.stage_set)
     report: dict = {"model": FLAGS.model, "workdir": workdir, "stages": {}}
@@ -107,7 +107,7 @@ def main(argv: Sequence[str]) -> dict:
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(report, f, indent=1)
     evaluation.plot_loss_curves(curves, os.path.join(workdir, "losses.png"),
-                                title=f"three-stage pipeline, model {FLAGS.model}")
+                                title=f"three-stage recipe, model {FLAGS.model}")
     print(f"wrote {workdir}/eval.json and {workdir}/losses.png", flush=True)
     return report
 
