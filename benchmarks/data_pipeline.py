@@ -1,8 +1,8 @@
 """Data-pipeline throughput per CPU core.
 
-    python -m benchmarks.data_pipeline [--images 50] [--rounds 3] [--core 0] [--skip_pipeline]
+    python -m benchmarks.data_pipeline [--images=50] [--rounds=3] [--core=0] [--skip_pipeline]
 
-Part 1: images/s and patches/s of ``qwen2vl_jax.data.vision.preprocess_images`` vs transformers 4.57.6
+Part 1: images/s and patches/s of ``qwen2vl_jax.data.media.preprocess_images`` vs transformers 4.57.6
 ``Qwen2VLImageProcessor`` (the slow PIL one) on the same seeded mix of sizes (64x64 .. 1500x1000), one image
 per call as a loader does, single process pinned to one core. Both outputs are checked equal first. The last
 row times the PIL bicubic resize alone (the same call both make; bit-exact pixels need it): its speedup is the
@@ -14,8 +14,8 @@ efficiency; prints "pipeline: not available" if that module cannot be imported.
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import time
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # before numpy/torch load
@@ -23,6 +23,11 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # b
 
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
+from absl import flags  # noqa: E402
+
+from experiments import flags as cli  # noqa: E402
+
+FLAGS = flags.FlagValues()
 
 
 def make_images(count: int, seed: int = 0) -> list[PIL.Image.Image]:
@@ -62,7 +67,7 @@ def bench_images(count: int, rounds: int, min_pixels: int, max_pixels: int) -> N
     torch.set_num_threads(1)
     from transformers import Qwen2VLImageProcessor
 
-    from qwen2vl_jax.data.vision import FACTOR, preprocess_images, smart_resize
+    from qwen2vl_jax.data.media import FACTOR, preprocess_images, smart_resize
 
     images = make_images(count)
     processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
@@ -128,7 +133,7 @@ def bench_pipeline(seconds: float, model: str, batch_size: int, seq_len: int, ma
     """make_iterator over the synthetic mixture, in-process (num_workers=0, its decode threads share the pinned
     core): batches until ``seconds`` of CPU time are spent; rates per CPU second of this process."""
     try:
-        from qwen2vl_jax.config import get_config
+        from qwen2vl_jax.model.config import get_config
         from qwen2vl_jax.data import pipeline, tokenizer
     except ImportError as e:
         print(f"pipeline: not available ({e})")
@@ -160,28 +165,32 @@ def bench_pipeline(seconds: float, model: str, batch_size: int, seq_len: int, ma
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--core", type=int, default=0, help="CPU core to pin this process to")
-    parser.add_argument("--min_pixels", type=int, default=56 * 56, help="HF class default")
-    parser.add_argument("--max_pixels", type=int, default=28 * 28 * 1280,
-                        help="HF class default; the checkpoints use 12845056")
-    parser.add_argument("--pipeline_seconds", type=float, default=20.0, help="CPU seconds of pipeline batches")
-    parser.add_argument("--pipeline_model", default="test", help="model preset for the pipeline hook")
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=2048)
-    parser.add_argument("--max_patches", type=int, default=8192)
-    parser.add_argument("--skip_pipeline", action="store_true")
-    args = parser.parse_args()
+flags.DEFINE_integer("images", 50, "images in the seeded mix", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("rounds", 3, "timing rounds (best of)", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("core", 0, "CPU core to pin this process to", lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_integer("min_pixels", 56 * 56, "HF class default", flag_values=FLAGS)
+flags.DEFINE_integer("max_pixels", 28 * 28 * 1280, "HF class default; the checkpoints use 12845056", flag_values=FLAGS)
+flags.DEFINE_float("pipeline_seconds", 20.0, "CPU seconds of pipeline batches", flag_values=FLAGS)
+flags.DEFINE_string("pipeline_model", "test", "model preset for the pipeline hook", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 4, "pipeline rows per batch", flag_values=FLAGS)
+flags.DEFINE_integer("seq_len", 2048, "pipeline tokens per row", flag_values=FLAGS)
+flags.DEFINE_integer("max_patches", 8192, "pipeline patch rows per row", flag_values=FLAGS)
+flags.DEFINE_bool("skip_pipeline", False, "time the image preprocessors only", flag_values=FLAGS)
+
+
+def main(argv) -> None:
+    cli.parse(FLAGS, argv, __doc__)
+    if FLAGS.core >= (os.cpu_count() or 1):
+        print(f"ERROR: --core={FLAGS.core}; valid: 0..{(os.cpu_count() or 1) - 1}", file=sys.stderr)
+        sys.exit(1)
     if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {args.core})
-    print(f"pinned to core {args.core} of {os.cpu_count()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    bench_images(args.images, args.rounds, args.min_pixels, args.max_pixels)
-    if not args.skip_pipeline:
-        bench_pipeline(args.pipeline_seconds, args.pipeline_model, args.batch_size, args.seq_len, args.max_patches)
+        os.sched_setaffinity(0, {FLAGS.core})
+    print(f"pinned to core {FLAGS.core} of {os.cpu_count()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    bench_images(FLAGS.images, FLAGS.rounds, FLAGS.min_pixels, FLAGS.max_pixels)
+    if not FLAGS.skip_pipeline:
+        bench_pipeline(FLAGS.pipeline_seconds, FLAGS.pipeline_model, FLAGS.batch_size, FLAGS.seq_len,
+                       FLAGS.max_patches)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -3,20 +3,20 @@
     python -m benchmarks.train_step --model=2b --batch_sizes=1,2 --steps=10          # on a GPU
     python -m benchmarks.train_step --model=test --steps=2                           # CPU smoke test
 
-Batch (the baselines.md setting): each row holds `--seq_len` tokens (4096) with `--images` (4)
-images of `--image_px` (448) pixels square: 32 x 32 = 1024 patches -> 256 merged tokens each; the
-rest is text, all of it supervised. The row is built with the packer (`data.packing.prepare_sample` +
+Batch (the setting of the transformers 2B baseline): each row holds `--seq_len` tokens (4096) with
+`--images` (4) images of `--image_px` (448) pixels square: 32 x 32 = 1024 patches -> 256 merged tokens
+each; the rest is text, all of it supervised. The row is built with the packer (`data.packing.prepare_sample` +
 `assemble_row`), so it is exactly what `launch.pretrain` feeds the step.
 
 JAX: `train.make_train_step` on one device, bf16 compute with fp32 master weights (`cfg.dtype=bfloat16`,
 `param_dtype=float32`), cuDNN attention on GPU (`--attention`; xla on CPU), no remat (`--remat`),
 AdamW. torch: `Qwen2VLForConditionalGeneration` (transformers), bf16 weights, sdpa, no gradient
-checkpointing, fused AdamW, loaded with the SAME initial weights (qwen2vl_jax.hf), so the first-step
+checkpointing, fused AdamW, loaded with the SAME initial weights (qwen2vl_jax.model.hf), so the first-step
 losses must agree (printed; a mismatch means the two sides do not run the same model).
 
 Reported per side and batch size: seconds per step (median of `--steps` after `--warmup` steps),
 tokens/s, "model TFLOP/s" = 6 x (decoder params x tokens + vision params x patches) / step time
-(attention FLOPs excluded, as in baselines.md), MFU against the device's dense bf16 peak (`--peak_tflops`
+(attention FLOPs excluded, as in that baseline), MFU against the device's dense bf16 peak (`--peak_tflops`
 overrides; none on CPU), and peak device memory.
 """
 from __future__ import annotations
@@ -32,6 +32,10 @@ import time  # noqa: E402
 from typing import Callable, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from experiments import flags as cli  # noqa: E402
+from qwen2vl_jax.model.config import ATTENTION_IMPLS, REMAT_POLICIES  # noqa: E402
 
 # dense bf16 peak per device, FLOP/s
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -108,7 +112,7 @@ def param_counts(cfg) -> tuple[int, int]:
     """(vision params incl. merger, decoder params incl. embeddings and lm_head)."""
     import jax
 
-    from qwen2vl_jax import memory
+    from qwen2vl_jax.train import memory
     abstract = memory.abstract_params(cfg)
     n = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))  # noqa: E731
     return n(abstract["visual"]), n(abstract) - n(abstract["visual"])
@@ -142,15 +146,15 @@ def _time(step: Callable[[], float], steps: int, warmup: int) -> tuple[float, fl
 def jax_side(cfg, params_host, rows: dict, steps: int, warmup: int, peak: float | None) -> Result:
     import jax
 
-    from qwen2vl_jax import optim, sharding, train
+    from qwen2vl_jax.train import optim, sharding, train_step
     device = jax.devices()[0]
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), [device])
-    step_cfg = train.StepConfig(optim=optim.OptimConfig(total_steps=1000, warmup_steps=0))
-    _, state_sh = train.abstract_state(cfg.replace(attention_impl="xla"), step_cfg, mesh)
-    state = train.place_params(params_host, step_cfg, state_sh)
+    step_cfg = train_step.StepConfig(optim=optim.OptimConfig(total_steps=1000, warmup_steps=0))
+    _, state_sh = train_step.abstract_state(cfg.replace(attention_impl="xla"), step_cfg, mesh)
+    state = train_step.place_params(params_host, step_cfg, state_sh)
     batch_sh = sharding.batch_shardings(rows, mesh)
     batch = {k: jax.device_put(v, batch_sh[k]) for k, v in rows.items()}
-    fn = train.make_train_step(cfg, step_cfg, mesh, state_sh, batch_sh)
+    fn = train_step.make_train_step(cfg, step_cfg, mesh, state_sh, batch_sh)
     holder = {"state": state}
 
     def step():
@@ -170,8 +174,8 @@ def torch_side(cfg, params_host, rows: dict, grid: np.ndarray, steps: int, warmu
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from qwen2vl_jax import hf
-    from qwen2vl_jax.config import to_hf_config
+    from qwen2vl_jax.model import hf
+    from qwen2vl_jax.model.config import to_hf_config
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hf_cfg = Qwen2VLConfig(**to_hf_config(cfg))
     hf_cfg._attn_implementation = "sdpa"
@@ -231,7 +235,7 @@ def run(model: str = "2b", batch_sizes: Sequence[int] = (1, 2), steps: int = 10,
         peak_tflops: float | None = None) -> list[Result]:
     import jax
 
-    from qwen2vl_jax.config import get_config
+    from qwen2vl_jax.model.config import get_config
     on_gpu = jax.default_backend() == "gpu"
     attention = attention or ("cudnn" if on_gpu else "xla")
     cfg = get_config(model, dtype="bfloat16", param_dtype="float32", attention_impl=attention, remat_policy=remat)
@@ -241,7 +245,7 @@ def run(model: str = "2b", batch_sizes: Sequence[int] = (1, 2), steps: int = 10,
     n_vis, n_dec = param_counts(cfg)
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):   # host copy: shared by both sides
-        params = jax.device_get(jax.jit(lambda k: __import__("qwen2vl_jax.model").model.init_params(
+        params = jax.device_get(jax.jit(lambda k: __import__("qwen2vl_jax.model.model").model.model.init_params(
             cfg.replace(attention_impl="xla"), k))(jax.random.key(0)))
     kind = jax.devices()[0].device_kind
     peak = peak_for(kind, peak_tflops)
@@ -273,24 +277,28 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    from absl import flags
-    F = flags.FLAGS
-    run(F.model, [int(b) for b in F.batch_sizes.split(",")], F.steps, F.warmup, F.seq_len, F.images, F.image_px,
+FLAGS = flags.FlagValues()
+cli.define_model(FLAGS, default="2b")
+flags.DEFINE_list("batch_sizes", ["1", "2"], "rows per step (comma list)", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 10, "timed steps", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 2, "untimed steps (the first compiles)", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("seq_len", None, "tokens per row (default 4096; 256 for test)", flag_values=FLAGS)
+flags.DEFINE_integer("images", None, "images per row (default 4)", flag_values=FLAGS)
+flags.DEFINE_integer("image_px", None, "image side in pixels (default 448)", flag_values=FLAGS)
+flags.DEFINE_enum("attention", None, ATTENTION_IMPLS, "attention_impl (default cudnn on GPU, xla elsewhere)",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("remat", "none", REMAT_POLICIES, "remat policy of the JAX model", flag_values=FLAGS)
+flags.DEFINE_bool("torch", True, "also time the transformers model", flag_values=FLAGS)
+flags.DEFINE_float("peak_tflops", None, "dense bf16 peak per device (default from the device kind)",
+                   flag_values=FLAGS)
+
+
+def main(argv) -> None:
+    cli.parse(FLAGS, argv, __doc__)
+    F = FLAGS
+    run(F.model, [int(b) for b in F.batch_sizes], F.steps, F.warmup, F.seq_len, F.images, F.image_px,
         F.attention, F.remat, F.torch, F.peak_tflops)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    flags.DEFINE_string("model", "2b", "model preset")
-    flags.DEFINE_string("batch_sizes", "1,2", "comma-separated rows per step")
-    flags.DEFINE_integer("steps", 10, "timed steps")
-    flags.DEFINE_integer("warmup", 2, "untimed steps (the first compiles)")
-    flags.DEFINE_integer("seq_len", None, "tokens per row (default 4096; 256 for test)")
-    flags.DEFINE_integer("images", None, "images per row (default 4)")
-    flags.DEFINE_integer("image_px", None, "image side in pixels (default 448)")
-    flags.DEFINE_string("attention", None, "attention_impl (default cudnn on GPU, xla elsewhere)")
-    flags.DEFINE_string("remat", "none", "remat policy of the JAX model")
-    flags.DEFINE_bool("torch", True, "also time the transformers model")
-    flags.DEFINE_float("peak_tflops", None, "dense bf16 peak per device (default from the device kind)")
-    app.run(main)
+    cli.run(main)

@@ -1,20 +1,24 @@
-"""Registry of named experiments and `--set key=value` overrides.
+"""Registry of named experiments, and the one `--set key=value` override parser.
 
     get_experiment("stage1", model="tiny", overrides=["optim.peak_lr=1e-3", "mesh.fsdp=2"])
+    apply_overrides(model_config, ["attention_impl=xla", "vision.depth=2"])
 
-An override is a dotted path into the (nested, frozen) dataclasses of `experiments.stages.Experiment`
-(e.g. `batch_size`, `data.seq_len`, `model.remat_policy`, `optim.warmup_steps`, `mesh.tensor`,
-`checkpoint.every`). The value is parsed by the type of the field's current value: int, float, bool
-(true/false/1/0/yes/no), str, or a Python literal for tuples (`trainable="('merger','llm')"`).
+An override is a dotted path into a (nested) frozen dataclass: for an `experiments.stages.Experiment`
+e.g. `batch_size`, `data.seq_len`, `model.remat_policy`, `optim.warmup_steps`, `mesh.tensor`,
+`checkpoint.every`; any other frozen config (a ModelConfig for launch.evaluate) works the same way. The value
+is parsed by the type of the field's current value: int, float, bool (true/false/1/0/yes/no), str, or a
+Python literal for tuples (`trainable="('merger','llm')"`, `mrope_section=16,24,24`).
 Unknown keys and unparsable or invalid values raise ValueError naming the valid choices.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from experiments import stages
+
+T = TypeVar("T")
 
 EXPERIMENTS: dict[str, Callable[[str], stages.Experiment]] = {
     "stage1": lambda model: stages.stage_experiment(1, model),
@@ -73,7 +77,7 @@ def _parse_at(obj, path: list[str], text: str, full_key: str):
     """The parsed value of `text` for the field at `path` under `obj` (checks every step of the path)."""
     name = path[0]
     if not dataclasses.is_dataclass(obj) or name not in _fields(obj):
-        where = full_key[: len(full_key) - len(".".join(path))].rstrip(".") or "experiment"
+        where = full_key[: len(full_key) - len(".".join(path))].rstrip(".") or type(obj).__name__
         raise ValueError(f"unknown key {full_key!r}: {where} has no field {name!r}; valid: "
                          f"{', '.join(_fields(obj))}")
     current = getattr(obj, name)
@@ -117,28 +121,27 @@ def _split_item(item: str) -> tuple[str, str]:
     return key, text
 
 
-def apply_overrides(exp: stages.Experiment, items: Iterable[str]) -> stages.Experiment:
-    """`key=value` overrides (dotted keys), applied together: each config is rebuilt once with all of its
-    changes, so its validation sees the final combination (a later value of the same key wins)."""
+def apply_overrides(config: T, items: Iterable[str]) -> T:
+    """`config` (a frozen dataclass) with `key=value` overrides (dotted keys), applied together: each nested
+    config is rebuilt once with all of its changes, so its validation sees the final combination (a later
+    value of the same key wins)."""
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"apply_overrides needs a dataclass; got {type(config).__name__}")
     changes: dict = {}
     for item in items:
         key, text = _split_item(item)
         path = key.split(".")
-        value = _parse_at(exp, path, text, key)
+        value = _parse_at(config, path, text, key)
         node = changes
         for name in path[:-1]:
             node = node.setdefault(name, {})
         node[path[-1]] = (value, text)
-    return _rebuild(exp, changes, "") if changes else exp
+    return _rebuild(config, changes, "") if changes else config
 
 
-def apply_override(exp: stages.Experiment, item: str) -> stages.Experiment:
-    """One `key=value` override (dotted key)."""
-    return apply_overrides(exp, [item])
-
-
-def describe(exp: stages.Experiment) -> str:
-    """A flat `key = value` listing of every field (what --set can change)."""
+def describe(config) -> str:
+    """A flat `key = value` listing of every field of a (nested) dataclass config (what --set can change);
+    for an Experiment also its derived step count."""
     lines = []
 
     def walk(obj, prefix):
@@ -148,6 +151,7 @@ def describe(exp: stages.Experiment) -> str:
                 walk(v, f"{prefix}{f.name}.")
             else:
                 lines.append(f"{prefix}{f.name} = {v!r}")
-    walk(exp, "")
-    lines.append(f"(derived) num_steps = {exp.num_steps}, tokens_per_step = {exp.tokens_per_step}")
+    walk(config, "")
+    if isinstance(config, stages.Experiment):
+        lines.append(f"(derived) num_steps = {config.num_steps}, tokens_per_step = {config.tokens_per_step}")
     return "\n".join(lines)

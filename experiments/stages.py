@@ -1,17 +1,18 @@
-"""The paper's three training stages (reference §6.2) as frozen experiment configs, per model size.
+"""The paper's three training stages as frozen experiment configs, per model size.
 
-What the paper states and we follow:
+What the Qwen2-VL paper (arXiv 2409.12191, §2.2) states and we follow:
   stage 1  trains the ViT only (vision tower + merger), LLM frozen; image-text pairs, OCR and image
            classification; ~600B tokens
   stage 2  trains everything; adds interleaved image-text, VQA / multitask, video and pure text; ~800B
   stage 3  ViT tower frozen, LLM (and merger) fine-tuned on ChatML instruction data; budget not stated
-What the paper does not give (§6.3) and we chose (documented, overridable with --set):
-  sequence length  8192 (stage 1), 16384 (stage 2: a video may take 16384 tokens, §2.1), 32768 (stage 3,
+What the paper does not give and we chose (overridable with --set):
+  sequence length  8192 (stage 1), 16384 (stage 2: a video may take 16384 tokens, paper §2.1), 32768 (stage 3,
                    the stated 32K context); max_patches = 2 x seq_len (up to half the tokens visual)
   batch            ~4M tokens per step: 512 x 8192, 256 x 16384, 128 x 32768 rows
   stage 3 budget   20B tokens
   schedule         warmup (2000 steps) + cosine to 10% of peak; peak LR 2e-4 / 1e-4 / 1e-5 per stage
                    (x0.5 for 72B); AdamW b2=0.95, wd 0.1, clip 1.0
+  data mixture     STAGE_MIXTURE: the paper names each stage's data kinds but no ratios; the weights are ours
 Data: the embedded synthetic sources (qwen2vl_jax.data) stand in for each category: caption (image-text
 pairs), ocr, count (classification-like), grounding / count (VQA, multitask), interleaved, video,
 chat (ChatML). Real corpora are `--set data.mixture="(('arrayrecord:/path/*.ar', 1.0), ...)"`.
@@ -24,11 +25,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from qwen2vl_jax import optim
-from qwen2vl_jax.checkpoint import CheckpointConfig
-from qwen2vl_jax.config import ModelConfig, get_config
 from qwen2vl_jax.data.pipeline import DataConfig
-from qwen2vl_jax.sharding import MeshConfig
+from qwen2vl_jax.data.tokenizer import load_tokenizer
+from qwen2vl_jax.eval.evaluation import HeldoutEvaluator
+from qwen2vl_jax.model.config import ModelConfig, get_config
+from qwen2vl_jax.train import optim, sharding
+from qwen2vl_jax.train.checkpoint import CheckpointConfig
+from qwen2vl_jax.train.sharding import MeshConfig
+from qwen2vl_jax.train.train_step import StepConfig
 
 MODELS = ("test", "tiny", "2b", "7b", "72b")
 
@@ -54,8 +58,9 @@ class Experiment:
     init_from: str = ""             # previous stage's checkpoint folder or converted HF checkpoint
     workdir: str = ""               # checkpoints/ and tensorboard/ go here; "" = runs/<name>_<model>
     log_every: int = 10
-    eval_every: int = 0             # held-out loss per mixture source every N steps (0 = off)
-    eval_batches: int = 2           # fixed held-out batches per source
+    eval_every: int = 0             # held-out loss by source and by data kind every N steps (0 = off)
+    eval_samples: int = 64          # held-out samples per mixture source
+    eval_mixture: tuple[tuple[str, float], ...] = ()   # sources of the held-out loss; () = data.mixture
     seed: int = 0
     tokenizer: str = "embedded"
 
@@ -66,7 +71,7 @@ class Experiment:
                            self.trainable)  # validates part names
         if self.eval_every < 0:
             raise ValueError(f"eval_every={self.eval_every} must be >= 0")
-        for f in ("batch_size", "microbatches", "loss_chunk", "log_every", "max_consecutive_skips", "eval_batches"):
+        for f in ("batch_size", "microbatches", "loss_chunk", "log_every", "max_consecutive_skips", "eval_samples"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f}={getattr(self, f)} must be >= 1")
         if self.batch_size % self.microbatches:
@@ -91,12 +96,26 @@ class Experiment:
     def checkpoint_dir(self) -> str:
         return self.checkpoint.directory or f"{self.run_dir}/checkpoints"
 
-    def step_config(self):
-        from qwen2vl_jax.train import StepConfig
+    @property
+    def eval_data(self) -> DataConfig:
+        """The held-out loss's data: `eval_mixture` (or the training mixture) at the training row shape and
+        pixel budgets."""
+        return dataclasses.replace(self.data, mixture=self.eval_mixture) if self.eval_mixture else self.data
+
+    def step_config(self) -> StepConfig:
         total = self.optim.total_steps or self.num_steps
         return StepConfig(trainable=self.trainable, microbatches=self.microbatches, z_loss=self.z_loss,
                           loss_chunk=self.loss_chunk, max_consecutive_skips=self.max_consecutive_skips,
                           optim=dataclasses.replace(self.optim, total_steps=total))
+
+    def evaluator(self) -> HeldoutEvaluator | None:
+        """The trainer's evaluation hook: the held-out loss of `eval_samples` samples of each source of
+        `eval_data`, in batches of the training shape on the training mesh; None when eval_every is 0."""
+        if not self.eval_every:
+            return None
+        return HeldoutEvaluator(self.model, self.eval_data, num_samples=self.eval_samples,
+                                batch_size=self.batch_size, mesh=sharding.make_mesh(self.mesh),
+                                step_cfg=self.step_config(), tokenizer=load_tokenizer(self.tokenizer))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,10 +138,10 @@ PAPER_TOKENS = {1: 600_000_000_000, 2: 800_000_000_000, 3: 20_000_000_000}
 PAPER_LR = {1: 2e-4, 2: 1e-4, 3: 1e-5}
 
 
-# CPU sizes: at most 16 merged tokens (64 patches) per image and 48 per video. Measured 2026-11-25 (WORKSPACE
-# "the stack learns"): at 128 tokens per image a 256-token row held ~2 samples and ~20 supervised tokens and the
-# tiny model never used the image in 300 steps; at 16 the same compute sees ~4x the captions and learns colours
-# (36 tokens per image learned no faster per step and cost 1.7x per step).
+# CPU sizes: at most 16 merged tokens (64 patches) per image and 48 per video. A CPU run has few steps, so an
+# image must leave room in a 256-token row for several samples and their supervised text: with large images
+# a row holds one or two samples and the tiny model learns to ignore the image; small ones give it several
+# captions per row to learn from (more pixels did not learn faster per step and cost more per step).
 CPU_VISION = dict(image_max_pixels=16 * 28 * 28, video_max_pixels=16 * 28 * 28, video_total_pixels=48 * 28 * 28)
 
 
@@ -165,7 +184,7 @@ def scale(model: str, stage: int) -> Scale:
         steps = {"tiny": {1: 60, 2: 400, 3: 80}, "test": {1: 20, 2: 20, 3: 10}}[model][stage]
         lr = {1: 2e-3, 2: 1e-3, 3: 5e-4}[stage]
         # The from-scratch tiny ViT learns far slower than the decoder's text prior: 5x its learning rate
-        # (held-out caption loss gap real-vs-zeroed pixels after 120 steps 0.08 -> 0.18).
+        # (judged by the held-out loss gap between real and zeroed pixels, which it widens).
         vision_lr = tuple((part, 5.0) for part in optim.STAGE_TRAINABLE[stage] if part != "llm")
         return Scale(seq, batch, steps * seq * batch, lr, warmup_steps=max(2, steps // 20),
                      mesh=MeshConfig(data=-1), checkpoint_every=max(5, steps // 4), log_every=max(1, steps // 20),

@@ -12,21 +12,22 @@ Sweeps:
   scaling_llm   Qwen2-style decoders from ~0.1B to ~1.5B at the fixed 675M ViT (paper: one ViT for all
                 sizes), each at 3 token budgets: how loss scales with the LLM.
   scaling_data  the 2B model at 6 token budgets (1B .. 32B tokens): how loss scales with data.
-  scaling_llm_lr  scaling_llm's grid at 3 learning rates ("tuned": the fit uses the best per (N, D)).
+  scaling_llm_lr  scaling_llm's grid at 3 learning rates (one results row per learning rate).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from typing import Sequence
 
 import numpy as np
 
-from qwen2vl_jax import hf
-from qwen2vl_jax.config import ModelConfig, VisionConfig
+from experiments import registry
+from qwen2vl_jax.eval import evaluation
+from qwen2vl_jax.model import hf
+from qwen2vl_jax.model.config import ModelConfig, VisionConfig
 
-EVAL_KINDS = ("caption", "ocr", "grounding", "video", "chat")
+EVAL_KINDS = evaluation.LOSS_KINDS     # a point's held-out loss: one synthetic source per kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +137,7 @@ class Sweep:
     base_model: str                    # config preset the sizes modify (vocab, special tokens, rope)
     sizes: tuple[ModelSize, ...]
     token_budgets: tuple[int, ...]     # nominal tokens; steps = budget // (batch * seq_len)
-    lrs: tuple[float, ...]             # one = fixed LR; several = tuned (every lr runs)
+    lrs: tuple[float, ...]             # every (size, budget) runs at each of these
     batch_size: int
     seq_len: int
     experiment: str = "stage2"
@@ -153,7 +154,6 @@ class Sweep:
                              f"({self.batch_size} x {self.seq_len} = {step_tokens} tokens)")
 
     def points(self) -> list[SweepPoint]:
-        from experiments import registry
         base = registry.get_experiment(self.experiment, self.base_model).model   # recipe's execution fields
         out = []
         for size in self.sizes:
@@ -204,7 +204,7 @@ SWEEPS: dict[str, Sweep] = {s.name: s for s in (
     Sweep(name="scaling_llm", description="decoder 0.1B..1.5B at the fixed 675M ViT x 3 token budgets",
           base_model="2b", sizes=_LLM_SIZES, token_budgets=(2 * 10**9, 8 * 10**9, 32 * 10**9), lrs=(3e-4,),
           batch_size=256, seq_len=4096),
-    Sweep(name="scaling_llm_lr", description="scaling_llm at 3 learning rates (best per point is kept)",
+    Sweep(name="scaling_llm_lr", description="scaling_llm at 3 learning rates",
           base_model="2b", sizes=_LLM_SIZES, token_budgets=(2 * 10**9, 8 * 10**9, 32 * 10**9),
           lrs=(1.5e-4, 3e-4, 6e-4), batch_size=256, seq_len=4096),
     Sweep(name="scaling_data", description="the 2B model at 6 token budgets (1B..32B)",
@@ -219,21 +219,10 @@ def get_sweep(name: str) -> Sweep:
     return SWEEPS[name]
 
 
-def best_over_lr(rows: Sequence[dict], loss_key: str = "eval_loss_mean") -> list[dict]:
-    """For tuned-LR sweeps: keep, per (params, tokens), the row with the lowest loss."""
-    best: dict[tuple, dict] = {}
-    for r in rows:
-        k = (float(r["params"]), float(r["tokens"]))
-        if k not in best or float(r[loss_key]) < float(best[k][loss_key]):
-            best[k] = r
-    return list(best.values())
-
-
-def point_experiment(point: SweepPoint, root: str = "runs/sweeps", eval_every: int = 0):
+def point_experiment(point: SweepPoint, root: str = "runs/sweeps", eval_samples: int = 16):
     """The registry experiment of `point` with its model, batch, steps, LR and a run dir of its own
-    (ROOT/<run_name>). Warmup is 10% of the steps; the cosine runs over the point's own length."""
-    from experiments import registry
-
+    (ROOT/<run_name>). Warmup is 10% of the steps; the cosine runs over the point's own length. The held-out
+    loss runs once, at the last step, on `eval_samples` samples of each EVAL_KINDS kind."""
     exp = registry.get_experiment(point.experiment, point.base_model, ["=".join(kv) for kv in point.overrides])
     data = dataclasses.replace(exp.data, seq_len=point.seq_len, max_patches=2 * point.seq_len)
     optim_cfg = dataclasses.replace(exp.optim, peak_lr=point.lr, warmup_steps=max(1, point.steps // 10),
@@ -242,4 +231,5 @@ def point_experiment(point: SweepPoint, root: str = "runs/sweeps", eval_every: i
     return dataclasses.replace(exp, name=f"{point.sweep}-{point.key}", model=point.model, data=data,
                                batch_size=point.batch_size, steps=point.steps, token_budget=point.tokens,
                                optim=optim_cfg, checkpoint=ckpt, workdir=f"{root}/{point.run_name}",
-                               log_every=max(1, point.steps // 4))
+                               log_every=max(1, point.steps // 4), eval_every=max(point.steps, 1),
+                               eval_samples=eval_samples, eval_mixture=evaluation.loss_mixture(EVAL_KINDS))

@@ -1,281 +1,59 @@
-"""Ahead-of-time compile of the real train step for a TPU topology, on a CPU-only machine.
+"""Ahead-of-time compile of an experiment's train step for a TPU topology, on a CPU-only machine.
 
     python -m launch.aot --experiment=stage2 --model=72b --topology=v5p-256 [--set key=value ...]
 
-libtpu (PyPI `libtpu`, the version jax[tpu] pins: 0.0.42.x for jax 0.10.2) provides compile-only
-TPU devices through `jax.experimental.topologies.get_topology_desc("v5p:4x4x8", "tpu")`. The step is
-`train.make_train_step` (same code as `launch.pretrain`), lowered with ShapeDtypeStruct inputs carrying
-the NamedShardings of the experiment's mesh over those devices, then compiled by the TPU compiler.
-Prints per-chip memory (`compiled.memory_analysis()`) and FLOPs (`compiled.cost_analysis()`), and
-exits with status 2 if the step does not fit in the chip's HBM.
-
-Accelerator names: `v5p-N` / `v4-N` count TensorCores (2 per chip: v5p-256 = 128 chips = 4x4x8);
-`v5litepod-N` / `v5e-N` / `v6e-N` count chips (1 core each). A topology string (`v5p:2x2x1`) is
-used as is. libtpu is found as the `libtpu` package, or through TPU_LIBRARY_PATH, or under
-/opt/libtpu/<version>/ (`pip install --target /opt/libtpu/0.0.42.1 libtpu==0.0.42.1`, which keeps
-libtpu out of the system site-packages so other jax programs on this CPU machine do not probe for a TPU).
+Prints the per-chip memory and FLOPs of the compiled step and exits with status 2 if it does not fit in
+the chip's HBM, 1 on a bad argument. The compile itself is qwen2vl_jax.train.aot (topology names,
+libtpu discovery, the memory check).
 """
 from __future__ import annotations
 
-import dataclasses
-import glob
-import math
 import os
-import re
 import sys
-import time
-from typing import Any
 
-GiB = 1024 ** 3
+# The TPU devices are libtpu's compile-only ones; the host backend must never probe for an accelerator.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from absl import flags  # noqa: E402
 
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    topology_prefix: str     # name libtpu's topology API accepts
-    cores_per_chip: int      # TensorCores counted by the accelerator name
-    hbm_bytes: int           # per chip
-    dims: int                # torus dimensions (3 for v4/v5p, 2 for v5e/v6e)
-    peak_bf16_flops: float   # per chip, dense
+from experiments import flags as cli  # noqa: E402
+from experiments import registry  # noqa: E402
+from qwen2vl_jax.model.config import ATTENTION_IMPLS  # noqa: E402
+from qwen2vl_jax.train import aot, flops  # noqa: E402
 
-
-GENERATIONS = {
-    "v5p": Generation("v5p", 2, 95 * GiB, 3, 459e12),
-    "v4": Generation("v4", 2, 32 * GiB, 3, 275e12),
-    "v5e": Generation("v5e", 1, 16 * GiB, 2, 197e12),
-    "v6e": Generation("v6e", 1, 32 * GiB, 2, 918e12),
-}
-_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
-_KIND_TO_GEN = {"TPU v5": "v5p", "TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v6 lite": "v6e"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-    generation: str
-    shape: tuple[int, ...]   # chips per torus dimension
-
-    @property
-    def name(self) -> str:
-        return f"{GENERATIONS[self.generation].topology_prefix}:{'x'.join(map(str, self.shape))}"
-
-    @property
-    def chips(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def spec(self) -> Generation:
-        return GENERATIONS[self.generation]
-
-
-def _grow(chips: int, dims: int) -> tuple[int, ...]:
-    """Canonical slice shape: 3-D slices start at 2x2x1, 2-D at 1x1; then repeatedly double the last
-    of the smallest dimensions (v5p: 4 chips -> 2x2x1, 8 -> 2x2x2, 16 -> 2x2x4, 32 -> 2x4x4,
-    64 -> 4x4x4, 128 -> 4x4x8, 256 -> 4x8x8; v5e: 4 -> 2x2, 8 -> 2x4, 16 -> 4x4)."""
-    start = [2, 2, 1] if dims == 3 else [1, 1]
-    if chips < math.prod(start) or chips & (chips - 1):
-        raise ValueError(f"{chips} chips: expected a power of two >= {math.prod(start)}; "
-                         f"pass an explicit topology like v5p:4x4x8")
-    shape = start
-    while math.prod(shape) < chips:
-        idx = max(i for i, s in enumerate(shape) if s == min(shape))
-        shape[idx] *= 2
-    return tuple(shape)
-
-
-def parse_topology(name: str) -> Topology:
-    """'v5p-256' -> Topology('v5p', (4, 4, 8)); 'v5p:2x2x1' -> Topology('v5p', (2, 2, 1))."""
-    m = re.fullmatch(r"(v5p|v4|v5e|v6e|v5litepod|v5lite):(\d+(?:x\d+)+)", name or "")
-    if m:
-        gen = _ALIASES.get(m.group(1), m.group(1))
-        shape = tuple(int(x) for x in m.group(2).split("x"))
-        if len(shape) != GENERATIONS[gen].dims or min(shape) < 1:
-            raise ValueError(f"topology {name!r}: {gen} slices have {GENERATIONS[gen].dims} dimensions")
-        return Topology(gen, shape)
-    m = re.fullmatch(r"(v5p|v4|v5e|v6e|v5litepod|v5lite)-(\d+)", name or "")
-    if not m:
-        raise ValueError(f"topology {name!r}: expected an accelerator type (v5p-256, v4-64, v5litepod-16, "
-                         f"v6e-8) or a topology (v5p:4x4x8, v5e:2x2)")
-    gen = _ALIASES.get(m.group(1), m.group(1))
-    spec, cores = GENERATIONS[gen], int(m.group(2))
-    if cores % spec.cores_per_chip:
-        raise ValueError(f"{name}: {cores} is not a multiple of {spec.cores_per_chip} cores per {gen} chip")
-    return Topology(gen, _grow(cores // spec.cores_per_chip, spec.dims))
-
-
-# ---------------------------------------------------------------------------------------------
-# libtpu
-
-def libtpu_path() -> str:
-    """Path of libtpu.so (package `libtpu`, TPU_LIBRARY_PATH, or /opt/libtpu/*). Raises with the fix."""
-    env = os.environ.get("TPU_LIBRARY_PATH")
-    if env and os.path.isfile(env):
-        return env
-    try:
-        import libtpu  # type: ignore
-        return libtpu.get_library_path()
-    except ImportError:
-        pass
-    found = sorted(glob.glob("/opt/libtpu/*/libtpu/libtpu.so"))
-    if found:
-        return found[-1]
-    raise RuntimeError("libtpu not found: `pip install libtpu==0.0.42.1` (the version jax[tpu]==0.10.2 pins), or "
-                       "`pip install --target /opt/libtpu/0.0.42.1 libtpu==0.0.42.1`, or set TPU_LIBRARY_PATH")
-
-
-def get_topology_devices(topo: Topology) -> list:
-    """Compile-only TPU devices of `topo` (no TPU needed)."""
-    path = libtpu_path()
-    # libtpu reads these at plugin initialisation; on a CPU host they would otherwise be probed from the
-    # GCE metadata server (slow, noisy). They do not affect the compile-only topology.
-    os.environ["TPU_LIBRARY_PATH"] = path
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{topo.generation}-8")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # several compiles may run at once
-    from jax.experimental import topologies
-    return list(topologies.get_topology_desc(topo.name, "tpu").devices)
-
-
-# ---------------------------------------------------------------------------------------------
-# compile
-
-@dataclasses.dataclass(frozen=True)
-class AotResult:
-    topology: str
-    n_devices: int
-    chips: int
-    argument_bytes: int
-    output_bytes: int
-    alias_bytes: int
-    temp_bytes: int
-    code_bytes: int
-    flops_per_device: float
-    hbm_per_device: int
-    compile_s: float
-
-    @property
-    def total_bytes(self) -> int:
-        """Peak per device: live arguments + outputs not aliased to (donated) arguments + temps + code."""
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.total_bytes <= self.hbm_per_device
-
-    def format(self) -> str:
-        g = lambda b: f"{b / GiB:9.3f} GiB"  # noqa: E731
-        return "\n".join([
-            f"topology {self.topology}: {self.chips} chips, {self.n_devices} devices "
-            f"(HBM {self.hbm_per_device / GiB:.1f} GiB per device); compiled in {self.compile_s:.1f} s",
-            f"per device: argument {g(self.argument_bytes)}",
-            f"            output   {g(self.output_bytes)}  (aliased to donated arguments: {g(self.alias_bytes).strip()})",
-            f"            temp     {g(self.temp_bytes)}",
-            f"            code     {g(self.code_bytes)}",
-            f"            total    {g(self.total_bytes)}  ({100 * self.total_bytes / self.hbm_per_device:.1f}% of HBM)",
-            f"FLOPs per step (XLA cost analysis): {self.flops_per_device:.4g} per device, "
-            f"{self.flops_per_device * self.n_devices:.4g} total",
-        ])
-
-
-class DoesNotFitError(RuntimeError):
-    pass
-
-
-_ADVICE = ("Use a bigger slice, more fsdp/tensor sharding (--set mesh.fsdp=.. / mesh.tensor=..), a smaller "
-           "batch or more microbatches (--set microbatches=..), or remat (--set model.remat_policy=full).")
-
-
-def compile_for_topology(lowerable: Any, args: tuple, topo: Topology, n_devices: int) -> AotResult:
-    """Lowers `lowerable` (a jitted fn) at `args` (ShapeDtypeStructs with shardings) and compiles it."""
-    t0 = time.time()
-    lowered = lowerable.lower(*args)
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # jax.errors.JaxRuntimeError; the TPU compiler refuses programs over HBM
-        if "RESOURCE_EXHAUSTED" in str(e):
-            raise DoesNotFitError(
-                f"does not fit: the TPU compiler ran out of memory for {topo.name} "
-                f"({topo.spec.hbm_bytes * topo.chips // n_devices / GiB:.1f} GiB of HBM per device): "
-                f"{str(e).strip().splitlines()[0].rstrip('.')}. {_ADVICE}") from None
-        raise
-    dt = time.time() - t0
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax returned one dict per computation
-        cost = cost[0] if cost else {}
-    per_dev_hbm = topo.spec.hbm_bytes * topo.chips // n_devices
-    return AotResult(topology=topo.name, n_devices=n_devices, chips=topo.chips,
-                     argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-                     alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-                     code_bytes=int(mem.generated_code_size_in_bytes),
-                     flops_per_device=float((cost or {}).get("flops", float("nan"))),
-                     hbm_per_device=per_dev_hbm, compile_s=dt)
-
-
-def check_fits(result: AotResult) -> None:
-    if not result.fits:
-        raise DoesNotFitError(
-            f"does not fit: the step needs {result.total_bytes / GiB:.2f} GiB per device on {result.topology} "
-            f"but there are {result.hbm_per_device / GiB:.1f} GiB of HBM per device "
-            f"(argument {result.argument_bytes / GiB:.2f} + output {result.output_bytes / GiB:.2f} - aliased "
-            f"{result.alias_bytes / GiB:.2f} + temp {result.temp_bytes / GiB:.2f} + code "
-            f"{result.code_bytes / GiB:.2f} GiB). {_ADVICE}")
-
-
-def compile_train_step(cfg, step_cfg, mesh_cfg, topo: Topology, batch_size: int, seq_len: int,
-                       max_patches: int, model=None) -> AotResult:
-    """AOT-compiles train.make_train_step for `topo` with the mesh `mesh_cfg` over its devices."""
-    from qwen2vl_jax import sharding, train
-    devices = get_topology_devices(topo)
-    mesh = sharding.make_mesh(mesh_cfg, devices)
-    # Parameter shapes do not depend on the attention kernel; the model's init traces attention on tiny
-    # dummy inputs that the splash kernel rejects (block sizes < 128), so shapes come from the xla path.
-    abs_state, state_sh = train.abstract_state(cfg.replace(attention_impl="xla"), step_cfg, mesh, model)
-    spec = train.batch_spec(cfg, batch_size, seq_len, max_patches)
-    batch_sh = sharding.batch_shardings(spec, mesh)
-    abs_batch = {k: type(v)(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in spec.items()}
-    step = train.make_train_step(cfg, step_cfg, mesh, state_sh, batch_sh, model)
-    return compile_for_topology(step, (abs_state, abs_batch), topo, len(devices))
-
-
-def resolve_attention(impl: str) -> str:
-    """What `auto` picks on a TPU (the AOT host is a CPU, where `auto` would resolve to xla)."""
-    return "splash" if impl == "auto" else impl
-
-
-def analytic_flops(cfg, exp) -> float:
-    """6 x params x tokens per optimizer step (flops.six_nd), for comparison with XLA's count."""
-    from qwen2vl_jax import flops
-    rows = exp.batch_size
-    return flops.six_nd(cfg, tokens=rows * exp.data.seq_len, patches=rows * exp.data.max_patches)
+FLAGS = flags.FlagValues()
+cli.define_experiment(FLAGS, default="stage2")
+cli.define_model(FLAGS, default="72b")
+cli.define_set(FLAGS)
+flags.DEFINE_string("topology", "v5p-256", "accelerator type (v5p-256) or topology (v5p:4x4x8)", flag_values=FLAGS)
+flags.DEFINE_enum("attention", None, ATTENTION_IMPLS,
+                  "attention_impl for the TPU (default: the experiment's; auto -> splash)", flag_values=FLAGS)
 
 
 def run_experiment(experiment: str, model: str, topology: str, overrides=(), attention: str | None = None):
-    """AOT-compiles the experiment's train step for `topology`. Returns (exp, AotResult)."""
-    from experiments import registry
-    topo = parse_topology(topology)
+    """AOT-compiles the experiment's train step for `topology`. Returns (exp, cfg, AotResult)."""
+    topo = aot.parse_topology(topology)
     exp = registry.get_experiment(experiment, model, overrides)
-    cfg = exp.model.replace(attention_impl=resolve_attention(attention or exp.model.attention_impl))
+    cfg = exp.model.replace(attention_impl=aot.resolve_attention(attention or exp.model.attention_impl))
     try:
-        result = compile_train_step(cfg, exp.step_config(), exp.mesh, topo, exp.batch_size, exp.data.seq_len,
-                                    exp.data.max_patches)
+        result = aot.compile_train_step(cfg, exp.step_config(), exp.mesh, topo, exp.batch_size,
+                                        exp.data.seq_len, exp.data.max_patches)
     except NotImplementedError as e:
         if "Mosaic kernels cannot be automatically partitioned" in str(e):
             raise RuntimeError(
                 f"attention_impl={cfg.attention_impl!r}: the Pallas kernel is called without shard_map, so it "
-                "cannot run on a multi-device mesh (qwen2vl_jax/attention.py); rerun with "
+                "cannot run on a multi-device mesh (qwen2vl_jax/model/attention.py); rerun with "
                 "--attention=xla") from e
         raise
     return exp, cfg, result
 
 
-def main(argv):
-    from absl import flags
-    F = flags.FLAGS
-    if len(argv) > 1:
-        raise ValueError(f"unexpected positional arguments: {argv[1:]}")
+def main(argv) -> int:
+    cli.parse(FLAGS, argv, __doc__)
     try:
-        exp, cfg, result = run_experiment(F.experiment, F.model, F.topology, F.set, F.attention)
-    except DoesNotFitError as e:
+        exp, cfg, result = run_experiment(FLAGS.experiment, FLAGS.model, FLAGS.topology, FLAGS.set,
+                                          FLAGS.attention)
+    except aot.DoesNotFitError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError) as e:
@@ -287,28 +65,18 @@ def main(argv):
           f"trainable={'+'.join(exp.trainable)}, dtype={cfg.dtype}/{cfg.param_dtype}, remat={cfg.remat_policy}, "
           f"attention={cfg.attention_impl}")
     print(result.format())
-    six = analytic_flops(cfg, exp)
+    # 6 x params x tokens per optimizer step, for comparison with XLA's count
+    six = flops.six_nd(cfg, tokens=exp.batch_size * exp.data.seq_len,
+                       patches=exp.batch_size * exp.data.max_patches)
     print(f"FLOPs per step (6 x params x tokens): {six:.4g} total, {six / result.n_devices:.4g} per device "
           f"(XLA's count takes a scanned layer stack once)")
     try:
-        check_fits(result)
-    except DoesNotFitError as e:
+        aot.check_fits(result)
+    except aot.DoesNotFitError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-def define_flags():
-    from absl import flags
-    flags.DEFINE_string("experiment", "stage2", "experiment name (experiments/registry.py)")
-    flags.DEFINE_string("model", "72b", "model preset: test, tiny, 2b, 7b, 72b")
-    flags.DEFINE_string("topology", "v5p-256", "accelerator type (v5p-256) or topology (v5p:4x4x8)")
-    flags.DEFINE_string("attention", None, "attention_impl for the TPU (default: the experiment's; auto -> splash)")
-    flags.DEFINE_multi_string("set", [], "experiment override key=value")
-
-
 if __name__ == "__main__":
-    from absl import app
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

@@ -10,20 +10,20 @@ vocabulary covers captions, questions, OCR words and ChatML. Exactly TINY_TEXT_V
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 
 import numpy as np
 import tokenizers
+from absl import flags
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from qwen2vl_jax.config import SPECIAL_TOKENS, TINY_TEXT_VOCAB
+from experiments import flags as cli
+from qwen2vl_jax.model.config import SPECIAL_TOKENS, TINY_TEXT_VOCAB
 from qwen2vl_jax.data import formats, synthetic
 from qwen2vl_jax.data.tokenizer import EMBEDDED_PATH, from_json_str
 
-# The Qwen2 pre-tokenizer regex (tokenizer.json of Qwen2 / Qwen2-VL, reference §7).
+# The Qwen2 pre-tokenizer regex (from the tokenizer.json of Qwen2 / Qwen2-VL).
 QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SAMPLES_PER_KIND = 400
@@ -80,22 +80,26 @@ def build(samples_per_kind: int = SAMPLES_PER_KIND, seed: int = 0) -> str:
     return text
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="compare a rebuild with the shipped asset")
-    ap.add_argument("--out", default=EMBEDDED_PATH)
-    args = ap.parse_args(argv)
+FLAGS = flags.FlagValues()
+
+
+flags.DEFINE_bool("check", False, "compare a rebuild with the shipped asset (exit 1 if they differ)", flag_values=FLAGS)
+flags.DEFINE_string("out", EMBEDDED_PATH, "tokenizer.json to write (or to compare with --check)", flag_values=FLAGS)
+
+
+def main(argv) -> int:
+    cli.parse(FLAGS, argv, __doc__)
     text = build()
-    if args.check:
-        with open(args.out, encoding="utf-8") as f:
+    if FLAGS.check:
+        with open(FLAGS.out, encoding="utf-8") as f:
             same = f.read() == text
-        print(f"{args.out}: {'identical to' if same else 'DIFFERS from'} a rebuild")
+        print(f"{FLAGS.out}: {'identical to' if same else 'DIFFERS from'} a rebuild")
         return 0 if same else 1
-    with open(args.out, "w", encoding="utf-8") as f:
+    with open(FLAGS.out, "w", encoding="utf-8") as f:
         f.write(text)
-    print(f"wrote {args.out} ({len(text)} bytes, {TINY_TEXT_VOCAB} BPE + {len(SPECIAL_TOKENS)} special tokens)")
+    print(f"wrote {FLAGS.out} ({len(text)} bytes, {TINY_TEXT_VOCAB} BPE + {len(SPECIAL_TOKENS)} special tokens)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

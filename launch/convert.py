@@ -3,28 +3,33 @@
   python -m launch.convert --hf_to_jax SRC_HF_DIR DST_JAX_DIR [--param_dtype float32] [--overwrite]
   python -m launch.convert --jax_to_hf SRC_JAX_DIR DST_HF_DIR [--dtype bfloat16] [--max_shard_size 5GB]
 
-The orbax layout (DST_JAX_DIR/model_config.json + DST_JAX_DIR/params/) is documented in qwen2vl_jax/hf.py;
-training starts from it with `qwen2vl_jax.hf.load_jax_checkpoint`. The HF folder written by --jax_to_hf
-loads with `Qwen2VLForConditionalGeneration.from_pretrained`.
+The orbax layout (DST_JAX_DIR/model_config.json + DST_JAX_DIR/params/) is documented in
+qwen2vl_jax/model/hf.py; training starts from it with `qwen2vl_jax.model.hf.load_jax_checkpoint`. The HF
+folder written by --jax_to_hf loads with `Qwen2VLForConditionalGeneration.from_pretrained`.
 """
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from qwen2vl_jax import hf
-from qwen2vl_jax.config import DTYPES
+from experiments import flags as cli
+from qwen2vl_jax.model import hf
+from qwen2vl_jax.model.config import DTYPES
 
-FLAGS = flags.FLAGS
-flags.DEFINE_bool("hf_to_jax", False, "SRC is a transformers folder, DST an orbax checkpoint folder")
-flags.DEFINE_bool("jax_to_hf", False, "SRC is an orbax checkpoint folder, DST a transformers folder")
-flags.DEFINE_enum("param_dtype", "float32", DTYPES, "--hf_to_jax: dtype of the stored params (master weights)")
-flags.DEFINE_enum("dtype", None, DTYPES, "--jax_to_hf: dtype of the safetensors (default: the params' dtype)")
-flags.DEFINE_string("max_shard_size", "5GB", "--jax_to_hf: largest safetensors shard, e.g. 5GB, 500MB, 2GiB")
-flags.DEFINE_bool("overwrite", False, "--hf_to_jax: replace an existing DST/params checkpoint")
+FLAGS = flags.FlagValues()
+flags.DEFINE_bool("hf_to_jax", False, "SRC is a transformers folder, DST an orbax checkpoint folder",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("jax_to_hf", False, "SRC is an orbax checkpoint folder, DST a transformers folder",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("param_dtype", "float32", DTYPES, "--hf_to_jax: dtype of the stored params (master weights)",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("dtype", None, DTYPES, "--jax_to_hf: dtype of the safetensors (default: the params' dtype)",
+                  flag_values=FLAGS)
+flags.DEFINE_string("max_shard_size", "5GB", "--jax_to_hf: largest safetensors shard, e.g. 5GB, 500MB, 2GiB",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "--hf_to_jax: replace an existing DST/params checkpoint", flag_values=FLAGS)
 
 
 def _log(msg: str) -> None:
@@ -46,20 +51,16 @@ def convert(hf_to_jax: bool, src: str, dst: str, param_dtype: str = "float32", d
     _log(f"done in {time.time() - start:.1f}s: {src} -> {dst}")
 
 
-def main(argv: list[str]) -> None:
-    args = argv[1:]
-    if not FLAGS["verbosity"].present:  # orbax logs every save step at INFO
-        logging.set_verbosity(logging.WARNING)
+def main(argv) -> None:
+    src, dst = cli.parse(FLAGS, argv, __doc__, positional=("SRC", "DST"))
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     if FLAGS.hf_to_jax == FLAGS.jax_to_hf:
-        raise app.UsageError("pass exactly one of --hf_to_jax / --jax_to_hf")
-    if len(args) != 2:
-        raise app.UsageError(f"expected SRC DST, got {args}")
-    src, dst = args
+        raise ValueError("pass exactly one of --hf_to_jax / --jax_to_hf")
     if not os.path.isdir(src):
-        raise app.UsageError(f"SRC {src!r} is not a folder")
+        raise ValueError(f"SRC {src!r} is not a folder")
     convert(FLAGS.hf_to_jax, src, dst, param_dtype=FLAGS.param_dtype, dtype=FLAGS.dtype,
             max_shard_size=FLAGS.max_shard_size, overwrite=FLAGS.overwrite)
 
 
 if __name__ == "__main__":
-    app.run(main, argv=sys.argv)
+    cli.run(main)

@@ -1,157 +1,114 @@
-"""Task accuracy (and optionally held-out loss) of a checkpoint on the embedded data's held-out scenes.
+"""Task accuracy (and optionally held-out loss) of a checkpoint on the embedded data's held-out split.
 
-    python -m launch.evaluate --checkpoint DIR [--model=tiny] [--num=64] [--kinds=caption,count,ocr,grounding]
-        [--chat] [--loss] [--ablate_pixels] [--json OUT.json]
+    python -m launch.evaluate --checkpoint DIR [--model=tiny] [--set key=value ...] [--num=64]
+        [--kinds=caption,count,ocr,grounding] [--chat] [--loss] [--ablate_pixels] [--json OUT.json]
 
-DIR is a training checkpoint folder (qwen2vl_jax.checkpoint: latest step's params) or a converted
-checkpoint (model_config.json + params/). The model config comes from DIR/model_config.json (or its
-parent's) when present, else from the --model preset (+ --set key=value overrides of ModelConfig fields).
+DIR is a training checkpoint folder (its latest step's params) or a converted checkpoint (model_config.json +
+params/). The model config comes from DIR/model_config.json (or its parent's, written by the trainer) when
+present, else from the --model preset; --set overrides its fields (e.g. attention_impl=xla, vision.depth=2).
 Held-out images and videos are preprocessed at the pixel budgets of the run that wrote DIR
-(DIR/data_config.json or its parent's, written by launch.pretrain), else at formats.VisionOptions()'s
-defaults; the budget used is printed (a model evaluated at another resolution than it trained at scores low).
+(DIR/data_config.json or its parent's), else at formats.VisionOptions()'s defaults; the budget used is printed
+(a model evaluated at another resolution than it trained at scores low).
 Prints one line per metric: accuracy and the chance level (permutation baseline) beside it.
+--loss also reports the held-out loss of every data kind in evaluation.LOSS_KINDS (eval.evaluation
+HeldoutEvaluator, at the run's row shape when DIR has a data_config.json, else 1024 tokens / 2048 patches).
 --ablate_pixels (implies --loss) also scores the accuracy and the held-out loss with every pixel value set
 to 0 (blank images): the gap says how much the model reads its images (0 = it answers from the text prior
 alone; a prior can beat the permutation chance, e.g. a typical box for grounding).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
-import sys
+import math
+from typing import Sequence
 
 import jax
+from absl import flags
 
-from qwen2vl_jax import evaluation
-from qwen2vl_jax.config import ModelConfig, get_config
+from experiments import flags as cli
+from experiments import registry
+from qwen2vl_jax.data import formats
+from qwen2vl_jax.data.pipeline import DataConfig
+from qwen2vl_jax.eval import evaluation
+from qwen2vl_jax.model.config import get_config
+from qwen2vl_jax.train import sharding, trainer
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("checkpoint", None, "training checkpoint folder or converted checkpoint", flag_values=FLAGS)
+flags.mark_flag_as_required("checkpoint", flag_values=FLAGS)
+cli.define_model(FLAGS, help="model preset when the checkpoint has no model_config.json")
+cli.define_set(FLAGS, "the model config")
+flags.DEFINE_integer("num", 64, "held-out items per task kind", flag_values=FLAGS)
+cli.define_list(FLAGS, "kinds", ("caption", "count", "ocr", "grounding"), evaluation.ACCURACY_KINDS,
+                "task kinds to score")
+flags.DEFINE_integer("batch_size", 16, "rows per batch (decoding and held-out loss)", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", None, "default: longest answer + 8", flag_values=FLAGS)
+flags.DEFINE_bool("chat", False, "ChatML prompts (stage-3 form) instead of the pre-training form", flag_values=FLAGS)
+flags.DEFINE_bool("loss", False, "also report the held-out loss per data kind", flag_values=FLAGS)
+flags.DEFINE_integer("loss_samples", 16, "--loss: held-out samples per data kind", flag_values=FLAGS)
+flags.DEFINE_bool("ablate_pixels", False, "also report accuracy and held-out loss on blank images (implies --loss)",
+                  flag_values=FLAGS)
+flags.DEFINE_string("json", None, "write the results to this JSON file", flag_values=FLAGS)
 
-def _coerce(cfg: ModelConfig, key: str, value: str):
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    if key not in fields or key == "vision":
-        raise ValueError(f"--set {key}: not a ModelConfig field; valid: {', '.join(k for k in fields if k != 'vision')}")
-    cur = getattr(cfg, key)
-    if isinstance(cur, bool):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"--set {key}={value}: expected true/false")
-        return value.lower() in ("true", "1")
-    if isinstance(cur, tuple):
-        return tuple(type(cur[0])(v) for v in value.split(","))
-    return type(cur)(value)
-
-
-def model_config_for(checkpoint: str, preset: str, overrides=()) -> ModelConfig:
-    from qwen2vl_jax import hf
-    for d in (checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
-        path = os.path.join(d, "model_config.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                cfg = hf.model_config_from_dict(json.load(f))
-            break
-    else:
-        cfg = get_config(preset)
-    for kv in overrides:
-        if "=" not in kv:
-            raise ValueError(f"--set {kv!r}: expected key=value")
-        k, v = kv.split("=", 1)
-        cfg = cfg.replace(**{k: _coerce(cfg, k, v)})
-    return cfg
+LOSS_ROW = dict(seq_len=1024, max_patches=2048)     # row shape of the held-out loss without a run's data config
 
 
-def vision_options_for(checkpoint: str):
-    """(formats.VisionOptions, source): the pixel budgets of the run's data_config.json, else the defaults."""
-    from launch.pretrain import DATA_CONFIG_FILE
-    from qwen2vl_jax.data import formats
-    from qwen2vl_jax.data.pipeline import DataConfig
-    for d in (checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
-        path = os.path.join(d, DATA_CONFIG_FILE)
-        if os.path.exists(path):
-            with open(path) as f:
-                data = json.load(f)
-            fields = [f.name for f in dataclasses.fields(DataConfig)]
-            missing, unknown = [f for f in fields if f not in data], sorted(set(data) - set(fields))
-            if missing or unknown:
-                raise ValueError(f"{path} is not a DataConfig written by launch.pretrain (missing: "
-                                 f"{', '.join(missing) or '-'}; unknown: {', '.join(unknown) or '-'})")
-            return DataConfig(**data).vision_options, path      # the inverse of DataConfig.to_dict
-    return formats.VisionOptions(), "defaults (no data_config.json beside the checkpoint)"
-
-
-def load_params(cfg: ModelConfig, checkpoint: str) -> dict:
-    from qwen2vl_jax import checkpoint as ckpt
-    from qwen2vl_jax import model
-
-    if not os.path.isdir(checkpoint):
-        raise ValueError(f"--checkpoint {checkpoint!r} is not a directory")
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shapes = jax.eval_shape(lambda r: model.init_params(cfg, r), jax.random.PRNGKey(0))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
-    return ckpt.load_params(checkpoint, abstract)
-
-
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--model", default="tiny", help="config preset when the checkpoint has no model_config.json")
-    p.add_argument("--set", action="append", default=[], help="ModelConfig field override key=value")
-    p.add_argument("--num", type=int, default=64, help="held-out items per kind")
-    p.add_argument("--kinds", default="caption,count,ocr,grounding",
-                   help=f"comma list from {','.join(evaluation.ACCURACY_KINDS)}")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_new_tokens", type=int, default=None, help="default: longest answer + 8")
-    p.add_argument("--chat", action="store_true", help="ChatML prompts (stage-3 form) instead of pre-training form")
-    p.add_argument("--loss", action="store_true", help="also report the held-out loss per data type")
-    p.add_argument("--ablate_pixels", action="store_true",
-                   help="also report accuracy and held-out loss on blank images (implies --loss)")
-    p.add_argument("--json", default=None, help="write the results to this JSON file")
-    a = p.parse_args(argv)
-
-    kinds = tuple(k for k in a.kinds.split(",") if k)
-    cfg = model_config_for(a.checkpoint, a.model, a.set)
-    params = load_params(cfg, a.checkpoint)
-    print(f"checkpoint {a.checkpoint}: model {cfg.name}, {sum(x.size for x in jax.tree.leaves(params)):,} params",
+def main(argv: Sequence[str]) -> dict:
+    cli.parse(FLAGS, argv, __doc__)
+    ckpt = FLAGS.checkpoint
+    cfg = registry.apply_overrides(trainer.read_model_config(ckpt) or get_config(FLAGS.model), FLAGS.set)
+    params = trainer.load_params(cfg, ckpt)
+    print(f"checkpoint {ckpt}: model {cfg.name}, {sum(x.size for x in jax.tree.leaves(params)):,} params",
           flush=True)
-    vision_opts, source = vision_options_for(a.checkpoint)
-    print(f"pixel budgets from {source}: images {vision_opts.min_pixels}..{vision_opts.max_pixels}, "
-          f"video frames {vision_opts.video_min_pixels}..{vision_opts.video_max_pixels} "
-          f"(total {vision_opts.video_total_pixels})", flush=True)
+    run_data, source = trainer.read_data_config(ckpt)
+    vision_opts = run_data.vision_options if run_data else formats.VisionOptions()
+    print(f"pixel budgets from {source or 'defaults (no data_config.json beside the checkpoint)'}: images "
+          f"{vision_opts.min_pixels}..{vision_opts.max_pixels}, video frames {vision_opts.video_min_pixels}.."
+          f"{vision_opts.video_max_pixels} (total {vision_opts.video_total_pixels})", flush=True)
+
     def accuracy(zero_pixels: bool):
-        return evaluation.evaluate_accuracy(cfg, params, num=a.num, kinds=kinds, batch_size=a.batch_size,
-                                            max_new_tokens=a.max_new_tokens, chat=a.chat, vision_opts=vision_opts,
-                                            zero_pixels=zero_pixels, log=lambda s: print(s, flush=True))
+        return evaluation.evaluate_accuracy(cfg, params, num=FLAGS.num, kinds=FLAGS.kinds, batch_size=FLAGS.batch_size,
+                                            max_new_tokens=FLAGS.max_new_tokens, chat=FLAGS.chat,
+                                            vision_opts=vision_opts, zero_pixels=zero_pixels,
+                                            log=lambda s: print(s, flush=True))
 
     results = accuracy(False)
     blank = None
-    if a.ablate_pixels:
+    if FLAGS.ablate_pixels:
         print("the same prompts with blank images (every pixel value 0):", flush=True)
         blank = accuracy(True)
     print(evaluation.accuracy_table(results, blank))
     for r in results.values():
-        for pred, exp in r.examples[:2]:
-            print(f"  {r.kind}: predicted {pred!r}, expected {exp!r}")
-    out = {"checkpoint": a.checkpoint, "chat": a.chat, "num": a.num,
-           "accuracy": evaluation.by_metric(results), "chance": evaluation.by_metric(results, "chance")}
+        for pred, expected in r.examples[:2]:
+            print(f"  {r.kind}: predicted {pred!r}, expected {expected!r}")
+    out = {"checkpoint": ckpt, "chat": FLAGS.chat, "num": FLAGS.num,
+           "accuracy": evaluation.by_metric(results), "chance": evaluation.by_metric(results, "chance"),
+           "examples": {r.kind: r.examples for r in results.values()}}
     if blank:
         out["accuracy_blank_images"] = evaluation.by_metric(blank)
-    if a.loss or a.ablate_pixels:
-        eval_fn = evaluation.make_eval_fn(cfg, {"vision_options": vision_opts}, seq_len=1024, max_patches=2048,
-                                          batch_size=4)
-        losses = eval_fn(params)
-        out["heldout_loss"] = losses
-        print("held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-        if a.ablate_pixels:
-            zeroed_losses = eval_fn(params, zero_pixels=True)
-            out["heldout_loss_zeroed_pixels"] = zeroed_losses
+    if FLAGS.loss or FLAGS.ablate_pixels:
+        data = (dataclasses.replace(run_data, mixture=evaluation.loss_mixture()) if run_data
+                else DataConfig(mixture=evaluation.loss_mixture(), **LOSS_ROW))
+        # data parallel over as many devices as split the batch evenly (no device computes a replica)
+        n_dev = math.gcd(FLAGS.batch_size, jax.device_count())
+        mesh = sharding.make_mesh(sharding.MeshConfig(data=n_dev), jax.devices()[:n_dev])
+        evaluate = evaluation.HeldoutEvaluator(cfg, data, num_samples=FLAGS.loss_samples, batch_size=FLAGS.batch_size,
+                                               mesh=mesh)
+        losses = out["heldout_loss"] = evaluate(params)
+        print("held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.kind_losses(losses).items())
+              + f"; mean {losses['mean']:.4f}")
+        if FLAGS.ablate_pixels:
+            zeroed = out["heldout_loss_zeroed_pixels"] = evaluate(params, zero_pixels=True)
             print("held-out loss with zeroed pixels (gap = how much the model reads its images):")
-            for k, v in losses.items():
-                print(f"  {k:10s} real {v:.4f}  zeroed {zeroed_losses[k]:.4f}  gap {zeroed_losses[k] - v:+.4f}")
-    if a.json:
-        with open(a.json, "w") as f:
+            for k, v in evaluation.kind_losses(losses).items():
+                z = zeroed[f"kind/{k}"]
+                print(f"  {k:10s} real {v:.4f}  zeroed {z:.4f}  gap {z - v:+.4f}")
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
             json.dump(out, f, indent=1)
     return out
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main)

@@ -1,6 +1,6 @@
 """JSONL manifest -> ArrayRecord shards for the "arrayrecord:<glob>" data source.
 
-    python -m launch.prepare_data --manifest data.jsonl --out DIR [--num_shards N] [--no_verify]
+    python -m launch.prepare_data --manifest=data.jsonl --out=DIR [--num_shards=N] [--no_verify]
 
 Each manifest line is one JSON object (schema: qwen2vl_jax/data/sources.py docstring), e.g.
     {"type": "caption", "images": ["img/0001.jpg"], "text": "a dog on a beach"}
@@ -15,15 +15,18 @@ Exit status 0 when at least one record was written, 1 otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
 import sys
 import time
-from typing import Sequence
 
-from qwen2vl_jax.data import sources, vision
+from absl import flags
+
+from experiments import flags as cli
+from qwen2vl_jax.data import media, sources
+
+FLAGS = flags.FlagValues()
 
 
 def shard_paths(out_dir: str, num_shards: int) -> list[str]:
@@ -41,11 +44,11 @@ def _check_video(path: str) -> None:
     try:
         with av.open(path) as container:
             if not container.streams.video:
-                raise vision.BadMediaError("unreadable_video", f"{path}: no video stream")
+                raise media.BadMediaError("unreadable_video", f"{path}: no video stream")
     except (av.error.FFmpegError, OSError, ValueError) as e:
-        if isinstance(e, vision.BadMediaError):
+        if isinstance(e, media.BadMediaError):
             raise
-        raise vision.BadMediaError("unreadable_video", f"{path}: {e}") from e
+        raise media.BadMediaError("unreadable_video", f"{path}: {e}") from e
 
 
 def entry_to_record(line: str, base_dir: str, origin: str, verify: bool = True) -> bytes:
@@ -64,7 +67,7 @@ def entry_to_record(line: str, base_dir: str, origin: str, verify: bool = True) 
         if verify:
             try:
                 sources.load_image_bytes(data)
-            except vision.BadMediaError as e:
+            except media.BadMediaError as e:
                 raise sources.BadRecordError(f"image_{e.reason}", f"{path}: {e}") from e
         images.append(data)
     video = None
@@ -77,7 +80,7 @@ def entry_to_record(line: str, base_dir: str, origin: str, verify: bool = True) 
         if verify:
             try:
                 _check_video(video)
-            except vision.BadMediaError as e:
+            except media.BadMediaError as e:
                 raise sources.BadRecordError(f"video_{e.reason}", str(e)) from e
     return sources.encode_record(entry, images, video, origin)
 
@@ -168,17 +171,23 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--manifest", required=True, help="JSONL manifest (schema: qwen2vl_jax/data/sources.py)")
-    ap.add_argument("--out", required=True, help="output folder for the ArrayRecord shards")
-    ap.add_argument("--num_shards", type=int, default=1)
-    ap.add_argument("--no_verify", action="store_true", help="skip decoding images / opening videos")
-    args = ap.parse_args(argv)
-    summary = prepare(args.manifest, args.out, args.num_shards, verify=not args.no_verify)
+flags.DEFINE_string("manifest", None, "JSONL manifest (schema: qwen2vl_jax/data/sources.py)", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output folder for the ArrayRecord shards", flag_values=FLAGS)
+flags.DEFINE_integer("num_shards", 1, "number of ArrayRecord shards", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_bool("no_verify", False, "skip decoding images / opening videos", flag_values=FLAGS)
+flags.mark_flags_as_required(["manifest", "out"], flag_values=FLAGS)
+
+
+def main(argv) -> int:
+    cli.parse(FLAGS, argv, __doc__)
+    try:
+        summary = prepare(FLAGS.manifest, FLAGS.out, FLAGS.num_shards, verify=not FLAGS.no_verify)
+    except (OSError, ValueError) as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
     print(format_summary(summary), file=sys.stderr)
     return 0 if summary["written"] else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -1,7 +1,7 @@
 """How fast does the vision tower learn an attribute of the embedded scenes, with a direct label?
 
-    python -m launch.probe_vision --task=shape [--model=tiny] [--steps=2000] [--batch=32] [--lr=1e-3]
-        [--max_pixels=12544] [--checkpoint DIR [--freeze]] [--json OUT.json]
+    python -m launch.probe_vision --task=shape [--model=tiny] [--set key=value ...] [--steps=2000] [--batch=32]
+        [--lr=1e-3] [--max_pixels=12544] [--checkpoint DIR [--freeze]] [--json OUT.json]
 
 Trains the model's vision tower (tower + merger; from init, or from DIR's weights) with a linear head on
 its mean-pooled merged features to classify one attribute of single-item synthetic scenes:
@@ -14,32 +14,59 @@ features standardised per vector, since a frozen tower's feature scale is arbitr
 
 Why: in the three-stage pipeline the ViT learns only through the decoder's next-token loss, so a
 slow-learning attribute there can be the tower (it cannot learn it that fast) or the coupling (the decoder
-does not read it). This script measures the first on its own (WORKSPACE "the stack learns").
+does not read it). This script measures the first on its own.
+The model config is DIR's (model_config.json beside the checkpoint) or the --model preset's; --set overrides
+its fields.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
+
+from experiments import flags as cli
+from experiments import registry
+from qwen2vl_jax.data import media, synthetic
+from qwen2vl_jax.model import model as M
+from qwen2vl_jax.model import rope
+from qwen2vl_jax.model.config import get_config
+from qwen2vl_jax.train import trainer
 
 TASKS = ("colour", "shape", "word")
 STREAM = "vision_probe"
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("task", None, TASKS, "the attribute to classify", flag_values=FLAGS)
+flags.mark_flag_as_required("task", flag_values=FLAGS)
+cli.define_model(FLAGS, help="model preset when --checkpoint has no model_config.json")
+cli.define_set(FLAGS, "the model config")
+flags.DEFINE_string("checkpoint", None, "start from this checkpoint's vision tower (default: init)", flag_values=FLAGS)
+flags.DEFINE_bool("freeze", False, "train the linear head only (needs --checkpoint)", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 2000, "training steps", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 32, "images per step", flag_values=FLAGS)
+flags.DEFINE_float("lr", 1e-3, "peak learning rate", flag_values=FLAGS)
+flags.DEFINE_integer("max_pixels", 16 * 28 * 28, "pixels per image (tiny recipe: 16 tokens)", flag_values=FLAGS)
+flags.DEFINE_integer("eval_every", 100, "steps between held-out accuracy measurements", flag_values=FLAGS)
+flags.DEFINE_integer("num_heldout", 256, "held-out images", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "init seed", flag_values=FLAGS)
+flags.DEFINE_string("json", None, "write the curve to this JSON file", flag_values=FLAGS)
+flags.register_multi_flags_validator(
+    ["freeze", "checkpoint"], lambda f: not f["freeze"] or f["checkpoint"],
+    message="--freeze needs --checkpoint (a frozen random tower is not worth probing)", flag_values=FLAGS)
+
 
 def classes(task: str) -> tuple[str, ...]:
-    from qwen2vl_jax.data import synthetic
     return {"colour": tuple(synthetic.COLOURS), "shape": synthetic.SHAPES, "word": synthetic.WORDS}[task]
 
 
 def labelled_scene(task: str, split: str, index: int, seed: int = 0):
     """(scene, label, next index): the first scene at or after `index` with exactly one item of the task."""
-    from qwen2vl_jax.data import synthetic
     names = classes(task)
     while True:
         sc = synthetic.scene(seed, index, split, STREAM)
@@ -56,8 +83,6 @@ def labelled_scene(task: str, split: str, index: int, seed: int = 0):
 def make_batch(cfg, task: str, split: str, start: int, n: int, max_pixels: int, seed: int = 0):
     """n labelled scenes from scene index `start` -> (pixel_values [n,P,C], segment ids [n,P], positions [n,P,2],
     labels [n], next index); one image per row, P = the patch rows of the largest image the budget allows."""
-    from qwen2vl_jax import rope
-    from qwen2vl_jax.data import vision
     v = cfg.vision
     unit = v.patch_size * v.spatial_merge_size
     P = (max_pixels // unit**2) * v.merge_unit
@@ -68,7 +93,7 @@ def make_batch(cfg, task: str, split: str, start: int, n: int, max_pixels: int, 
     index = start
     for j in range(n):
         sc, labels[j], index = labelled_scene(task, split, index, seed)
-        px, grid = vision.preprocess_images([sc.image], max_pixels=max_pixels)
+        px, grid = media.preprocess_images([sc.image], max_pixels=max_pixels)
         if len(px) > P:
             raise ValueError(f"image of {len(px)} patch rows exceeds the {P} a {max_pixels}-pixel budget allows")
         pv[j, :len(px)], seg[j, :len(px)] = px, 1
@@ -79,7 +104,6 @@ def make_batch(cfg, task: str, split: str, start: int, n: int, max_pixels: int, 
 def run(cfg, params: dict, task: str, *, steps: int, batch: int, lr: float, max_pixels: int, freeze: bool = False,
         eval_every: int = 100, num_heldout: int = 256, seed: int = 0, log=print) -> list[dict]:
     """Trains (tower +) head; returns the learning curve [{step, loss, accuracy, chance}, ...]."""
-    from qwen2vl_jax import model as M
     if task not in TASKS:
         raise ValueError(f"task {task!r} unknown; valid: {', '.join(TASKS)}")
     for name, value in (("steps", steps), ("batch", batch), ("eval_every", eval_every), ("num_heldout", num_heldout)):
@@ -135,46 +159,28 @@ def table(curve: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> list[dict]:
-    from launch import evaluate
-    from qwen2vl_jax import model as M
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--model", default="tiny", help="config preset when --checkpoint has no model_config.json")
-    p.add_argument("--checkpoint", default=None, help="start from this checkpoint's vision tower (default: init)")
-    p.add_argument("--freeze", action="store_true", help="train the linear head only (needs --checkpoint)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max_pixels", type=int, default=16 * 28 * 28, help="per image (tiny recipe: 16 tokens)")
-    p.add_argument("--eval_every", type=int, default=100)
-    p.add_argument("--num_heldout", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0, help="init seed")
-    p.add_argument("--json", default=None, help="write the curve to this JSON file")
-    a = p.parse_args(argv)
-    if a.freeze and not a.checkpoint:
-        p.error("--freeze needs --checkpoint (a frozen random tower is not worth probing)")
-    if a.checkpoint:
-        cfg = evaluate.model_config_for(a.checkpoint, a.model)
-        params = evaluate.load_params(cfg, a.checkpoint)
+def main(argv: Sequence[str]) -> list[dict]:
+    cli.parse(FLAGS, argv, __doc__)
+    saved = trainer.read_model_config(FLAGS.checkpoint) if FLAGS.checkpoint else None
+    cfg = registry.apply_overrides(saved or get_config(FLAGS.model), FLAGS.set)
+    if FLAGS.checkpoint:
+        params = trainer.load_params(cfg, FLAGS.checkpoint)
     else:
-        from qwen2vl_jax.config import get_config
-        cfg = get_config(a.model)
-        params = M.init_params(cfg, jax.random.PRNGKey(a.seed))
-    print(f"vision probe: task {a.task} ({len(classes(a.task))} classes), model {cfg.name}, tower from "
-          f"{a.checkpoint or 'init'}{' (frozen)' if a.freeze else ''}, {a.steps} steps x {a.batch}, lr {a.lr}, "
-          f"<= {a.max_pixels} pixels per image", flush=True)
-    curve = run(cfg, params, a.task, steps=a.steps, batch=a.batch, lr=a.lr, max_pixels=a.max_pixels,
-                freeze=a.freeze, eval_every=a.eval_every, num_heldout=a.num_heldout,
+        params = M.init_params(cfg, jax.random.PRNGKey(FLAGS.seed))
+    print(f"vision probe: task {FLAGS.task} ({len(classes(FLAGS.task))} classes), model {cfg.name}, tower from "
+          f"{FLAGS.checkpoint or 'init'}{' (frozen)' if FLAGS.freeze else ''}, {FLAGS.steps} steps x {FLAGS.batch}, "
+          f"lr {FLAGS.lr}, <= {FLAGS.max_pixels} pixels per image", flush=True)
+    curve = run(cfg, params, FLAGS.task, steps=FLAGS.steps, batch=FLAGS.batch, lr=FLAGS.lr, max_pixels=FLAGS.max_pixels,
+                freeze=FLAGS.freeze, eval_every=FLAGS.eval_every, num_heldout=FLAGS.num_heldout,
                 log=lambda s: print(s, flush=True))
     print(table(curve))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"task": a.task, "model": cfg.name, "checkpoint": a.checkpoint, "freeze": a.freeze,
-                       "lr": a.lr, "batch": a.batch, "max_pixels": a.max_pixels, "curve": curve}, f, indent=1)
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump({"task": FLAGS.task, "model": cfg.name, "checkpoint": FLAGS.checkpoint, "freeze": FLAGS.freeze,
+                       "lr": FLAGS.lr, "batch": FLAGS.batch, "max_pixels": FLAGS.max_pixels, "curve": curve}, f,
+                      indent=1)
     return curve
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main)

@@ -4,9 +4,10 @@
     python -m launch.sweep --sweep=cpu_small --local [--results runs/sweeps/cpu_small/results.csv]
     python -m launch.sweep --sweep=scaling_llm --tpu=sweep --zone=us-east5-a --accelerator=v5p-64 [--dry_run]
 
---local trains each point in turn in this process (launch.pretrain.run on the point's experiment),
-then computes the held-out loss per data type (evaluation.make_eval_fn) on the final params and appends
-one row to the results table (params, tokens, FLOPs, eval_loss_<type>, eval_loss_mean, ...). Points
+--local trains each point in turn in this process (qwen2vl_jax.train.trainer on the point's experiment),
+whose held-out loss per data kind (eval.evaluation.HeldoutEvaluator on one synthetic source per kind of
+sweeps.EVAL_KINDS, at the last step) goes with one row to the results table (params, tokens, FLOPs,
+eval_loss_<kind>, eval_loss_mean, final_train_loss, train_seconds, eval_seconds). Points
 whose key (hash of the point's full config) is already in the table are skipped, so a re-run finishes
 an interrupted sweep; a point interrupted mid-training resumes from its own checkpoints.
 --point=KEY runs only that point (what each TPU job runs).
@@ -17,14 +18,36 @@ the repo, install, start) whose start command is `python3 -m launch.sweep --swee
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
-import sys
 import time
+from typing import Sequence
 
+import jax
+from absl import flags, logging
+
+from experiments import flags as cli
 from experiments import sweeps
-from qwen2vl_jax import scaling
+from qwen2vl_jax.cloud import tpu
+from qwen2vl_jax.eval import evaluation, scaling
+from qwen2vl_jax.train import sharding, trainer
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("sweep", None, list(sweeps.SWEEPS), "the sweep", flag_values=FLAGS)
+flags.DEFINE_bool("list", False, "list sweeps (with --sweep: its points) and exit", flag_values=FLAGS)
+flags.DEFINE_bool("local", False, "run the points here, one after another", flag_values=FLAGS)
+flags.DEFINE_list("point", None, "point keys to run (default: all)", flag_values=FLAGS)
+flags.DEFINE_string("results", None, "results table (.csv or .jsonl); default runs/sweeps/<sweep>/results.csv",
+                    flag_values=FLAGS)
+flags.DEFINE_string("root", "runs/sweeps", "run directories go under ROOT/<run_name>", flag_values=FLAGS)
+flags.DEFINE_integer("eval_samples", 16, "held-out samples per data kind", flag_values=FLAGS)
+flags.DEFINE_string("tpu", None, "TPU VM name prefix: one slice <prefix>-<key> per point", flag_values=FLAGS)
+flags.DEFINE_string("zone", None, "--tpu: GCP zone, e.g. us-east5-a", flag_values=FLAGS)
+flags.DEFINE_string("accelerator", None, "--tpu: accelerator type, e.g. v5p-64", flag_values=FLAGS)
+flags.DEFINE_string("project", None, "--tpu: GCP project (default: gcloud's configured project)", flag_values=FLAGS)
+flags.DEFINE_string("version", None, "--tpu: TPU runtime version (default per generation)", flag_values=FLAGS)
+flags.DEFINE_bool("spot", False, "--tpu: Spot TPU VMs", flag_values=FLAGS)
+flags.DEFINE_bool("dry_run", False, "with --tpu: print the commands, run nothing", flag_values=FLAGS)
 
 
 def default_results(sweep: str) -> str:
@@ -37,40 +60,37 @@ def done_keys(path: str) -> set[str]:
     return {str(r.get("key")) for r in scaling.read_results(path)}
 
 
-def _final_params(exp, checkpoint_dir: str):
-    from qwen2vl_jax import checkpoint, sharding, train
-    mesh = sharding.make_mesh(exp.mesh)
-    abstract, _ = train.abstract_state(exp.model, exp.step_config(), mesh)
-    return checkpoint.load_params(checkpoint_dir, abstract.params)
+def run_point(point: sweeps.SweepPoint, results: str, root: str, eval_samples: int, log=print) -> dict:
+    """Trains one point (its held-out loss is the trainer's evaluation at the last step), appends its row
+    (process 0). Returns the row."""
+    exp = sweeps.point_experiment(point, root, eval_samples)
+    heldout = exp.evaluator()
+    eval_s = [0.0]
 
+    def evaluate(params):
+        t = time.time()
+        out = heldout(params)
+        eval_s[0] += time.time() - t
+        return out
 
-def run_point(point: sweeps.SweepPoint, results: str, root: str, eval_num: int, log=print) -> dict:
-    """Trains one point, evaluates it, appends its row (process 0). Returns the row."""
-    import jax
-
-    from launch import pretrain
-    from qwen2vl_jax import evaluation
-
-    exp = sweeps.point_experiment(point, root)
-    os.makedirs(exp.run_dir, exist_ok=True)
     t0 = time.time()
-    summary = pretrain.run(exp)
-    train_s = time.time() - t0
-    params = _final_params(exp, summary["checkpoint_dir"])
-    eval_fn = evaluation.make_eval_fn(exp.model, exp.data, num_per_kind=eval_num, batch_size=exp.batch_size)
-    losses = eval_fn(params)
-    last = summary["losses"].get(summary["step"], float("nan"))
-    row = point.result_row(losses, extra={"final_train_loss": float(last), "train_seconds": round(train_s, 1),
-                                          "eval_seconds": round(time.time() - t0 - train_s, 1)})
+    summary = trainer.run(exp, evaluate=evaluate)
+    losses = summary["eval"].get(exp.num_steps)
+    if losses is None:         # trained by an earlier invocation that stopped before writing the row
+        losses = evaluate(trainer.load_params(exp.model, summary["checkpoint_dir"], sharding.make_mesh(exp.mesh)))
+    train_s = time.time() - t0 - eval_s[0]
+    last = trainer.read_jsonl(exp.run_dir, trainer.LOSSES_FILE).get(exp.num_steps, {}).get("loss", float("nan"))
+    row = point.result_row(evaluation.kind_losses(losses), extra={
+        "final_train_loss": float(last), "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s[0], 1)})
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
         scaling.append_result(results, row)
     log(f"[{point.run_name}] N={row['params']:,} D={row['tokens']:,} train loss {last:.4f} eval loss "
-        f"{row['eval_loss_mean']:.4f} ({train_s:.0f}s train, {row['eval_seconds']:.0f}s eval)")
+        f"{row['eval_loss_mean']:.4f} ({train_s:.0f}s train, {eval_s[0]:.0f}s eval)")
     return row
 
 
-def run_local(sweep: sweeps.Sweep, results: str, root: str, eval_num: int, only: set[str] | None = None,
+def run_local(sweep: sweeps.Sweep, results: str, root: str, eval_samples: int, only: set[str] | None = None,
               log=print) -> list[dict]:
     points = [p for p in sweep.points() if only is None or p.key in only]
     if only is not None and len(points) != len(only):
@@ -83,77 +103,58 @@ def run_local(sweep: sweeps.Sweep, results: str, root: str, eval_num: int, only:
             log(f"[{i + 1}/{len(points)}] {p.run_name}: done (in {results}), skipped")
             continue
         log(f"[{i + 1}/{len(points)}] {p.run_name}: {p.steps} steps x {p.batch_size} x {p.seq_len}")
-        rows.append(run_point(p, results, root, eval_num, log))
+        rows.append(run_point(p, results, root, eval_samples, log))
     return rows
 
 
 def tpu_jobs(sweep: sweeps.Sweep, tpu_prefix: str, zone: str, accelerator: str, project: str | None = None,
              version: str | None = None, spot: bool = False, results: str | None = None,
-             eval_num: int = 16) -> list[tuple[object, list[list[str]]]]:
-    """[(TpuVm, commands)] per point; commands = launch.tpu.job_commands with the start step replaced by
+             eval_samples: int = 16) -> list[tuple[object, list[list[str]]]]:
+    """[(TpuVm, commands)] per point; commands = tpu.job_commands with the start step replaced by
     `launch.sweep --point=KEY --local`."""
-    from launch import tpu
-
     out = []
     for p in sweep.points():
         vm = tpu.TpuVm(name=f"{tpu_prefix}-{p.key}", zone=zone, accelerator=accelerator, project=project,
                        version=version, spot=spot)
         cmds = tpu.job_commands(vm, p.experiment, model=p.base_model, run_name=p.run_name.replace("/", "_"))
         argv = ["python3", "-m", "launch.sweep", f"--sweep={sweep.name}", f"--point={p.key}", "--local",
-                f"--results={results or default_results(sweep.name)}", f"--eval_num={eval_num}"]
+                f"--results={results or default_results(sweep.name)}", f"--eval_samples={eval_samples}"]
         start = (f"cd {tpu.REMOTE_DIR} && mkdir -p logs && nohup {shlex.join(argv)} > "
                  f"logs/{p.run_name}.log 2>&1 < /dev/null &")
         out.append((vm, cmds[:-1] + [vm.ssh_all(start)]))
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sweep", default=None, help=f"one of {', '.join(sweeps.SWEEPS)}")
-    ap.add_argument("--list", action="store_true", help="list sweeps (with --sweep: its points) and exit")
-    ap.add_argument("--local", action="store_true", help="run the points here, one after another")
-    ap.add_argument("--point", default=None, help="comma list of point keys to run (default: all)")
-    ap.add_argument("--results", default=None, help="results table (.csv or .jsonl)")
-    ap.add_argument("--root", default="runs/sweeps", help="run directories go under ROOT/<run_name>")
-    ap.add_argument("--eval_num", type=int, default=16, help="held-out samples per data type")
-    ap.add_argument("--tpu", default=None, help="TPU VM name prefix: one slice <prefix>-<key> per point")
-    ap.add_argument("--zone", default=None)
-    ap.add_argument("--accelerator", default=None)
-    ap.add_argument("--project", default=None)
-    ap.add_argument("--version", default=None)
-    ap.add_argument("--spot", action="store_true")
-    ap.add_argument("--dry_run", action="store_true", help="with --tpu: print the commands, run nothing")
-    a = ap.parse_args(argv)
-
-    if a.list and not a.sweep:
+def main(argv: Sequence[str]) -> int:
+    cli.parse(FLAGS, argv, __doc__)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    if FLAGS.list and not FLAGS.sweep:
         for s in sweeps.SWEEPS.values():
             print(f"{s.name:16s} {len(s.points()):3d} points  {s.description}")
         return 0
-    if not a.sweep:
+    if not FLAGS.sweep:
         raise ValueError(f"--sweep is required; valid: {', '.join(sweeps.SWEEPS)}")
-    sweep = sweeps.get_sweep(a.sweep)
-    results = a.results or default_results(sweep.name)
-    if a.list:
+    sweep = sweeps.get_sweep(FLAGS.sweep)
+    results = FLAGS.results or default_results(sweep.name)
+    if FLAGS.list:
         done = done_keys(results)
         for p in sweep.points():
             print(f"{p.key}  {p.run_name:50s} params {p.params:>13,}  tokens {p.tokens:>15,}  flops {p.flops:.3g}"
                   + ("  [done]" if p.key in done else ""))
         return 0
-    if a.local == bool(a.tpu):
+    if FLAGS.local == bool(FLAGS.tpu):
         raise ValueError("pass exactly one of --local or --tpu=PREFIX")
-    if a.local:
-        if a.point:
-            from launch import pretrain
-            pretrain.initialize_distributed()
-        only = set(a.point.split(",")) if a.point else None
-        run_local(sweep, results, a.root, a.eval_num, only)
+    if FLAGS.local:
+        if FLAGS.point:
+            trainer.initialize_distributed()
+        run_local(sweep, results, FLAGS.root, FLAGS.eval_samples, set(FLAGS.point) if FLAGS.point else None)
         return 0
-    from launch import tpu
-    if not (a.zone and a.accelerator):
+    if not (FLAGS.zone and FLAGS.accelerator):
         raise ValueError("--tpu needs --zone and --accelerator")
-    jobs = tpu_jobs(sweep, a.tpu, a.zone, a.accelerator, a.project, a.version, a.spot, a.results, a.eval_num)
+    jobs = tpu_jobs(sweep, FLAGS.tpu, FLAGS.zone, FLAGS.accelerator, FLAGS.project, FLAGS.version, FLAGS.spot,
+                    FLAGS.results, FLAGS.eval_samples)
     for vm, cmds in jobs:
-        if a.dry_run:
+        if FLAGS.dry_run:
             print(tpu.dry_run_script(vm, cmds))
         else:
             tpu.launch(vm, cmds)
@@ -161,4 +162,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    cli.run(main)

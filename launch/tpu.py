@@ -1,208 +1,52 @@
 """Launch a pretraining run on a Cloud TPU VM slice (single- or multi-host) with `gcloud`.
 
-    python -m launch.tpu --experiment=stage1 --model=7b --tpu=my-v5p --zone=us-east5-a \
+    python -m launch.tpu --experiment=stage1 --model=7b --tpu=my-v5p --zone=us-east5-a
         --accelerator=v5p-128 [--project=P] [--version=RUNTIME] [--spot] [--dry_run] [--set k=v ...]
 
-Steps (each one `gcloud` command; `--dry_run` prints them one per line as a runnable shell script):
-  1. reuse or create: `tpu-vm describe NAME` succeeds -> reuse; otherwise `tpu-vm create`.
-  2. package: `git archive HEAD` of the repo into a tarball (committed files only: the run is
-     reproducible from the commit id, printed in the log name).
-  3. copy: `tpu-vm scp TARBALL NAME:~ --worker=all`.
-  4. install on every worker: untar into ~/qwen2vl_jax, `pip install -r requirements.txt jax[tpu]==<pinned>`
-     (the jax version is read from requirements.txt, so the TPU hosts run the version the CPU tests ran).
-  5. start on every worker: `nohup python3 -m launch.pretrain ... > logs/RUN.log 2>&1 < /dev/null &`.
-     On a pod slice every worker runs the same command; `launch.pretrain` calls
-     `jax.distributed.initialize()`, which finds the coordinator from the TPU metadata.
-
-`job_commands(...)` returns the command list of steps 2-5 for one run (one sweep point); a sweep
-launcher renders them with `render()` or runs them with `execute()`.
+Reuses the TPU VM NAME or creates it, ships the repository's HEAD to every worker, installs it and starts
+`launch.pretrain` there (the steps: qwen2vl_jax/cloud/tpu.py). `--dry_run` prints the commands, one per
+line, as a runnable shell script. The experiment and its `--set` overrides are checked here first
+(experiments/registry.py), so a typo fails before any TPU VM is created.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
-import re
-import shlex
-import subprocess
-from typing import Callable, Sequence
+from absl import flags
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REMOTE_DIR = "~/qwen2vl_jax"
-REMOTE_TARBALL = "~/qwen2vl_jax.tar.gz"
+from experiments import flags as cli
+from experiments import registry
+from qwen2vl_jax.cloud import tpu
 
-# Default TPU VM runtime image per generation (cloud.google.com/tpu/docs/runtimes).
-RUNTIME_VERSIONS = {
-    "v4": "tpu-ubuntu2204-base",
-    "v5litepod": "v2-alpha-tpuv5-lite",
-    "v5p": "v2-alpha-tpuv5",
-    "v6e": "v2-alpha-tpuv6e",
-}
-_ACCEL_RE = re.compile(r"^(v4|v5litepod|v5p|v6e)-(\d+)$")
-
-# A runner executes one argv and returns its exit code (injected in tests).
-Runner = Callable[[Sequence[str]], int]
+FLAGS = flags.FlagValues()
+cli.define_experiment(FLAGS, default=None)
+cli.define_model(FLAGS, default=None, help="model size preset (default: the experiment's)")
+cli.define_set(FLAGS, what="the experiment config (passed to launch.pretrain)")
+flags.DEFINE_string("tpu", None, "TPU VM name", flag_values=FLAGS)
+flags.DEFINE_string("zone", None, "GCP zone, e.g. us-east5-a", flag_values=FLAGS)
+flags.DEFINE_string("accelerator", None, "accelerator type, e.g. v5p-128", flag_values=FLAGS)
+flags.DEFINE_string("project", None, "GCP project (default: gcloud's configured project)", flag_values=FLAGS)
+flags.DEFINE_string("version", None, "TPU runtime version (default per generation)", flag_values=FLAGS)
+flags.DEFINE_string("run_name", None, "log file name (default EXPERIMENT-TPU)", flag_values=FLAGS)
+flags.DEFINE_bool("spot", False, "create a Spot TPU VM", flag_values=FLAGS)
+flags.DEFINE_bool("dry_run", False, "print the commands, run nothing", flag_values=FLAGS)
+flags.mark_flags_as_required(["experiment", "tpu", "zone", "accelerator"], flag_values=FLAGS)
 
 
-@dataclasses.dataclass(frozen=True)
-class TpuVm:
-    """One TPU VM slice. `accelerator` is the gcloud accelerator type (e.g. v5p-128)."""
-    name: str
-    zone: str
-    accelerator: str
-    project: str | None = None
-    version: str | None = None      # runtime image; default from RUNTIME_VERSIONS
-    spot: bool = False
-
-    def __post_init__(self):
-        if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", self.name or ""):
-            raise ValueError(f"--tpu={self.name!r}: TPU names are lowercase letters, digits and '-'")
-        if not self.zone:
-            raise ValueError("--zone is required (e.g. us-east5-a)")
-        if not _ACCEL_RE.match(self.accelerator or ""):
-            raise ValueError(f"--accelerator={self.accelerator!r}; expected one of "
-                             f"{', '.join(g + '-N' for g in RUNTIME_VERSIONS)} (e.g. v5p-128)")
-
-    @property
-    def runtime_version(self) -> str:
-        return self.version or RUNTIME_VERSIONS[_ACCEL_RE.match(self.accelerator).group(1)]
-
-    def _scope(self) -> list[str]:
-        return [f"--zone={self.zone}"] + ([f"--project={self.project}"] if self.project else [])
-
-    def describe(self) -> list[str]:
-        return ["gcloud", "compute", "tpus", "tpu-vm", "describe", self.name, *self._scope(),
-                "--format=value(state)"]
-
-    def create(self) -> list[str]:
-        return ["gcloud", "compute", "tpus", "tpu-vm", "create", self.name, *self._scope(),
-                f"--accelerator-type={self.accelerator}", f"--version={self.runtime_version}",
-                *(["--spot"] if self.spot else [])]
-
-    def scp(self, local: str, remote: str) -> list[str]:
-        return ["gcloud", "compute", "tpus", "tpu-vm", "scp", local, f"{self.name}:{remote}",
-                *self._scope(), "--worker=all"]
-
-    def ssh_all(self, command: str) -> list[str]:
-        return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", self.name, *self._scope(), "--worker=all",
-                f"--command={command}"]
-
-
-def pinned_jax_version(requirements: str = os.path.join(REPO_ROOT, "requirements.txt")) -> str:
-    """The `jax==X` pin of requirements.txt (the TPU hosts install jax[tpu]==X)."""
-    with open(requirements) as f:
-        for line in f:
-            m = re.match(r"^\s*jax==([0-9][^\s#;]*)", line)
-            if m:
-                return m.group(1)
-    raise ValueError(f"{requirements} has no 'jax==VERSION' line")
-
-
-def pretrain_argv(experiment: str, model: str | None = None, overrides: Sequence[str] = (),
-                  extra_flags: Sequence[str] = ()) -> list[str]:
-    """argv of the training command every worker runs."""
-    if not experiment:
-        raise ValueError("--experiment is required")
-    for kv in overrides:
-        if "=" not in kv:
-            raise ValueError(f"--set {kv!r}: expected key=value")
-    return (["python3", "-m", "launch.pretrain", f"--experiment={experiment}"]
-            + ([f"--model={model}"] if model else [])
-            + [f"--set={kv}" for kv in overrides] + list(extra_flags))
-
-
-def job_commands(vm: TpuVm, experiment: str, *, model: str | None = None, overrides: Sequence[str] = (),
-                 run_name: str | None = None, tarball: str = "/tmp/qwen2vl_jax.tar.gz",
-                 jax_version: str | None = None, extra_flags: Sequence[str] = ()) -> list[list[str]]:
-    """Commands (argv lists) that ship the repo to every worker of `vm` and start one run there.
-
-    Used once per sweep point: the VM must already exist (see `launch()` for reuse/create)."""
-    run_name = run_name or f"{experiment}-{vm.name}"
-    if not re.fullmatch(r"[A-Za-z0-9._=-]+", run_name):
-        raise ValueError(f"run_name {run_name!r}: use letters, digits and ._=- only (it names the log file)")
-    jax_version = jax_version or pinned_jax_version()
-    install = (f"mkdir -p {REMOTE_DIR} && tar xzf {REMOTE_TARBALL} -C {REMOTE_DIR} && cd {REMOTE_DIR} && "
-               f"python3 -m pip install -q -r requirements.txt {shlex.quote(f'jax[tpu]=={jax_version}')}")
-    train = shlex.join(pretrain_argv(experiment, model, overrides, extra_flags))
-    start = (f"cd {REMOTE_DIR} && mkdir -p logs && "
-             f"nohup {train} > logs/{run_name}.log 2>&1 < /dev/null &")
-    return [
-        ["git", "-C", REPO_ROOT, "archive", "--format=tar.gz", f"--output={tarball}", "HEAD"],
-        vm.scp(tarball, REMOTE_TARBALL),
-        vm.ssh_all(install),
-        vm.ssh_all(start),
-    ]
-
-
-def render(commands: Sequence[Sequence[str]]) -> str:
-    """One shell-quoted command per line."""
-    return "\n".join(shlex.join(c) for c in commands)
-
-
-def dry_run_script(vm: TpuVm, jobs: Sequence[Sequence[str]]) -> str:
-    """The exact commands `launch` would run, one per line; line 1 is reuse-or-create as shell."""
-    ensure = f"{shlex.join(vm.describe())} > /dev/null 2>&1 || {shlex.join(vm.create())}"
-    return "\n".join([ensure, render(jobs)])
-
-
-def subprocess_runner(argv: Sequence[str]) -> int:
-    print("+ " + shlex.join(argv), flush=True)
-    return subprocess.run(list(argv), check=False).returncode
-
-
-def execute(commands: Sequence[Sequence[str]], runner: Runner = subprocess_runner) -> None:
-    for argv in commands:
-        rc = runner(argv)
-        if rc != 0:
-            raise RuntimeError(f"command failed with exit code {rc}: {shlex.join(argv)}")
-
-
-def ensure_vm(vm: TpuVm, runner: Runner = subprocess_runner) -> str:
-    """Reuses the TPU VM if `describe` finds it, otherwise creates it. Returns 'reused' or 'created'."""
-    if runner(vm.describe()) == 0:
-        return "reused"
-    execute([vm.create()], runner)
-    return "created"
-
-
-def launch(vm: TpuVm, jobs: Sequence[Sequence[str]], runner: Runner = subprocess_runner) -> str:
-    action = ensure_vm(vm, runner)
-    execute(jobs, runner)
-    return action
-
-
-def main(argv):
-    from absl import flags
-    F = flags.FLAGS
-    if len(argv) > 1:
-        raise ValueError(f"unexpected positional arguments: {argv[1:]}")
-    vm = TpuVm(name=F.tpu, zone=F.zone, accelerator=F.accelerator, project=F.project, version=F.version,
-               spot=F.spot)
-    jobs = job_commands(vm, F.experiment, model=F.model, overrides=F.set or (), run_name=F.run_name)
+def main(argv) -> int:
+    cli.parse(FLAGS, argv, __doc__)
+    F = FLAGS
+    # the workers parse the same overrides; a typo found here costs no TPU time
+    registry.get_experiment(F.experiment, **({"model": F.model} if F.model else {}), overrides=F.set)
+    vm = tpu.TpuVm(name=F.tpu, zone=F.zone, accelerator=F.accelerator, project=F.project,
+                   version=F.version, spot=F.spot)
+    jobs = tpu.job_commands(vm, F.experiment, model=F.model, overrides=F.set, run_name=F.run_name)
     if F.dry_run:
-        print(dry_run_script(vm, jobs))
-        return
-    action = launch(vm, jobs)
+        print(tpu.dry_run_script(vm, jobs))
+        return 0
+    action = tpu.launch(vm, jobs)
     print(f"{action} TPU VM {vm.name}; run started. Logs on each worker: "
-          f"{REMOTE_DIR}/logs/{F.run_name or F.experiment + '-' + vm.name}.log")
-
-
-def define_flags():
-    from absl import flags
-    flags.DEFINE_string("experiment", None, "experiment name (experiments/registry.py)")
-    flags.DEFINE_string("model", None, "model preset override (test|tiny|2b|7b|72b)")
-    flags.DEFINE_string("tpu", None, "TPU VM name")
-    flags.DEFINE_string("zone", None, "GCP zone, e.g. us-east5-a")
-    flags.DEFINE_string("accelerator", None, "accelerator type, e.g. v5p-128")
-    flags.DEFINE_string("project", None, "GCP project (default: gcloud's configured project)")
-    flags.DEFINE_string("version", None, "TPU runtime version (default per generation)")
-    flags.DEFINE_string("run_name", None, "log file name (default EXPERIMENT-TPU)")
-    flags.DEFINE_bool("spot", False, "create a Spot TPU VM")
-    flags.DEFINE_bool("dry_run", False, "print the commands, run nothing")
-    flags.DEFINE_multi_string("set", [], "config override key=value, passed to launch.pretrain")
-    flags.mark_flags_as_required(["experiment", "tpu", "zone", "accelerator"])
+          f"{tpu.REMOTE_DIR}/logs/{F.run_name or F.experiment + '-' + vm.name}.log")
+    return 0
 
 
 if __name__ == "__main__":
-    from absl import app
-    define_flags()
-    app.run(main)
+    cli.run(main)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwen2vl_jax.config import ModelConfig, to_hf_config
+from qwen2vl_jax.model.config import ModelConfig, to_hf_config
 
 
 def hf_model(cfg: ModelConfig, seed: int = 0, attn: str = "eager"):

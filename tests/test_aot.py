@@ -1,13 +1,13 @@
-"""launch.aot: accelerator -> topology mapping, AOT compile of the real train step for a TPU topology on
-this CPU machine (libtpu compile-only devices), per-device memory against qwen2vl_jax.memory, and the
-does-not-fit exit path."""
+"""qwen2vl_jax.train.aot and its CLI launch.aot: accelerator -> topology mapping, AOT compile of the real
+train step for a TPU topology on this CPU machine (libtpu compile-only devices), per-device memory against
+qwen2vl_jax.train.memory, and the does-not-fit exit path."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from launch import aot
+from qwen2vl_jax.train import aot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def test_compile_test_model_for_v5p_and_memory_matches_estimate():
     _libtpu_or_skip()
 
     from experiments import registry
-    from qwen2vl_jax import memory, sharding
+    from qwen2vl_jax.train import memory, sharding
 
     exp = registry.get_experiment("stage2", "test", ["data.max_patches=64", "mesh.data=1", "mesh.fsdp=-1"])
     topo = aot.parse_topology("v5p:2x2x1")

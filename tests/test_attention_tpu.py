@@ -1,17 +1,17 @@
 """attention(impl="splash") compiled for a real TPU topology (v5p:2x2x1, 4 chips) on this CPU machine:
-libtpu's compile-only devices (launch.aot.get_topology_devices). A train-like step (projections ->
-splash attention -> output projection -> loss, gradients of the weights) on a mesh with data / fsdp /
+libtpu's compile-only devices (qwen2vl_jax.train.aot.get_topology_devices). A train-like step (projections
+-> splash attention -> output projection -> loss, gradients of the weights) on a mesh with data / fsdp /
 tensor axes must lower and compile, with the Mosaic kernel partitioned by the shard_map in
-qwen2vl_jax.attention; without a mesh in context, XLA cannot partition it (the contract train steps
+qwen2vl_jax.model.attention; without a mesh in context, XLA cannot partition it (the contract train steps
 rely on: trace under `jax.set_mesh(mesh)`). Skipped when libtpu is not installed."""
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding
 
-from launch import aot
-from qwen2vl_jax import sharding
-from qwen2vl_jax.attention import attention
+from qwen2vl_jax.train import aot
+from qwen2vl_jax.train import sharding
+from qwen2vl_jax.model.attention import attention
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ def test_benchmark_smoke_on_cpu(capsys):
 
 
 def test_row_layout():
-    from qwen2vl_jax.config import get_config
+    from qwen2vl_jax.model.config import get_config
     cfg = get_config("2b")
     row, grid = train_step.make_row(cfg, 4096, 4, 448)
     assert grid.tolist() == [[1, 32, 32]] * 4

@@ -11,28 +11,28 @@ import jax
 import numpy as np
 import pytest
 
-from qwen2vl_jax import checkpoint, optim, sharding, train
-from qwen2vl_jax.config import get_config
+from qwen2vl_jax.train import checkpoint, optim, sharding, train_step
+from qwen2vl_jax.model.config import get_config
 from test_train import synthetic_batch
 
 CFG = get_config("test")
-STEP = train.StepConfig(loss_chunk=8, optim=optim.OptimConfig(peak_lr=1e-2, warmup_steps=1, total_steps=10))
+STEP = train_step.StepConfig(loss_chunk=8, optim=optim.OptimConfig(peak_lr=1e-2, warmup_steps=1, total_steps=10))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @functools.lru_cache(maxsize=None)
 def _setup(mesh_cfg):
     mesh = sharding.make_mesh(mesh_cfg)
-    abstract, st_sh = train.abstract_state(CFG, STEP, mesh)
+    abstract, st_sh = train_step.abstract_state(CFG, STEP, mesh)
     b_sh = sharding.batch_shardings(synthetic_batch(CFG), mesh)
-    return mesh, abstract, st_sh, b_sh, train.make_train_step(CFG, STEP, mesh, st_sh, b_sh)
+    return mesh, abstract, st_sh, b_sh, train_step.make_train_step(CFG, STEP, mesh, st_sh, b_sh)
 
 
 def _steps(step_fn, state, b_sh, seeds, ckpt=None):
     losses = []
     for s in seeds:
         state, m = step_fn(state, sharding.global_batch(synthetic_batch(CFG, seed=s), b_sh))
-        losses.append(train.host_metrics(m)["loss"])
+        losses.append(train_step.host_metrics(m)["loss"])
         if ckpt is not None:
             ckpt.save(state, {"next_seed": s + 1})
     return state, losses
@@ -41,7 +41,7 @@ def _steps(step_fn, state, b_sh, seeds, ckpt=None):
 def test_continuation_is_bit_identical(tmp_path):
     mesh, abstract, st_sh, b_sh, step_fn = _setup(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "c"), every=2, keep=5))
-    state = train.init_state(CFG, STEP, jax.random.key(0), mesh)
+    state = train_step.init_state(CFG, STEP, jax.random.key(0), mesh)
     full_state, full = _steps(step_fn, state, b_sh, range(5), ckpt)
     ckpt.close()
     assert checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "c"))).all_steps() == [2, 4]
@@ -61,7 +61,7 @@ def test_continuation_is_bit_identical(tmp_path):
 def test_restore_onto_a_different_mesh(tmp_path):
     mesh_a, abstract_a, _, b_sh_a, step_a = _setup(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "c"), every=1))
-    state_a, _ = _steps(step_a, train.init_state(CFG, STEP, jax.random.key(1), mesh_a), b_sh_a, [0], ckpt)
+    state_a, _ = _steps(step_a, train_step.init_state(CFG, STEP, jax.random.key(1), mesh_a), b_sh_a, [0], ckpt)
     ckpt.wait()
     mesh_b, abstract_b, st_sh_b, b_sh_b, step_b = _setup(sharding.MeshConfig(data=1, fsdp=4, tensor=2))
     state_b, _ = ckpt.restore(abstract_b)
@@ -81,19 +81,19 @@ def test_restore_onto_a_different_mesh(tmp_path):
 def test_keep_last_k_and_stage_hand_off(tmp_path):
     mesh, abstract, st_sh, b_sh, step_fn = _setup(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "s1"), every=1, keep=2))
-    state, _ = _steps(step_fn, train.init_state(CFG, STEP, jax.random.key(0), mesh), b_sh, range(4), ckpt)
+    state, _ = _steps(step_fn, train_step.init_state(CFG, STEP, jax.random.key(0), mesh), b_sh, range(4), ckpt)
     ckpt.close()
     assert checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "s1"))).all_steps() == [3, 4]
     # next stage: params only, onto a stage-3 state (different trainable parts -> different optimizer state)
-    s3 = train.StepConfig(trainable=optim.STAGE_TRAINABLE[3], optim=STEP.optim)
-    _, sh3 = train.abstract_state(CFG, s3, mesh)
+    s3 = train_step.StepConfig(trainable=optim.STAGE_TRAINABLE[3], optim=STEP.optim)
+    _, sh3 = train_step.abstract_state(CFG, s3, mesh)
     params = checkpoint.load_params(str(tmp_path / "s1"), abstract.params)
-    st3 = train.place_params(params, s3, sh3)
+    st3 = train_step.place_params(params, s3, sh3)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
                  jax.device_get(st3.params), jax.device_get(state.params))
     assert int(st3.step) == 0 and set(st3.opt_state[0].mu) == {"visual", "decoder", "lm_head"}
     # a converted HF checkpoint folder (hf.save_jax_checkpoint layout) loads the same way
-    from qwen2vl_jax import hf
+    from qwen2vl_jax.model import hf
     hf.save_jax_checkpoint(CFG, jax.device_get(state.params), str(tmp_path / "hf"))
     p2 = checkpoint.load_params(str(tmp_path / "hf"), abstract.params)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), jax.device_get(p2), jax.device_get(state.params))
@@ -146,3 +146,43 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path):
     assert "resumed from" in res.stdout
     assert _losses(run) == _losses(ref)             # bit-identical losses for every step
     assert sorted(_losses(ref)) == list(range(1, steps + 1))
+
+
+def test_restore_gives_back_every_field(tmp_path):
+    """A state whose counters are distinct and non-zero (step 7, 3 skipped, 2 in a row), Adam moments from a
+    real step and a data-iterator state mid-stream: each field comes back as saved, and the restored data
+    state continues the stream where the saved one was."""
+    from qwen2vl_jax.data import pipeline, tokenizer
+    from test_pipeline import assert_batches_equal, dcfg, take
+
+    mesh, abstract, _, b_sh, step_fn = _setup(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    state, _ = _steps(step_fn, train_step.init_state(CFG, STEP, jax.random.key(2), mesh), b_sh, [0])
+    counters = {"step": 7, "skipped_steps": 3, "consecutive_skips": 2}
+    state = state._replace(**{k: jax.device_put(np.int32(v), getattr(abstract, k).sharding)
+                              for k, v in counters.items()})
+    tok = tokenizer.load_tokenizer("embedded")
+    data = pipeline.make_iterator(dcfg(), CFG, tok, batch_size=1)
+    take(data, 2)
+    data_state = data.get_state()
+    assert data_state["pipeline"]["packer"]["buffer"]     # samples held by the packer: mid-stream
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "c")))
+    assert ckpt.save(state, data_state, force=True)
+    ckpt.close()
+
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "c")))
+    got, meta = ckpt.restore(abstract)
+    ckpt.close()
+    for name, value in counters.items():
+        field = getattr(got, name)
+        assert (int(field), field.dtype, field.sharding) == (value, np.int32, getattr(abstract, name).sharding), name
+        assert meta[name] == value
+    for name in ("params", "opt_state"):
+        want, have = jax.device_get(getattr(state, name)), jax.device_get(getattr(got, name))
+        assert jax.tree.structure(have) == jax.tree.structure(want), name
+        jax.tree.map(np.testing.assert_array_equal, have, want)
+    assert int(got.opt_state[0].count) == 1 and np.abs(jax.device_get(got.opt_state[0].mu["lm_head"]["kernel"])).max() > 0
+    assert meta["data_state"] == data_state
+    resumed = pipeline.make_iterator(dcfg(), CFG, tok, batch_size=1)
+    resumed.set_state(meta["data_state"])
+    assert_batches_equal(take(resumed, 2), take(data, 2))
+    assert resumed.stats() == data.stats()

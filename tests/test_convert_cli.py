@@ -10,8 +10,8 @@ import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from launch import convert
-from qwen2vl_jax import hf
-from qwen2vl_jax.config import get_config, to_hf_config
+from qwen2vl_jax.model import hf
+from qwen2vl_jax.model.config import get_config, to_hf_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,16 +1,23 @@
-"""Evaluation: metric machinery against hand cases; held-out loss against an unpacked per-sample
-recomputation with model.forward; accuracy loop and the evaluate CLI on a random tiny model."""
+"""Evaluation: metric machinery against hand cases; the held-out loss by source and by data kind against an
+unpacked per-sample recomputation with model.forward, standalone and as the trainer's hook; accuracy loop and
+the evaluate CLI on a random tiny model."""
+import io
 import json
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
-from qwen2vl_jax import evaluation as ev
-from qwen2vl_jax import hf, model
-from qwen2vl_jax.config import get_config
-from qwen2vl_jax.data import formats
+from experiments import registry
+from launch import evaluate
+from qwen2vl_jax.data import formats, sources
+from qwen2vl_jax.data.pipeline import DataConfig
 from qwen2vl_jax.data.tokenizer import load_tokenizer
+from qwen2vl_jax.eval import evaluation as ev
+from qwen2vl_jax.model import hf, model
+from qwen2vl_jax.model.config import get_config
+from qwen2vl_jax.train import sharding, trainer
 
 CFG = get_config("test")
 
@@ -72,7 +79,7 @@ def test_chance_level_is_permutation_baseline():
 
 def test_bad_kinds_raise(params):
     with pytest.raises(ValueError, match="valid: caption"):
-        ev.make_eval_fn(CFG, kinds=("nope",))
+        ev.loss_mixture(("nope",))
     with pytest.raises(ValueError, match="valid: caption"):
         ev.evaluate_accuracy(CFG, params, kinds=("nope",))
 
@@ -81,8 +88,15 @@ def test_bad_kinds_raise(params):
 # held-out loss
 
 def _unpacked_loss(params, samples):
-    """Independent reference: transformers-layout forward per sample (model.forward), numpy NLL."""
-    nll, n = 0.0, 0.0
+    """Independent reference: transformers-layout forward per sample (model.forward), numpy NLL, the
+    supervised-token mean over the samples."""
+    sums = _unpacked_sums(params, samples)
+    return sum(nll for nll, _ in sums) / sum(n for _, n in sums)
+
+
+def _unpacked_sums(params, samples):
+    """[(NLL sum, supervised tokens)] per sample."""
+    out = []
     for s in samples:
         ids = s["input_ids"][None]
         kw = {}
@@ -98,81 +112,147 @@ def _unpacked_loss(params, samples):
         lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         tgt = logits[np.arange(len(ids[0]) - 1), s["input_ids"][1:]]
         m = s["loss_mask"][1:]
-        nll += float(((lse[:-1] - tgt) * m).sum())
-        n += float(m.sum())
-    return nll / n
+        out.append((float(((lse[:-1] - tgt) * m).sum()), float(m.sum())))
+    return out
+
+
+def _heldout(kind, n, tok, data):
+    """The held-out samples of a synthetic kind, made directly (not through the pipeline's decoder)."""
+    return [formats.make_sample(kind, i, "heldout", tok, CFG, data.vision_options, seed=data.seed) for i in range(n)]
 
 
 def test_heldout_loss_matches_unpacked_forward(params, tok):
-    fn = ev.make_eval_fn(CFG, {"seq_len": 640, "max_patches": 1280, "batch_size": 2}, num_per_kind=3,
-                         kinds=("caption", "video", "chat"), tokenizer=tok)
-    assert all(b["input_ids"].shape == (2, 640) for bs in fn.batches.values() for b in bs)
-    got = fn(params)
-    assert set(got) == {"caption", "video", "chat", "mean"}
-    for kind in ("caption", "video"):
-        want = _unpacked_loss(params, ev.heldout_samples(kind, 3, tok, CFG))
-        assert got[kind] == pytest.approx(want, rel=2e-4), kind
-    assert got["mean"] == pytest.approx(np.mean([got[k] for k in ("caption", "video", "chat")]))
-    assert fn(params) == got                                    # fixed sets: deterministic
+    data = DataConfig(mixture=ev.loss_mixture(("caption", "chat")), seq_len=640, max_patches=1280)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2), jax.devices()[:2])
+    evaluate = ev.HeldoutEvaluator(CFG, data, num_samples=2, batch_size=2, mesh=mesh, tokenizer=tok)
+    assert all(b["input_ids"].shape == (2, 640) for g in evaluate.groups for b in g.batches)
+    got = evaluate(params)
+    assert set(got) == {f"{by}/{k}" for by in ("source", "kind") for k in ("caption", "chat")} | {"mean"}
+    captions = _heldout("caption", 2, tok, data)
+    assert got["kind/caption"] == pytest.approx(_unpacked_loss(params, captions), rel=2e-4)
+    assert got["source/chat"] == got["kind/chat"]                     # a synthetic source has one kind
+    assert got["mean"] == pytest.approx((got["kind/caption"] + got["kind/chat"]) / 2)
+    assert evaluate(params) == got                                    # fixed sets: deterministic
     # image ablation: the same batches with zeroed pixels == the unpacked forward on zeroed pixels
-    zeroed = fn(params, zero_pixels=True)
-    blank = [{**s, "pixel_values": np.zeros_like(s["pixel_values"])} for s in ev.heldout_samples("caption", 3, tok, CFG)]
-    assert zeroed["caption"] == pytest.approx(_unpacked_loss(params, blank), rel=2e-4)
-    assert zeroed["caption"] != pytest.approx(got["caption"], rel=1e-6)
-    assert fn(params) == got                                    # the ablation left the batches alone
-    assert abs(got["caption"] - np.log(CFG.vocab_size)) < 0.5   # random init ~ uniform
+    zeroed = evaluate(params, zero_pixels=True)
+    blank = [{**s, "pixel_values": np.zeros_like(s["pixel_values"])} for s in captions]
+    assert zeroed["kind/caption"] == pytest.approx(_unpacked_loss(params, blank), rel=2e-4)
+    assert zeroed["kind/caption"] != pytest.approx(got["kind/caption"], rel=1e-6)
+    assert evaluate(params) == got                                    # the ablation left the batches alone
+    assert abs(got["kind/caption"] - np.log(CFG.vocab_size)) < 0.5    # random init ~ uniform
+
+
+def _png(w, h, colour):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_heldout_loss_by_kind_within_one_source(params, tok, tmp_path):
+    """An ArrayRecord source mixing data kinds: by source = all its samples, by kind = each kind's own; an
+    unreadable record is passed over; only the held-out files ({split} = heldout) are read."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    caption = [sources.encode_record({"type": "caption", "text": f"a {c} box"}, [_png(56, 84, rgb)], None)
+               for c, rgb in (("red", (200, 30, 30)), ("blue", (30, 30, 200)))]
+    chat = [sources.encode_record({"type": "chat", "messages": [
+        {"role": "user", "content": f"what is {i} plus {i}?"}, {"role": "assistant", "content": str(2 * i)}]},
+        [], None) for i in (2, 3)]
+    records = [caption[0], chat[0], b"not a record", caption[1], chat[1]]
+    for split, recs in (("heldout", records), ("train", chat)):
+        w = ArrayRecordWriter(str(tmp_path / f"{split}-00000.array_record"), "group_size:1")
+        for r in recs:
+            w.write(r)
+        w.close()
+    data = DataConfig(mixture=((f"arrayrecord:{tmp_path}/{{split}}-*.array_record", 1.0),), seq_len=256,
+                      max_patches=512)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2), jax.devices()[:2])
+    got = ev.HeldoutEvaluator(CFG, data, num_samples=4, batch_size=2, mesh=mesh, tokenizer=tok)(params)
+    sums = {k: _unpacked_sums(params, [sources.record_to_sample(r, tok, CFG, data.vision_options) for r in recs])
+            for k, recs in (("caption", caption), ("chat", chat))}
+    assert set(got) == {"source/{split}-*.array_record", "kind/caption", "kind/chat", "mean"}
+    for kind, by_sample in sums.items():
+        want = sum(nll for nll, _ in by_sample) / sum(n for _, n in by_sample)
+        assert got[f"kind/{kind}"] == pytest.approx(want, rel=2e-4), kind
+    everything = sums["caption"] + sums["chat"]
+    assert got["source/{split}-*.array_record"] == pytest.approx(
+        sum(nll for nll, _ in everything) / sum(n for _, n in everything), rel=2e-4)
+
+
+def test_heldout_loss_inside_training(tmp_path, tok):
+    """The trainer calls the evaluator hook every eval_every steps and at the end; what it logs is the
+    unpacked forward loss of the final params on the held-out samples, averaged by hand."""
+    exp = registry.get_experiment("stage2", "test", [
+        f"workdir={tmp_path}", "steps=2", "batch_size=8", "eval_every=1", "eval_samples=2", "log_every=1",
+        "data.mixture=(('synthetic:caption', 1.0), ('synthetic:video', 1.0))", "data.seq_len=512",
+        "data.max_patches=1024"])
+    out = io.StringIO()
+    summary = trainer.run(exp, evaluate=exp.evaluator(), stream=out)
+    assert sorted(summary["eval"]) == [1, 2] and "eval step 2 | source/caption" in out.getvalue()
+    logged = trainer.read_jsonl(exp.run_dir, trainer.HELDOUT_FILE)
+    assert {s: {k: v for k, v in r.items() if k != "step"} for s, r in logged.items()} == summary["eval"]
+    final = trainer.load_params(exp.model, exp.checkpoint_dir)
+    got = summary["eval"][2]
+    for kind in ("caption", "video"):
+        want = _unpacked_loss(final, _heldout(kind, 2, tok, exp.data))
+        assert got[f"kind/{kind}"] == pytest.approx(want, rel=2e-4), kind
+        assert got[f"source/{kind}"] == got[f"kind/{kind}"]
+    assert summary["eval"][1] != got                                   # the hook saw the params of its step
 
 
 # ---------------------------------------------------------------------------------------------
 # accuracy loop + CLI on a random model (machinery only; scores are ~0)
 
 def test_evaluate_cli_on_saved_checkpoint(tmp_path, params, capsys):
-    from launch import evaluate
-
     ckpt = tmp_path / "ckpt"
     hf.save_jax_checkpoint(CFG, jax.tree.map(np.asarray, params), str(ckpt))
     out_json = tmp_path / "acc.json"
     out = evaluate.main(["--checkpoint", str(ckpt), "--num", "3", "--kinds", "caption,count",
-                         "--batch_size", "2", "--max_new_tokens", "6", "--ablate_pixels", "--json", str(out_json)])
+                         "--batch_size", "2", "--max_new_tokens", "6", "--ablate_pixels", "--loss_samples", "2",
+                         "--json", str(out_json)])
     text = capsys.readouterr().out
     assert "chance" in text and "caption_exact" in text and "zeroed" in text and "blank images" in text
     assert set(out["accuracy_blank_images"]) == set(out["accuracy"])
-    assert set(out["heldout_loss_zeroed_pixels"]) == set(out["heldout_loss"]) == {*ev.LOSS_KINDS, "mean"}
-    assert out["heldout_loss_zeroed_pixels"]["chat"] != out["heldout_loss"]["chat"]     # chat has images
+    kinds = {f"kind/{k}" for k in ev.LOSS_KINDS}
+    assert set(out["heldout_loss_zeroed_pixels"]) == set(out["heldout_loss"]) >= kinds | {"mean"}
+    assert out["heldout_loss_zeroed_pixels"]["kind/chat"] != out["heldout_loss"]["kind/chat"]   # chat has images
     assert set(out["accuracy"]) == {"caption", "caption_exact", "caption_colours", "caption_shapes", "count"}
-    assert all(0.0 <= v <= 1.0 for v in out["accuracy"].values())
+    # --num 3: every item's prediction is among the printed examples; the accuracy is their mean score, and the
+    # count chance is the share of ordered pairs i != j of items with equal true counts, counted by hand
     assert json.loads(out_json.read_text())["chance"] == out["chance"]
+    for kind, items in out["examples"].items():
+        assert len(items) == 3
+        for name in ev.metrics_of(kind):
+            assert out["accuracy"][name] == pytest.approx(np.mean([ev.metric(name, p, e) for p, e in items])), name
+    counts = [int(e) for _, e in out["examples"]["count"]]
+    pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
+    assert out["chance"]["count"] == pytest.approx(sum(counts[i] == counts[j] for i, j in pairs) / len(pairs))
     with pytest.raises(ValueError, match="not a directory"):
         evaluate.main(["--checkpoint", str(tmp_path / "missing")])
 
 
 def test_evaluate_reads_the_runs_pixel_budgets(tmp_path):
-    """launch.evaluate preprocesses held-out media at the budgets of the run that wrote the checkpoint
-    (RUN/data_config.json from launch.pretrain), and says when it falls back to the defaults."""
-    from experiments import registry
-    from launch import evaluate, pretrain
-    from qwen2vl_jax.data import formats
-
+    """The run's configs are read back from beside its checkpoints (RUN/model_config.json, RUN/data_config.json),
+    so launch.evaluate rebuilds the model and preprocesses held-out media at the run's pixel budgets."""
     exp = registry.get_experiment("stage2", "test", [f"workdir={tmp_path}", "data.image_max_pixels=9408",
                                                      "data.video_total_pixels=18816"])
-    pretrain.write_run_configs(exp)
-    opts, source = evaluate.vision_options_for(str(tmp_path / "checkpoints"))
-    assert source.endswith("data_config.json")
-    assert (opts.max_pixels, opts.video_total_pixels) == (9408, 18816)
-    assert opts == exp.data.vision_options
-    assert evaluate.model_config_for(str(tmp_path / "checkpoints"), "tiny") == exp.model
-    opts, source = evaluate.vision_options_for(str(tmp_path / "elsewhere" / "ckpt"))
-    assert opts == formats.VisionOptions() and "defaults" in source
+    trainer.write_run_configs(exp)
+    data, source = trainer.read_data_config(str(tmp_path / "checkpoints"))
+    assert source.endswith("data_config.json") and data == exp.data
+    assert (data.vision_options.max_pixels, data.vision_options.video_total_pixels) == (9408, 18816)
+    assert trainer.read_model_config(str(tmp_path / "checkpoints")) == exp.model
+    assert trainer.read_data_config(str(tmp_path / "elsewhere" / "ckpt")) == (None, None)
+    assert trainer.read_model_config(str(tmp_path / "elsewhere" / "ckpt")) is None
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "data_config.json").write_text(json.dumps({"seq_len": 128, "image_max_pixels": 9408}))
     with pytest.raises(ValueError, match="missing: mixture.*video_total_pixels"):
-        evaluate.vision_options_for(str(bad))
+        trainer.read_data_config(str(bad))
 
 
 def test_accuracy_on_blank_images_decodes_zeroed_pixels(params, monkeypatch):
     """zero_pixels=True decodes the same prompts with every pixel value 0 (the text-prior baseline)."""
-    from qwen2vl_jax import generate as gen
+    from qwen2vl_jax.eval import generate as gen
 
     seen = []
     orig = gen.prepare_prompts

@@ -1,9 +1,11 @@
-"""Experiment registry: the paper's stages per size, typed --set overrides, clear errors."""
+"""Experiment registry: the paper's stages per size, typed --set overrides on any frozen config, the shared
+CLI flags, clear errors."""
 import pytest
+from absl import flags as absl_flags
 
-from experiments import registry, stages
-from qwen2vl_jax import optim
+from experiments import flags, registry
 from qwen2vl_jax.data.pipeline import DataConfig
+from qwen2vl_jax.model.config import get_config
 
 
 @pytest.mark.parametrize("model", ["2b", "7b", "72b", "tiny", "test"])
@@ -71,11 +73,53 @@ def test_unknown_experiment_and_model():
     assert names == ["stage1", "stage2", "stage3"]
 
 
-def test_frozen_configs():
-    e = registry.get_experiment("stage1")
-    with pytest.raises(Exception):
-        e.batch_size = 3  # frozen dataclass
-    assert stages.Experiment.__dataclass_params__.frozen and optim.OptimConfig.__dataclass_params__.frozen
+def test_overrides_apply_to_any_frozen_config():
+    """The one --set parser also edits a ModelConfig (launch.evaluate, launch.probe_vision): typed values,
+    nested configs, tuples with or without brackets, and the valid fields in the error."""
+    base = get_config("test")
+    cfg = registry.apply_overrides(base, ["attention_impl=cudnn", "vision.depth=2", "rms_norm_eps=1e-5",
+                                          "tie_word_embeddings=false"])
+    assert (cfg.attention_impl, cfg.vision.depth, cfg.rms_norm_eps, cfg.tie_word_embeddings) == (
+        "cudnn", 2, 1e-5, False)
+    assert registry.apply_overrides(base, [f"mrope_section={','.join(map(str, base.mrope_section))}"]) == base
+    assert cfg.replace(attention_impl=base.attention_impl, vision=base.vision, rms_norm_eps=base.rms_norm_eps,
+                       tie_word_embeddings=base.tie_word_embeddings) == base     # nothing else changed
+    with pytest.raises(ValueError, match="ModelConfig has no field 'hiden_size'; valid: .*hidden_size"):
+        registry.apply_overrides(base, ["hiden_size=3"])
+    with pytest.raises(ValueError, match="sometimes.*valid.*full"):
+        registry.apply_overrides(base, ["remat_policy=sometimes"])
+
+
+def _flag_values():
+    fv = absl_flags.FlagValues()
+    flags.define_experiment(fv)
+    flags.define_model(fv)
+    flags.define_set(fv)
+    flags.define_list(fv, "kinds", ("caption",), ("caption", "ocr"), "kinds")
+    absl_flags.DEFINE_bool("chat", False, "", flag_values=fv)
+    return fv
+
+
+def test_cli_flags_parse_from_defaults_and_name_the_choices(capsys):
+    fv = _flag_values()
+    flags.parse(fv, ["--experiment=stage2", "--model", "test", "--set", "a=1", "--set=b=2", "--kinds=", "--chat"])
+    assert (fv.experiment, fv.model, fv.set, fv.kinds, fv.chat) == ("stage2", "test", ["a=1", "b=2"], [], True)
+    flags.parse(fv, ["--set=c=3"])                     # a second parse starts from the defaults again
+    assert (fv.experiment, fv.model, fv.set, fv.kinds, fv.chat) == ("stage1", "tiny", ["c=3"], ["caption"], False)
+    for argv, words in ((["--model=13b"], ["13b", "test|tiny|2b|7b|72b"]),
+                        (["--experiment=stage4"], ["stage1|stage2|stage3"]),
+                        (["--kinds=caption,video"], ["caption, ocr"]),
+                        (["--modle=tiny"], ["modle", "--model", "--set", "--kinds"]),
+                        (["tiny"], ["unexpected", "tiny"])):
+        with pytest.raises(SystemExit) as e:
+            flags.parse(fv, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("ERROR: ") and err.count("\n") == 1, err
+        for w in words:
+            assert w in err, (w, err)
+    with pytest.raises(SystemExit) as e:
+        flags.parse(fv, ["--help"], "the doc")
+    assert e.value.code == 0 and "the doc" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

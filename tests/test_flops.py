@@ -1,11 +1,11 @@
-"""Analytic FLOPs against a hand count for the "test" config; param counts against the model and §1.3."""
+"""Analytic FLOPs against a hand count for the "test" config; param counts against the model and docs/qwen2vl.md §1.3."""
 import math
 
 import numpy as np
 import pytest
 
-from qwen2vl_jax import flops
-from qwen2vl_jax.config import get_config
+from qwen2vl_jax.train import flops
+from qwen2vl_jax.model.config import get_config
 
 CFG = get_config("test")  # D=64 I=128 L=2 Hq=4 Hkv=2 hd=16 V=2048; ViT E=32 M=128 depth 2
 
@@ -53,7 +53,7 @@ def test_hand_count_test_config():
 
 
 def test_param_counts_match_reference_table():
-    # reference §1.3 (official checkpoints)
+    # docs/qwen2vl.md §1.3 (official checkpoints)
     for name, vit, merger, llm, total in (("2b", 631_183_360, 34_087_936, 1_543_714_304, 2_208_985_600),
                                           ("7b", 631_183_360, 44_575_744, 7_615_616_512, 8_291_375_616),
                                           ("72b", 631_183_360, 68_173_312, 72_706_203_648, 73_405_560_320)):
@@ -63,7 +63,7 @@ def test_param_counts_match_reference_table():
 
 
 def test_param_counts_match_model_init():
-    model = pytest.importorskip("qwen2vl_jax.model")
+    model = pytest.importorskip("qwen2vl_jax.model.model")
     import jax
     for name in ("test", "tiny"):
         cfg = get_config(name)

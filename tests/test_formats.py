@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen2vl_jax.config import get_config
+from qwen2vl_jax.model.config import get_config
 from qwen2vl_jax.data import formats as F
 from qwen2vl_jax.data import synthetic as S
-from qwen2vl_jax.data import vision
+from qwen2vl_jax.data import media
 from qwen2vl_jax.data.tokenizer import load_tokenizer
 
 EOT = "<|endoftext|>"
@@ -204,7 +204,7 @@ def test_deterministic_and_split_dependent(kind, tok, cfg):
 def test_pixels_come_from_the_vision_preprocessor(tok, cfg):
     sc = F.make_source("caption", 0, "train")
     s = F.build_sample("caption", sc, tok, cfg, OPTS)
-    pv, grid = vision.preprocess_images([sc.image], min_pixels=OPTS.min_pixels, max_pixels=OPTS.max_pixels)
+    pv, grid = media.preprocess_images([sc.image], min_pixels=OPTS.min_pixels, max_pixels=OPTS.max_pixels)
     np.testing.assert_array_equal(s["pixel_values"], pv)
     np.testing.assert_array_equal(s["grid_thw"], grid)
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from qwen2vl_jax import generate as gen
-from qwen2vl_jax import hf
-from qwen2vl_jax.config import get_config, to_hf_config
+from qwen2vl_jax.eval import generate as gen
+from qwen2vl_jax.model import hf
+from qwen2vl_jax.model.config import get_config, to_hf_config
 
 CFG = get_config("test")
 MAX_NEW = 12
@@ -84,7 +84,7 @@ def _hf_generate(ref, pb: gen.PromptBatch, eos):
 
 def _teacher_forced_argmax(ref, pb: gen.PromptBatch, n):
     """Greedy by full re-forwards with explicit M-RoPE ids (no cache, no generate()): the reference
-    doc's §8.3 fallback, independent of transformers' decoding path."""
+    docs/qwen2vl.md §8.3 fallback, independent of transformers' decoding path."""
     ids, mask = pb.input_ids.copy(), pb.attention_mask.copy()
     deltas = pb.rope_deltas
     pos = pb.positions

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from qwen2vl_jax import hf
-from qwen2vl_jax.config import get_config, to_hf_config
+from qwen2vl_jax.model import hf
+from qwen2vl_jax.model.config import get_config, to_hf_config
 
 
 def _config(tied: bool):
@@ -44,7 +44,7 @@ def test_tree_matches_contract_shapes(hf_pair):
     v = cfg.vision
     E, H, hd, L = v.embed_dim, v.num_heads, v.head_dim, cfg.num_hidden_layers
     D, Hq, Hkv, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    # Hand-written from WORKSPACE.md "Parameters".
+    # Hand-written from docs/architecture.md "Parameters".
     assert params["visual"]["patch_embed"]["kernel"].shape == (1176, E)
     assert params["visual"]["blocks"]["attn"]["qkv"]["kernel"].shape == (v.depth, E, 3, H, hd)
     assert params["visual"]["blocks"]["attn"]["qkv"]["bias"].shape == (v.depth, 3, H, hd)
@@ -431,7 +431,7 @@ def _random_params(shapes, rng, std=0.1):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_save_pretrained_logits_match_transformers(tied, tmp_path):
-    model_mod = pytest.importorskip("qwen2vl_jax.model")
+    model_mod = pytest.importorskip("qwen2vl_jax.model.model")
 
     cfg = _config(tied)
     rng = np.random.default_rng(5)
@@ -501,7 +501,7 @@ def test_outputs_never_alias_inputs(hf_pair):
 
 
 def test_real_model_sizes_match_published_checkpoints():
-    """Counts for the presets against the released checkpoints (shared/reference/qwen2vl.md §1.3):
+    """Counts for the presets against the released checkpoints (their index.json files):
     the 2B index.json total_size is 4,417,971,200 bytes of bf16, i.e. 2,208,985,600 parameters."""
     published = {"2b": 2_208_985_600, "7b": 8_291_375_616, "72b": 73_405_560_320}
     for name, count in published.items():

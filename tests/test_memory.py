@@ -4,13 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-from qwen2vl_jax import memory, optim, sharding
-from qwen2vl_jax.config import get_config
-from qwen2vl_jax.memory import StepShape
+from qwen2vl_jax.train import memory, optim, sharding
+from qwen2vl_jax.model.config import get_config
+from qwen2vl_jax.train.memory import StepShape
 
 CFG = get_config("test")
 
-# Hand count of the test config's parameter tree (WORKSPACE.md contract):
+# Hand count of the test config's parameter tree (docs/architecture.md contract):
 # V=2048 D=64 I=128 L=2 Hq=4 Hkv=2 hd=16; ViT depth 2, E=32, M=128, patch row 1176; untied lm_head.
 VISION_TOWER = (1176 * 32                                   # patch_embed
                 + 2 * (2 * 32 + 2 * 32                      # norm1, norm2 (scale, bias)
@@ -65,11 +65,11 @@ def test_per_device_bytes_equal_placed_shards(mesh_cfg):
 
 def test_optimizer_bytes_match_the_train_state():
     """m + v of the estimate == the real optax state of train.abstract_state minus its int32 counters."""
-    from qwen2vl_jax import train
+    from qwen2vl_jax.train import train_step
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=8, data=1))
     for stage in (1, 3):
-        step_cfg = train.StepConfig(trainable=optim.STAGE_TRAINABLE[stage], optim=optim.OptimConfig(total_steps=10))
-        abstract, _ = train.abstract_state(CFG, step_cfg, mesh)
+        step_cfg = train_step.StepConfig(trainable=optim.STAGE_TRAINABLE[stage], optim=optim.OptimConfig(total_steps=10))
+        abstract, _ = train_step.abstract_state(CFG, step_cfg, mesh)
         opt_leaves = [x for x in jax.tree.leaves(abstract.opt_state) if x.ndim > 0]
         opt = sum(memory.leaf_bytes(x, x.sharding) for x in opt_leaves)
         est = memory.estimate(CFG, STEP, mesh, parts=step_cfg.trainable)
@@ -103,7 +103,7 @@ def test_activation_formula_hand_count():
 
 def test_check_fits_raises_with_needed_and_available():
     est = memory.estimate(get_config("72b"), StepShape(batch_size=1, seq_len=4096, max_patches=4096))
-    assert est.params == pytest.approx(4 * 73_405_560_320, rel=0)    # reference §1.3 parameter count
+    assert est.params == pytest.approx(4 * 73_405_560_320, rel=0)    # docs/qwen2vl.md §1.3 parameter count
     with pytest.raises(memory.InsufficientMemoryError, match=r"needs 1\d\d\d\.\d\d GiB per device but host RAM"):
         memory.check_fits(est, what="72b")
     small = memory.estimate(CFG, STEP)

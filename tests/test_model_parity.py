@@ -1,4 +1,4 @@
-"""Parity with transformers 4.57.6 (fp32, eager attention) on the "test" config, via qwen2vl_jax.hf.
+"""Parity with transformers 4.57.6 (fp32, eager attention) on the "test" config, via qwen2vl_jax.model.hf.
 
 Logits (max |diff| over real tokens <= 1e-4) for text, one image, two images of different aspect ratios, a
 video, images + video in one sequence, and a left-padded batch of two layouts; the tied-embedding variant;
@@ -15,10 +15,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from hf_reference import build_inputs, hf_logits, hf_model, hf_rope_index, layout_tokens, state_dict_numpy  # noqa: E402
-from qwen2vl_jax import hf  # noqa: E402
-from qwen2vl_jax import model as M  # noqa: E402
-from qwen2vl_jax.config import get_config  # noqa: E402
-from qwen2vl_jax.mrope import get_rope_index, sample_positions  # noqa: E402
+from qwen2vl_jax.model import hf, kv_cache  # noqa: E402
+from qwen2vl_jax.model import inputs as model_inputs  # noqa: E402
+from qwen2vl_jax.model import model as M  # noqa: E402
+from qwen2vl_jax.model.config import get_config  # noqa: E402
+from qwen2vl_jax.model.mrope import get_rope_index, sample_positions  # noqa: E402
 
 TOL = 1e-4
 
@@ -90,7 +91,7 @@ def test_vision_tower_alone(setup):
         pix = rng.standard_normal((int(np.prod(g, 1).sum()), cfg.vision.patch_dim)).astype(np.float32)
         with torch.no_grad():
             refs.append(model.model.visual(torch.from_numpy(pix), grid_thw=torch.from_numpy(g)).numpy())
-        p, s, q = M.vision_inputs(cfg, pix, g, "image")
+        p, s, q = model_inputs.vision_inputs(cfg, pix, g, "image")
         n = p.shape[1]
         px[b, :n], seg[b, :n], pos[b, :n] = p[0], s[0], q[0]
     out = np.asarray(M.encode_vision(cfg, params, px, seg, pos))
@@ -130,7 +131,7 @@ def test_packed_forward_hidden_matches_per_sample(setup):
         fill[row] += n
         for key, gkey in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
             if key in inputs:
-                px, seg, pos = M.vision_inputs(cfg, inputs[key], inputs[gkey], "image")
+                px, seg, pos = model_inputs.vision_inputs(cfg, inputs[key], inputs[gkey], "image")
                 p0, m = pfill[row], px.shape[1]
                 batch["pixel_values"][row, p0:p0 + m] = px[0]
                 batch["patch_segment_ids"][row, p0:p0 + m] = seg[0] + pseg[row]
@@ -156,13 +157,13 @@ def test_kv_cache_prefill_decode_matches_forward(setup):
     prompt = {key: v for key, v in inputs.items()}
     prompt["input_ids"], prompt["attention_mask"] = inputs["input_ids"][:, :S - k], inputs["attention_mask"][:, :S - k]
     ucfg = cfg.replace(scan_layers=False, remat_policy="full")
-    cache = M.init_cache(ucfg, 2, S + 3)
-    logits, cache = M.prefill(ucfg, params, cache, **prompt)
+    cache = kv_cache.init_cache(ucfg, 2, S + 3)
+    logits, cache = kv_cache.prefill(ucfg, params, cache, **prompt)
     got = [np.asarray(logits)]
-    step = jax.jit(M.decode_step, static_argnums=0)
+    step = jax.jit(kv_cache.decode_step, static_argnums=0)
     for j in range(k):
         tok = jnp.asarray(inputs["input_ids"][:, S - k + j:S - k + j + 1])
-        logits, cache = step(ucfg, params, cache, tok, M.decode_positions(cache))
+        logits, cache = step(ucfg, params, cache, tok, kv_cache.decode_positions(cache))
         got.append(np.asarray(logits))
     want = ref[:, S - k - 1:S]
     diff = float(np.abs(np.stack(got, 1) - want).max())
@@ -212,7 +213,7 @@ def test_prefill_rejects_right_padding(tiny):
     ids, _, _ = layout_tokens(cfg, [("text", 4)], np.random.default_rng(0))
     mask = np.array([[1, 1, 1, 0]])
     with pytest.raises(ValueError, match="left padding"):
-        M.prefill(cfg, params, M.init_cache(cfg, 1, 8), np.array([ids]), mask)
+        kv_cache.prefill(cfg, params, kv_cache.init_cache(cfg, 1, 8), np.array([ids]), mask)
 
 
 def test_gradients_match_transformers(setup):

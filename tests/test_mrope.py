@@ -1,4 +1,4 @@
-"""M-RoPE position ids (reference doc §3.4 worked example, video rule) and the rope.py cos/sin against
+"""M-RoPE position ids (docs/qwen2vl.md §3.4 worked example, video rule) and the rope.py cos/sin against
 transformers' rotary code."""
 import types
 
@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen2vl_jax.config import get_config
-from qwen2vl_jax.mrope import get_rope_index
-from qwen2vl_jax.rope import apply_rotary, mrope, rotate_half, vision_position_ids, vision_rope
+from qwen2vl_jax.model.config import get_config
+from qwen2vl_jax.model.mrope import get_rope_index
+from qwen2vl_jax.model.rope import apply_rotary, mrope_cos_sin, rotate_half, vision_position_ids, vision_rope
 
 CFG = get_config("test")
 
@@ -21,7 +21,7 @@ def _ids(*parts):
 
 
 def test_worked_example_image():
-    """t0 t1 <vs> [6 image pads, grid (1,4,6)] <ve> t2 t3 (qwen2vl.md §3.4)."""
+    """t0 t1 <vs> [6 image pads, grid (1,4,6)] <ve> t2 t3, worked by hand."""
     c = CFG
     ids = _ids(10, 11, c.vision_start_token_id, [c.image_token_id] * 6, c.vision_end_token_id, 12, 13)
     pos, delta = get_rope_index(c, ids, image_grid_thw=[[1, 4, 6]])
@@ -59,7 +59,7 @@ def test_mrope_matches_transformers(dtype):
     from transformers import Qwen2VLConfig
     from transformers.models.qwen2_vl import modeling_qwen2_vl as hfm
 
-    from qwen2vl_jax.config import to_hf_config
+    from qwen2vl_jax.model.config import to_hf_config
 
     hf_cfg = Qwen2VLConfig(**to_hf_config(CFG)).text_config
     rot = hfm.Qwen2VLRotaryEmbedding(hf_cfg)
@@ -73,7 +73,7 @@ def test_mrope_matches_transformers(dtype):
     ref, _ = hfm.apply_multimodal_rotary_pos_emb(qt.transpose(1, 2), qt.transpose(1, 2), cos, sin,
                                                  list(CFG.mrope_section))
     ref = ref.transpose(1, 2).float().numpy()
-    jcos, jsin = mrope(np.transpose(positions, (1, 0, 2)), hd, CFG.mrope_section, CFG.rope_theta, jnp.dtype(dtype))
+    jcos, jsin = mrope_cos_sin(np.transpose(positions, (1, 0, 2)), hd, CFG.mrope_section, CFG.rope_theta, jnp.dtype(dtype))
     assert jcos.dtype == jnp.dtype(dtype)
     sel = torch.cat([m[i % 3] for i, m in enumerate(cos.split(list(CFG.mrope_section) * 2, dim=-1))], dim=-1)
     # positions up to 3000: XLA and torch fp32 cos agree to ~1e-7 here

@@ -4,8 +4,8 @@ import collections
 import numpy as np
 import pytest
 
-from qwen2vl_jax import mrope, rope
-from qwen2vl_jax.config import get_config
+from qwen2vl_jax.model import mrope, rope
+from qwen2vl_jax.model.config import get_config
 from qwen2vl_jax.data import packing
 
 CFG = get_config("test")
@@ -170,7 +170,7 @@ def test_every_sample_appears_once_with_correct_targets_positions_and_patches(ra
 
 
 def test_positions_worked_example_from_reference():
-    """Reference §3.4: t0 t1 <vs> [6 pads, grid (1,4,6)] <ve> t2 t3, packed after another sample."""
+    """The hand-worked M-RoPE example: t0 t1 <vs> [6 pads, grid (1,4,6)] <ve> t2 t3, packed after another sample."""
     ids = np.array([5, 6, CFG.vision_start_token_id] + [CFG.image_token_id] * 6 + [CFG.vision_end_token_id, 7, 8],
                    np.int32)
     img = {"input_ids": ids, "loss_mask": np.ones(len(ids), np.float32),
@@ -186,7 +186,7 @@ def test_positions_worked_example_from_reference():
                      [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8]])
     np.testing.assert_array_equal(row["positions"][:, 4:16], want)
     assert (row["positions"][:, 16:] == 0).all()
-    # processor order (reference §2.1): rows 0..3 of a 2x2 block are (0,0), (0,1), (1,0), (1,1)
+    # processor order (Qwen2VLImageProcessor): rows 0..3 of a 2x2 block are (0,0), (0,1), (1,0), (1,1)
     np.testing.assert_array_equal(row["patch_positions"][:6], [[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3]])
     np.testing.assert_array_equal(row["segment_ids"][:16], [1] * 4 + [2] * 12)
     np.testing.assert_array_equal(row["patch_segment_ids"][:24], [1] * 24)
@@ -341,22 +341,19 @@ def test_validate_sample_names_the_problem():
         packing.PackConfig(seq_len=8, max_patches=6)
     with pytest.raises(ValueError, match="cannot fit"):
         packing.OnlinePacker(8, 8, 2).push("a", 9, 0)
+    # grids: the one model-side check (a 3-patch-high grid cannot be merged 2x2)
+    for grid, msg in (([[1, 3, 4]], r"grid_thw rows \[\[1, 3, 4\]\]: h and w must be multiples of "
+                                    r"spatial_merge_size 2"),
+                      ([[1.0, 2.0, 4.0]], r"grid_thw must hold integers; got dtype float64"),
+                      ([[0, 2, 4]], r"grid_thw \[\[0, 2, 4\]\] has non-positive entries"),
+                      ([1, 2, 4], r"grid_thw must have shape \[num, 3\] \(t, h, w\); got shape \(3,\)")):
+        s = {**text_sample(5), "grid_thw": np.asarray(grid), "vision_kind": np.zeros(1, np.int8)}
+        with pytest.raises(ValueError, match=msg):
+            packing.validate_sample(s, CFG)
 
 
 # ----------------------------------------------------------------------------------------------
-# determinism and state
-
-def test_deterministic():
-    rng = np.random.default_rng(5)
-    samples = [random_sample(rng) for _ in range(40)]
-    pcfg = packing.PackConfig.for_model(CFG, seq_len=256, max_patches=512, lookahead=6)
-    a, ca = packing.pack_samples(samples, pcfg, CFG)
-    b, cb = packing.pack_samples(samples, pcfg, CFG)
-    assert ca == cb and len(a) == len(b)
-    for ra, rb in zip(a, b):
-        for k in packing.ROW_KEYS:
-            np.testing.assert_array_equal(ra[k], rb[k])
-
+# resume state
 
 def test_packer_state_roundtrip_resumes_identically():
     sizes = realistic_sizes(800, seed=2)

@@ -1,13 +1,13 @@
 """Parameter counts of the contract tree (jax.eval_shape, no allocation) against the released checkpoints
-(qwen2vl.md §1.3) and against transformers' model built on the meta device."""
+(docs/qwen2vl.md §1.3) and against transformers' model built on the meta device."""
 import functools
 
 import jax
 import numpy as np
 import pytest
 
-from qwen2vl_jax import model as M
-from qwen2vl_jax.config import get_config, to_hf_config
+from qwen2vl_jax.model import model as M
+from qwen2vl_jax.model.config import get_config, to_hf_config
 
 EXPECTED = {"2b": 2_208_985_600, "7b": 8_291_375_616, "72b": 73_405_560_320}
 VISION_2B = 665_271_296

@@ -12,7 +12,7 @@ import media
 from PIL import Image
 
 from launch import prepare_data
-from qwen2vl_jax.config import get_config
+from qwen2vl_jax.model.config import get_config
 from qwen2vl_jax.data import formats, sources, tokenizer
 
 CFG = get_config("test")
@@ -126,7 +126,12 @@ def test_cli_progress_and_summary(tmp_path, manifest):
 def test_empty_result_and_bad_arguments(tmp_path):
     m = tmp_path / "m.jsonl"
     m.write_text('{"type": "caption", "images": ["x.png"], "text": "t"}\n')
-    assert prepare_data.main(["--manifest", str(m), "--out", str(tmp_path / "o")]) == 1
+    r = subprocess.run([sys.executable, "-m", "launch.prepare_data", f"--manifest={m}", f"--out={tmp_path / 'o'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "wrote 0 records" in r.stderr and "missing_file: 1" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "launch.prepare_data", f"--manifest={tmp_path / 'none.jsonl'}",
+                        f"--out={tmp_path / 'o'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr == f"ERROR: manifest {tmp_path / 'none.jsonl'} does not exist\n"
     with pytest.raises(FileNotFoundError):
         prepare_data.prepare(str(tmp_path / "none.jsonl"), str(tmp_path / "o"))
     with pytest.raises(ValueError, match="num_shards"):

@@ -1,4 +1,4 @@
-"""qwen2vl_jax.data.vision against transformers 4.57.6 Qwen2VLImageProcessor (slow, PIL) and hand counts."""
+"""qwen2vl_jax.data.media against transformers 4.57.6 Qwen2VLImageProcessor (slow, PIL) and hand counts."""
 
 import io
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from qwen2vl_jax.data import vision as V
+from qwen2vl_jax.data import media as V
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2VLImageProcessor  # noqa: E402
@@ -49,7 +49,7 @@ def test_smart_resize_matches_transformers_on_a_grid():
 
 
 def test_smart_resize_hand_values():
-    # reference §4.1 table (checkpoint limits) and the class-default example
+    # docs/qwen2vl.md §4.1 table (checkpoint limits) and the class-default example
     ckpt = dict(min_pixels=3136, max_pixels=12845056)
     assert V.smart_resize(1080, 1920, **ckpt) == (1092, 1932)
     assert V.smart_resize(480, 640, **ckpt) == (476, 644)
@@ -171,7 +171,7 @@ def test_normalization_table_reproduces_reference_arithmetic():
 
 
 def _layout_by_hand(frames_u8):
-    """Independent transcription of reference §2.1 in plain numpy (float64 rescale, float32 normalize)."""
+    """Independent transcription of docs/qwen2vl.md §2.1 in plain numpy (float64 rescale, float32 normalize)."""
     x = (frames_u8.astype(np.float64) * (1 / 255)).astype(np.float32)
     x = (x - np.float32(V.OPENAI_CLIP_MEAN)) / np.float32(V.OPENAI_CLIP_STD)
     frames = x.transpose(0, 3, 1, 2)  # (F, C, H, W)

@@ -1,4 +1,5 @@
-"""launch.pretrain CLI: list, bad overrides, too-large model, SIGTERM save-and-exit, non-finite stop."""
+"""launch.pretrain CLI: list, bad flags and overrides, --show_config, too-large model, a finished run re-run,
+SIGTERM save-and-exit, non-finite stop."""
 import json
 import os
 import signal
@@ -29,6 +30,30 @@ def test_list_and_bad_override_messages():
                          timeout=300)
     assert res.returncode == 2
     assert "peak_lrr" in res.stderr and "peak_lr" in res.stderr and "warmup_steps" in res.stderr
+    res = subprocess.run(_cli("--experiment=stage9"), env=_env(), cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2 and "stage9" in res.stderr and "stage1|stage2|stage3" in res.stderr
+
+
+@pytest.mark.slow
+def test_show_config_exits_and_a_finished_run_says_so(tmp_path):
+    res = subprocess.run(_cli("--model=test", f"--set=workdir={tmp_path / 'run'}", "--set=batch_size=2",
+                              "--show_config"), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    # the test recipe's token budget is 20 steps of 4 rows: 40 steps of 2
+    assert res.returncode == 0 and "batch_size = 2" in res.stdout and "num_steps = 40" in res.stdout
+    assert not (tmp_path / "run").exists()                       # printed, not trained
+    args = _cli("--model=test", f"--set=workdir={tmp_path / 'run'}", "--set=batch_size=2", "--set=steps=2")
+    first = subprocess.run(args, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    with open(tmp_path / "run" / "losses.jsonl") as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    assert first.stdout.splitlines()[-1] == (f"done: trained steps 1..2 of 2, loss {losses[0]:.4f} -> {losses[1]:.4f}, "
+                                             f"skipped steps 0; checkpoints in {tmp_path / 'run' / 'checkpoints'}")
+    again = subprocess.run(args, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.splitlines()[-1] == ("already at step 2 of 2; nothing to train; checkpoints in "
+                                             f"{tmp_path / 'run' / 'checkpoints'}")
+    assert len((tmp_path / "run" / "losses.jsonl").read_text().splitlines()) == 2
 
 
 def test_too_large_model_fails_before_allocating(tmp_path):

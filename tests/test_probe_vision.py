@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from launch import probe_vision as pv
-from qwen2vl_jax import hf, model
-from qwen2vl_jax.config import get_config
+from qwen2vl_jax.model import hf, model
+from qwen2vl_jax.model.config import get_config
 from qwen2vl_jax.data import synthetic
 
 CFG = get_config("test")

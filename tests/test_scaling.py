@@ -1,12 +1,16 @@
 """Scaling-law fit: recovers a known law from noisy synthetic points; closed-form optimum; table + CLI."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
-from qwen2vl_jax import scaling
+from qwen2vl_jax.eval import scaling
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUE = scaling.ScalingLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)   # Hoffmann et al. 2022
 
 
@@ -57,9 +61,7 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.parametrize("ext", ["csv", "jsonl"])
-def test_results_table_and_cli(tmp_path, ext, capsys):
-    from launch import fit_scaling
-
+def test_results_table_and_cli(tmp_path, ext):
     n, d, loss = _synthetic(seed=2)
     path = str(tmp_path / f"results.{ext}")
     for i, (ni, di, li) in enumerate(zip(n, d, loss)):
@@ -77,10 +79,12 @@ def test_results_table_and_cli(tmp_path, ext, capsys):
             scaling.append_result(path, {"params": 1.0})
 
     png = tmp_path / "fit.png"
-    out = fit_scaling.main(["--results", path, "--budget", "1e21", "--plot", str(png), "--bootstrap", "3",
-                            "--json"])
+    proc = subprocess.run([sys.executable, "-m", "launch.fit_scaling", "--results", path, "--budget", "1e21",
+                           "--plot", str(png), "--bootstrap", "3", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert png.stat().st_size > 10_000
-    printed = json.loads(capsys.readouterr().out)
+    out = printed = json.loads(proc.stdout)
     assert abs(printed["law"]["alpha"] / TRUE.alpha - 1) < 0.05
     assert set(printed["intervals"]) == {"E", "A", "B", "alpha", "beta"}
     assert np.isclose(out["compute_optimal"][0]["n_opt"], TRUE.compute_optimal(1e21)[0], rtol=0.3)

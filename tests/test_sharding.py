@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from qwen2vl_jax import model, optim, sharding, train
-from qwen2vl_jax.config import get_config
+from qwen2vl_jax.model import model
+from qwen2vl_jax.train import optim, sharding, train_step
+from qwen2vl_jax.model.config import get_config
 
 
 def test_mesh_shapes_and_errors():
@@ -50,8 +51,8 @@ def test_logical_rules():
 def test_every_param_and_optimizer_leaf_is_sharded(name, mesh_cfg):
     cfg = get_config(name)
     mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_cfg))
-    step_cfg = train.StepConfig(trainable=optim.STAGE_TRAINABLE[2], optim=optim.OptimConfig(total_steps=10))
-    abstract, sh = train.abstract_state(cfg, step_cfg, mesh)
+    step_cfg = train_step.StepConfig(trainable=optim.STAGE_TRAINABLE[2], optim=optim.OptimConfig(total_steps=10))
+    abstract, sh = train_step.abstract_state(cfg, step_cfg, mesh)
     total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
     per_dev = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(abstract.params))
     # large models: params are split ~mesh-size ways (norms / biases replicated are negligible)

@@ -8,8 +8,9 @@ import pytest
 
 from experiments import sweeps
 from launch import sweep as sweep_cli
-from qwen2vl_jax import model, scaling
-from qwen2vl_jax.config import VisionConfig
+from qwen2vl_jax.model import model
+from qwen2vl_jax.eval import scaling
+from qwen2vl_jax.model.config import VisionConfig
 
 
 def test_named_sweeps_and_cpu_small_grid():
@@ -56,6 +57,9 @@ def test_point_experiment_fields():
     assert exp.tokens_per_step * exp.num_steps == p.tokens
     assert exp.run_dir == f"/tmp/r/{p.run_name}" and exp.stage == 2
     assert exp.data.image_max_pixels == 64 * 28 * 28            # the sweep's data override applied
+    # the held-out loss: once, at the last step, on one synthetic source per EVAL_KINDS kind at the point's shapes
+    assert exp.eval_every == p.steps and exp.eval_data.seq_len == p.seq_len
+    assert [n for n, _ in exp.eval_data.mixture] == [f"synthetic:{k}" for k in sweeps.EVAL_KINDS]
 
 
 def test_result_row_and_bad_budget():
@@ -75,7 +79,7 @@ def test_rerun_skips_finished_points(tmp_path, monkeypatch):
     s = sweeps.get_sweep("cpu_small")
     ran = []
 
-    def fake_run_point(point, results, root, eval_num, log=print):
+    def fake_run_point(point, results, root, eval_samples, log=print):
         ran.append(point.key)
         row = point.result_row({k: 3.0 for k in sweeps.EVAL_KINDS},
                                extra={"final_train_loss": 3.0, "train_seconds": 0.0, "eval_seconds": 0.0})
@@ -109,7 +113,7 @@ def test_tpu_emits_one_job_per_point(capsys):
 
 
 def test_one_real_point_trains_and_evaluates(tmp_path):
-    """A 2-step point of a minimal sweep through launch.pretrain.run + held-out eval -> one table row."""
+    """A 2-step point of a minimal sweep through the trainer, its held-out loss per data kind -> one table row."""
     size = sweeps.ModelSize("mini", hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                             num_key_value_heads=1, intermediate_size=128)
     s = sweeps.Sweep(name="mini", description="test", base_model="test", sizes=(size,), token_budgets=(2 * 2 * 256,),
@@ -118,7 +122,7 @@ def test_one_real_point_trains_and_evaluates(tmp_path):
                      overrides=sweeps.get_sweep("cpu_small").overrides)
     (p,) = s.points()
     results = str(tmp_path / "r.jsonl")
-    row = sweep_cli.run_point(p, results, str(tmp_path / "runs"), eval_num=1, log=lambda *_: None)
+    row = sweep_cli.run_point(p, results, str(tmp_path / "runs"), eval_samples=1, log=lambda *_: None)
     assert row["steps"] == 2 and row["tokens"] == 1024
     assert all(np.isfinite(row[f"eval_loss_{k}"]) for k in sweeps.EVAL_KINDS)
     assert abs(row["eval_loss_mean"] - np.log(p.model.vocab_size)) < 1.0

@@ -7,7 +7,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from qwen2vl_jax.config import SPECIAL_TOKENS, TINY_TEXT_VOCAB, get_config
+from qwen2vl_jax.model.config import SPECIAL_TOKENS, TINY_TEXT_VOCAB, get_config
 from qwen2vl_jax.data.tokenizer import EMBEDDED_PATH, load_tokenizer
 
 

@@ -1,12 +1,13 @@
-"""launch.tpu: exact dry-run commands, reuse vs create through an injected runner, flag validation."""
+"""qwen2vl_jax.cloud.tpu and its CLI launch.tpu: exact dry-run commands, reuse vs create through an injected
+runner, flag validation."""
 import shlex
 import subprocess
 import sys
 
 import pytest
 
-from launch import tpu
-from launch.tpu import REPO_ROOT, TpuVm
+from qwen2vl_jax.cloud import tpu
+from qwen2vl_jax.cloud.tpu import REPO_ROOT, TpuVm
 
 VM = TpuVm(name="qv-pod", zone="us-east5-a", accelerator="v5p-128", project="my-proj", spot=True)
 
@@ -15,14 +16,14 @@ def test_dry_run_prints_exact_commands():
     out = subprocess.run(
         [sys.executable, "-m", "launch.tpu", "--experiment=stage2", "--model=7b", "--tpu=qv-pod",
          "--zone=us-east5-a", "--accelerator=v5p-128", "--project=my-proj", "--spot", "--dry_run",
-         "--set=optim.peak_lr=1e-4", "--set", "data.name=a b"],
+         "--set=optim.peak_lr=1e-4", "--set", "description=a b"],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
     scope = "--zone=us-east5-a --project=my-proj"
     jax_version = tpu.pinned_jax_version()
     install = ("mkdir -p ~/qwen2vl_jax && tar xzf ~/qwen2vl_jax.tar.gz -C ~/qwen2vl_jax && cd ~/qwen2vl_jax"
                f" && python3 -m pip install -q -r requirements.txt 'jax[tpu]=={jax_version}'")
     start = ("cd ~/qwen2vl_jax && mkdir -p logs && nohup python3 -m launch.pretrain --experiment=stage2"
-             " --model=7b --set=optim.peak_lr=1e-4 '--set=data.name=a b' > logs/stage2-qv-pod.log 2>&1"
+             " --model=7b --set=optim.peak_lr=1e-4 '--set=description=a b' > logs/stage2-qv-pod.log 2>&1"
              " < /dev/null &")
     expected = [
         f"gcloud compute tpus tpu-vm describe qv-pod {scope} '--format=value(state)' > /dev/null 2>&1 || "
@@ -39,7 +40,20 @@ def test_dry_run_prints_exact_commands():
     toks = shlex.split(remote)
     i = toks.index("nohup") + 1
     assert toks[i:i + 7] == ["python3", "-m", "launch.pretrain", "--experiment=stage2", "--model=7b",
-                             "--set=optim.peak_lr=1e-4", "--set=data.name=a b"]
+                             "--set=optim.peak_lr=1e-4", "--set=description=a b"]
+
+
+@pytest.mark.parametrize("flag, msg", [
+    ("--set=optim.peak_lrr=1e-4", "unknown key 'optim.peak_lrr': optim has no field 'peak_lrr'; valid: "),
+    ("--experiment=stage9", "flag --experiment=stage9: value should be one of <stage1|stage2|stage3>"),
+])
+def test_cli_rejects_a_bad_experiment_before_any_command(flag, msg):
+    """The overrides the workers will parse are parsed here first: a typo costs no TPU VM."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.tpu", "--experiment=stage2", "--tpu=qv-pod", "--zone=us-east5-a",
+         "--accelerator=v5p-128", "--dry_run", flag], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""       # configuration errors exit 2 in every CLI
+    assert proc.stderr.startswith(f"ERROR: {msg}") and proc.stderr.count("\n") == 1
 
 
 class FakeRunner:

@@ -2,115 +2,22 @@
 import dataclasses
 import functools
 import math
-import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen2vl_jax import optim, sharding, train
-from qwen2vl_jax.config import get_config
+from qwen2vl_jax.train import optim, sharding, train_step
+from qwen2vl_jax.model import model
+from qwen2vl_jax.model.config import get_config
 
 CFG = get_config("test")
 
 
-def _model():
-    if os.environ.get("QWEN2VL_TEST_STANDIN_MODEL"):
-        return StandInModel
-    try:
-        from qwen2vl_jax import model
-        return model
-    except ImportError:  # the model module lands in parallel; fall back to the contract stand-in
-        return StandInModel
-
-
-class StandInModel:
-    """Contract stand-in (same param-tree paths for every trainable part) used only until
-    qwen2vl_jax/model.py exists: patch MLP vision tower, merger, MLP-only decoder with a causal
-    within-segment mean so positions and segments matter."""
-
-    @staticmethod
-    def init_params(cfg, rng):
-        v, e, m, d, i, L = cfg.vision, cfg.vision.embed_dim, cfg.vision.mlp_dim, cfg.hidden_size, \
-            cfg.intermediate_size, cfg.num_hidden_layers
-        ks = iter(jax.random.split(rng, 16))
-        n = lambda *s: 0.05 * jax.random.normal(next(ks), s, jnp.float32)  # noqa: E731
-        return {
-            "visual": {"patch_embed": {"kernel": n(v.patch_dim, e)},
-                       "blocks": {"norm1": {"scale": jnp.ones((v.depth, e))},
-                                  "mlp": {"fc1": {"kernel": n(v.depth, e, m), "bias": jnp.zeros((v.depth, m))},
-                                          "fc2": {"kernel": n(v.depth, m, e), "bias": jnp.zeros((v.depth, e))}}},
-                       "merger": {"ln_q": {"scale": jnp.ones(e), "bias": jnp.zeros(e)},
-                                  "mlp_0": {"kernel": n(4 * e, 4 * e), "bias": jnp.zeros(4 * e)},
-                                  "mlp_2": {"kernel": n(4 * e, d), "bias": jnp.zeros(d)}}},
-            "decoder": {"embed_tokens": {"embedding": n(cfg.vocab_size, d)},
-                        "layers": {"input_layernorm": {"scale": jnp.ones((L, d))},
-                                   "mlp": {"gate_proj": {"kernel": n(L, d, i)}, "up_proj": {"kernel": n(L, d, i)},
-                                           "down_proj": {"kernel": n(L, i, d)}}},
-                        "norm": {"scale": jnp.ones(d)}},
-            "lm_head": {"kernel": n(d, cfg.vocab_size)},
-        }
-
-    @staticmethod
-    def param_logical_axes(cfg):
-        return {
-            "visual": {"patch_embed": {"kernel": ("patch", "vision_embed")},
-                       "blocks": {"norm1": {"scale": ("layers", "norm")},
-                                  "mlp": {"fc1": {"kernel": ("layers", "vision_embed", "vision_mlp"),
-                                                  "bias": ("layers", "vision_mlp")},
-                                          "fc2": {"kernel": ("layers", "vision_mlp", "vision_embed"),
-                                                  "bias": ("layers", "norm")}}},
-                       "merger": {"ln_q": {"scale": ("norm",), "bias": ("norm",)},
-                                  "mlp_0": {"kernel": ("merger_in", "merger_mlp"), "bias": ("merger_mlp",)},
-                                  "mlp_2": {"kernel": ("merger_mlp", "embed"), "bias": ("norm",)}}},
-            "decoder": {"embed_tokens": {"embedding": ("vocab", "embed")},
-                        "layers": {"input_layernorm": {"scale": ("layers", "norm")},
-                                   "mlp": {"gate_proj": {"kernel": ("layers", "embed", "mlp")},
-                                           "up_proj": {"kernel": ("layers", "embed", "mlp")},
-                                           "down_proj": {"kernel": ("layers", "mlp", "embed")}}},
-                        "norm": {"scale": ("norm",)}},
-            "lm_head": {"kernel": ("embed", "vocab")},
-        }
-
-    @staticmethod
-    def forward_hidden(cfg, params, batch):
-        def rms(x, s):
-            return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * s
-        vp, dp = params["visual"], params["decoder"]
-        x = batch["pixel_values"].astype(vp["patch_embed"]["kernel"].dtype) @ vp["patch_embed"]["kernel"]
-        blk = vp["blocks"]
-        for layer in range(cfg.vision.depth):
-            h = rms(x, blk["norm1"]["scale"][layer])
-            x = x + jax.nn.gelu(h @ blk["mlp"]["fc1"]["kernel"][layer] + blk["mlp"]["fc1"]["bias"][layer]) \
-                @ blk["mlp"]["fc2"]["kernel"][layer] + blk["mlp"]["fc2"]["bias"][layer]
-        mg = vp["merger"]
-        b, p, e = x.shape
-        x = (rms(x, mg["ln_q"]["scale"]) + mg["ln_q"]["bias"]).reshape(b, p // 4, 4 * e)
-        vis = jax.nn.gelu(x @ mg["mlp_0"]["kernel"] + mg["mlp_0"]["bias"]) @ mg["mlp_2"]["kernel"] + mg["mlp_2"]["bias"]
-        ids = batch["input_ids"]
-        h = dp["embed_tokens"]["embedding"][ids]
-        is_pad = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
-        k = jnp.clip(jnp.cumsum(is_pad, axis=1) - 1, 0, p // 4 - 1)
-        h = jnp.where(is_pad[..., None], jnp.take_along_axis(vis, k[..., None], axis=1).astype(h.dtype), h)
-        seg = batch["segment_ids"]
-        same = (seg[:, :, None] == seg[:, None, :]) & (jnp.arange(ids.shape[1])[:, None] >= jnp.arange(ids.shape[1]))
-        mix = same / jnp.maximum(same.sum(-1, keepdims=True), 1)
-        ly = dp["layers"]
-        for layer in range(cfg.num_hidden_layers):
-            u = rms(h, ly["input_layernorm"]["scale"][layer])
-            u = jnp.einsum("bst,btd->bsd", mix.astype(u.dtype), u)
-            h = h + (jax.nn.silu(u @ ly["mlp"]["gate_proj"]["kernel"][layer]) * (u @ ly["mlp"]["up_proj"]["kernel"][layer])) \
-                @ ly["mlp"]["down_proj"]["kernel"][layer]
-        return rms(h, dp["norm"]["scale"])
-
-    @staticmethod
-    def output_embedding(cfg, params):
-        return params["lm_head"]["kernel"] if "lm_head" in params else params["decoder"]["embed_tokens"]["embedding"].T
-
-
 def synthetic_batch(cfg, batch_size=8, seq_len=32, grid=(1, 2, 4), seed=0):
-    """A packed batch obeying the WORKSPACE.md contract: per row one image sample (vision_start,
+    """A packed batch obeying the docs/architecture.md contract: per row one image sample (vision_start,
     pads, vision_end, text) and one text sample, then padding."""
     rng = np.random.default_rng(seed)
     t, gh, gw = grid
@@ -118,7 +25,7 @@ def synthetic_batch(cfg, batch_size=8, seq_len=32, grid=(1, 2, 4), seed=0):
     n_pad = n_patch // 4
     P = n_patch
     B, S = batch_size, seq_len
-    out = {k: np.zeros(s.shape, s.dtype) for k, s in train.batch_spec(cfg, B, S, P).items()}
+    out = {k: np.zeros(s.shape, s.dtype) for k, s in train_step.batch_spec(cfg, B, S, P).items()}
     text_vocab = cfg.special_token_base
     for b in range(B):
         n1 = S // 2 + int(rng.integers(0, 4))
@@ -144,11 +51,11 @@ def synthetic_batch(cfg, batch_size=8, seq_len=32, grid=(1, 2, 4), seed=0):
     return out
 
 
-STEP = train.StepConfig(loss_chunk=8, optim=optim.OptimConfig(peak_lr=1e-2, warmup_steps=0, total_steps=20))
+STEP = train_step.StepConfig(loss_chunk=8, optim=optim.OptimConfig(peak_lr=1e-2, warmup_steps=0, total_steps=20))
 
 
 def _params(cfg=CFG, seed=0):
-    return _model().init_params(cfg, jax.random.key(seed))
+    return model.init_params(cfg, jax.random.key(seed))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +76,7 @@ def test_chunked_loss_equals_full_logits_value_and_grads():
         return jnp.sum(nll * m) / m.sum() + 1e-3 * jnp.sum(lse ** 2 * m) / m.sum()
 
     def chunked(h, w):
-        nll, z, n = train.chunked_cross_entropy(h, w, t, m, chunk=5)  # 5 -> chunk 4 (divisor of 24)
+        nll, z, n = train_step.chunked_cross_entropy(h, w, t, m, chunk=5)  # 5 -> chunk 4 (divisor of 24)
         return (nll + 1e-3 * z) / n
 
     v1, g1 = jax.value_and_grad(full, argnums=(0, 1))(h, w)
@@ -187,16 +94,15 @@ MESHES = [(dict(data=8), 1), (dict(data=1, fsdp=8), 1), (dict(data=2, fsdp=2, te
 
 
 def _loss_grads_on_mesh(mesh_kw, params, batch, microbatches=1):
-    model = _model()
     if mesh_kw is None:
         mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
     else:
         mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_kw))
     step_cfg = dataclasses.replace(STEP, microbatches=microbatches)
-    p_sh = train.param_shardings(CFG, mesh, model)
+    p_sh = train_step.param_shardings(CFG, mesh)
     b_sh = sharding.batch_shardings(batch, mesh)
     tr_sh, _ = optim.split_params(p_sh, STEP.trainable)
-    fn = jax.jit(lambda p, b: train.loss_and_grads(CFG, p, b, step_cfg, model, mesh),
+    fn = jax.jit(lambda p, b: train_step.loss_and_grads(CFG, p, b, step_cfg, mesh),
                  in_shardings=(p_sh, b_sh), out_shardings=(sharding.replicated(mesh), tr_sh))
     metrics, grads = fn(jax.device_put(params, p_sh), jax.device_put(batch, b_sh))
     return jax.device_get(metrics), jax.device_get(grads), p_sh
@@ -214,29 +120,28 @@ def test_meshes_and_accumulation_match_single_device():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6, err_msg=str(kw)), g, ref_g)
     # the (2,2,2) mesh really shards: the lm head is split over fsdp x tensor
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-    spec = train.param_shardings(CFG, mesh, _model())["lm_head"]["kernel"].spec
+    spec = train_step.param_shardings(CFG, mesh)["lm_head"]["kernel"].spec
     assert tuple(spec) == ("fsdp", "tensor")
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(step_cfg, mesh_cfg):
-    model = _model()
     n = math.prod(getattr(mesh_cfg, a) for a in sharding.MESH_AXES)   # explicit sizes only
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:n])
-    _, st_sh = train.abstract_state(CFG, step_cfg, mesh, model)
+    _, st_sh = train_step.abstract_state(CFG, step_cfg, mesh)
     b_sh = sharding.batch_shardings(synthetic_batch(CFG), mesh)
-    return mesh, st_sh, b_sh, train.make_train_step(CFG, step_cfg, mesh, st_sh, b_sh, model)
+    return mesh, st_sh, b_sh, train_step.make_train_step(CFG, step_cfg, mesh, st_sh, b_sh)
 
 
 # one device: these tests are about the update rule; test_meshes_* covers the sharded layouts
 def _run_steps(step_cfg, n, batch_fn, params=None, mesh_cfg=sharding.MeshConfig(data=1)):
     mesh, st_sh, b_sh, step = _compiled(step_cfg, mesh_cfg)
-    state = (train.init_state(CFG, step_cfg, jax.random.key(0), mesh, _model()) if params is None
-             else train.place_params(params, step_cfg, st_sh))
+    state = (train_step.init_state(CFG, step_cfg, jax.random.key(0), mesh) if params is None
+             else train_step.place_params(params, step_cfg, st_sh))
     metrics = []
     for i in range(n):
         state, m = step(state, sharding.global_batch(batch_fn(i), b_sh))
-        metrics.append(train.host_metrics(m))
+        metrics.append(train_step.host_metrics(m))
     return state, metrics
 
 
@@ -287,32 +192,117 @@ def test_non_finite_batch_skips_update_and_counts():
 
 def test_bf16_compute_keeps_fp32_master_weights_and_learns():
     cfg = CFG.replace(dtype="bfloat16")
-    model = _model()
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
-    _, st_sh = train.abstract_state(cfg, STEP, mesh, model)
-    state = train.init_state(cfg, STEP, jax.random.key(0), mesh, model)
+    _, st_sh = train_step.abstract_state(cfg, STEP, mesh)
+    state = train_step.init_state(cfg, STEP, jax.random.key(0), mesh)
     batch = synthetic_batch(cfg)
     b_sh = sharding.batch_shardings(batch, mesh)
-    step = train.make_train_step(cfg, STEP, mesh, st_sh, b_sh, model)
+    step = train_step.make_train_step(cfg, STEP, mesh, st_sh, b_sh)
     losses = []
     for _ in range(4):
         state, m = step(state, sharding.global_batch(batch, b_sh))
-        losses.append(train.host_metrics(m)["loss"])
+        losses.append(train_step.host_metrics(m)["loss"])
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     assert losses[-1] < losses[0] - 0.3, losses
 
 
-def test_train_step_lowers_with_abstract_inputs():
-    model = _model()
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
-    abs_state, st_sh = train.abstract_state(CFG, STEP, mesh, model)
-    spec = train.batch_spec(CFG, 8, 32, 8)
+# Hand-derived from sharding.LOGICAL_RULES for the test config (decoder 64 wide, vocab 2048, 4 query / 2 kv
+# heads of 16, mlp 128; tower 32 wide, 4 heads of 8, mlp 128; merger 128 -> 64) on data=2 x fsdp=2 x
+# tensor=2: embedding-width dims over fsdp; vocab, heads, kv heads and mlp dims over tensor; the stacked
+# layer axis, norms, head_dim, the qkv triple and the 1176-wide patch input replicated.
+EXPECTED_PARAM_SPECS = {
+    "decoder/embed_tokens/embedding": ("tensor", "fsdp"),
+    "decoder/layers/input_layernorm/scale": (None, None),
+    "decoder/layers/post_attention_layernorm/scale": (None, None),
+    "decoder/layers/mlp/gate_proj/kernel": (None, "fsdp", "tensor"),
+    "decoder/layers/mlp/up_proj/kernel": (None, "fsdp", "tensor"),
+    "decoder/layers/mlp/down_proj/kernel": (None, "tensor", "fsdp"),
+    "decoder/layers/self_attn/q_proj/kernel": (None, "fsdp", "tensor", None),
+    "decoder/layers/self_attn/q_proj/bias": (None, "tensor", None),
+    "decoder/layers/self_attn/k_proj/kernel": (None, "fsdp", "tensor", None),
+    "decoder/layers/self_attn/k_proj/bias": (None, "tensor", None),
+    "decoder/layers/self_attn/v_proj/kernel": (None, "fsdp", "tensor", None),
+    "decoder/layers/self_attn/v_proj/bias": (None, "tensor", None),
+    "decoder/layers/self_attn/o_proj/kernel": (None, "tensor", None, "fsdp"),
+    "decoder/norm/scale": (None,),
+    "lm_head/kernel": ("fsdp", "tensor"),
+    "visual/patch_embed/kernel": (None, "fsdp"),
+    "visual/blocks/norm1/scale": (None, None),
+    "visual/blocks/norm1/bias": (None, None),
+    "visual/blocks/norm2/scale": (None, None),
+    "visual/blocks/norm2/bias": (None, None),
+    "visual/blocks/attn/qkv/kernel": (None, "fsdp", None, "tensor", None),
+    "visual/blocks/attn/qkv/bias": (None, None, "tensor", None),
+    "visual/blocks/attn/proj/kernel": (None, "tensor", None, "fsdp"),
+    "visual/blocks/attn/proj/bias": (None, "fsdp"),
+    "visual/blocks/mlp/fc1/kernel": (None, "fsdp", "tensor"),
+    "visual/blocks/mlp/fc1/bias": (None, "tensor"),
+    "visual/blocks/mlp/fc2/kernel": (None, "tensor", "fsdp"),
+    "visual/blocks/mlp/fc2/bias": (None, "fsdp"),
+    "visual/merger/ln_q/scale": (None,),
+    "visual/merger/ln_q/bias": (None,),
+    "visual/merger/mlp_0/kernel": ("fsdp", "tensor"),
+    "visual/merger/mlp_0/bias": ("tensor",),
+    "visual/merger/mlp_2/kernel": ("tensor", "fsdp"),
+    "visual/merger/mlp_2/bias": ("fsdp",),
+}
+# rows over data x fsdp (8 rows / 4); the sequence axis has size 1, so tokens and patches stay whole
+DP = ("data", "fsdp")
+EXPECTED_BATCH_SPECS = {"input_ids": (DP, None), "targets": (DP, None), "loss_mask": (DP, None),
+                        "segment_ids": (DP, None), "positions": (DP, None, None),
+                        "pixel_values": (DP, None, None), "patch_segment_ids": (DP, None),
+                        "patch_positions": (DP, None, None)}
+
+
+def _sdy_spec(dims: str) -> tuple:
+    """'{"tensor"}, {}, {"data", "fsdp"}' (Shardy's per-dimension axes) -> ('tensor', None, ('data', 'fsdp'))."""
+    out = []
+    for d in re.findall(r"\{([^}]*)\}", dims):
+        axes = tuple(re.findall(r'"(\w+)"', d))
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return tuple(out)
+
+
+def test_train_step_shardings_in_the_lowered_program():
+    """The shardings the compiler receives for every state and batch argument and every state result of the
+    jitted step, read from the lowered StableHLO, equal the hand-derived PartitionSpecs; Adam's mu and nu
+    follow their parameter; the state is donated (each argument aliases an output) and keeps its layout."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    abs_state, st_sh = train_step.abstract_state(CFG, STEP, mesh)
+    spec = train_step.batch_spec(CFG, 8, 32, 8)
     b_sh = sharding.batch_shardings(spec, mesh)
     abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in spec.items()}
-    lowered = train.make_train_step(CFG, STEP, mesh, st_sh, b_sh, model).lower(abs_state, abs_batch)
-    text = lowered.as_text()
-    assert "mhlo.sharding" in text or "sdy.sharding" in text
-    assert lowered.args_info is not None
+    text = train_step.make_train_step(CFG, STEP, mesh, st_sh, b_sh).lower(abs_state, abs_batch).as_text()
+    main = text[text.index("func.func public @main"):]
+    main = main[:main.index("{\n")]
+    args = re.findall(r"%arg\d+: tensor<[^>]*> \{sdy\.sharding = #sdy\.sharding<@mesh, \[(.*?)\]>"
+                      r"(, tf\.aliasing_output = \d+ : i32)?\}", main)
+    results = dict(re.findall(r'jax\.result_info = "result\[0\]([^"]*)", sdy\.sharding = #sdy\.sharding<@mesh, '
+                              r"\[(.*?)\]>", main))
+    leaves = jax.tree_util.tree_flatten_with_path((abs_state, abs_batch))[0]
+    assert len(args) == len(leaves)
+
+    def expected(path: str):
+        if path.startswith("[1]"):                                       # the batch
+            return EXPECTED_BATCH_SPECS[re.match(r"\[1\]\['(\w+)'\]", path).group(1)]
+        m = re.search(r"(?:\.params|\.mu|\.nu)((?:\['\w+'\])+)$", path)
+        if m:                                                            # a parameter or its Adam moment
+            return EXPECTED_PARAM_SPECS["/".join(re.findall(r"'(\w+)'", m.group(1)))]
+        return ()                                                        # step counters: replicated scalars
+
+    checked = set()
+    for (path, _), (dims, alias) in zip(leaves, args):
+        name = jax.tree_util.keystr(path)
+        assert _sdy_spec(dims) == expected(name), name
+        state_name = name[len("[0]"):]
+        if name.startswith("[0]"):
+            assert alias, f"{name} is not donated"
+            assert _sdy_spec(results[state_name]) == expected(name), f"result {name}"
+            checked.add(state_name)
+        else:
+            assert not alias, name
+    assert {n for n in checked if n.startswith(".params")} == {
+        ".params" + "".join(f"['{k}']" for k in p.split("/")) for p in EXPECTED_PARAM_SPECS}
 
 
 def test_split_merge_and_bad_parts():

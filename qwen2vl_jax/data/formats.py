@@ -1,12 +1,12 @@
-"""Sample formats: synthetic ground truth -> "Tokenized sample" dicts (WORKSPACE.md contract).
+"""Sample formats: synthetic ground truth -> "Tokenized sample" dicts (docs/architecture.md contract).
 
 A sample is first described as a list of `Span`s (text that may contain special-token strings, whether
 its tokens are supervised, or a reference to a vision item), then `assemble` tokenizes the text,
 expands every vision item into <|vision_start|> + t*h*w/4 pads + <|vision_end|> and preprocesses the
-pixels with `qwen2vl_jax.data.vision`. The same spans render to the chat-template string (one pad per
+pixels with `qwen2vl_jax.data.media`. The same spans render to the chat-template string (one pad per
 item, as the HF template writes it) and to the tokenizer-training corpus.
 
-Kinds (paper stages, reference §6.2):
+Kinds (paper stages, docs/qwen2vl.md §6.2):
   stage 1/2 pre-training, text tokens supervised, prompt prefixes and vision tokens not:
     caption      <vision>a red circle and two blue squares<|endoftext|>
     ocr          <vision>What text is in the image?\n | QWEN 42<|endoftext|>
@@ -16,7 +16,7 @@ Kinds (paper stages, reference §6.2):
     interleaved  Picture 1: <vision>a red circle\nPicture 2: <vision>two blue squares\n<|endoftext|>
   stage 3 instruction tuning, ChatML, only assistant turns (with their <|im_end|>) supervised:
     chat         image QA (1-2 turns), video QA, or pure-text arithmetic dialogue
-(" | " marks where supervision starts.) Boxes are normalised to integers in [0, 1000) (paper §2.2.1).
+(" | " marks where supervision starts.) Boxes are normalised to integers in [0, 1000) (docs/qwen2vl.md §5.3).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from qwen2vl_jax.config import SPECIAL_TOKENS
-from qwen2vl_jax.data import synthetic, vision
+from qwen2vl_jax.model.config import SPECIAL_TOKENS
+from qwen2vl_jax.data import synthetic, media
 from qwen2vl_jax.data.synthetic import Arithmetic, Clip, Scene
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -321,9 +321,9 @@ class VisionOptions:
 def preprocess_item(item: VisionItem, opts: VisionOptions) -> tuple[np.ndarray, np.ndarray]:
     """-> (pixel_values float32 [t*h*w, 1176], grid_thw [1, 3])."""
     if item.kind == IMAGE:
-        return vision.preprocess_images([item.media], min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
+        return media.preprocess_images([item.media], min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
     # Synthetic clips are already sampled at item.fps: keep every frame (video_fps=None).
-    return vision.preprocess_video(list(item.media), video_fps=None, min_pixels=opts.video_min_pixels,
+    return media.preprocess_video(list(item.media), video_fps=None, min_pixels=opts.video_min_pixels,
                                    max_pixels=opts.video_max_pixels, total_pixels=opts.video_total_pixels)
 
 

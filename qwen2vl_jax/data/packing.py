@@ -3,7 +3,7 @@
 Three pure stages, each usable on its own:
 
 1. `prepare_sample(sample, pack_cfg, model_cfg) -> (PreparedSample | None, event)`: validates one Tokenized
-   sample (WORKSPACE.md contract), applies the overflow rule, and precomputes everything that is per
+   sample (docs/architecture.md contract), applies the overflow rule, and precomputes everything that is per
    sample: next-token targets and their loss mask, M-RoPE positions ([3, n], `mrope.sample_positions`,
    restarting at 0), 2-D patch RoPE ids ([p, 2], `rope.vision_position_ids`) and the sizes of the ViT
    attention segments (one per vision item and temporal slice, h*w patch rows each).
@@ -30,8 +30,9 @@ from typing import Any, Hashable, Sequence
 
 import numpy as np
 
-from qwen2vl_jax import mrope, rope
-from qwen2vl_jax.config import ModelConfig
+from qwen2vl_jax.model import mrope, rope
+from qwen2vl_jax.model.config import ModelConfig
+from qwen2vl_jax.model.grid import check_grid
 
 OVERFLOW_RULES = ("truncate", "drop")
 
@@ -109,7 +110,7 @@ def validate_sample(sample: dict, model_cfg: ModelConfig) -> None:
     ids = np.asarray(sample["input_ids"])
     lm = np.asarray(sample["loss_mask"])
     pv = np.asarray(sample["pixel_values"])
-    grid = np.asarray(sample["grid_thw"])
+    grid = check_grid(sample["grid_thw"], "grid_thw", model_cfg.vision.spatial_merge_size)
     kind = np.asarray(sample["vision_kind"])
     v = model_cfg.vision
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
@@ -120,13 +121,11 @@ def validate_sample(sample: dict, model_cfg: ModelConfig) -> None:
         raise ValueError(f"input_ids outside [0, {model_cfg.vocab_size}): min {ids.min()} max {ids.max()}")
     if pv.ndim != 2 or pv.shape[1] != v.patch_dim:
         raise ValueError(f"pixel_values must be [p, {v.patch_dim}]; got {pv.shape}")
-    if grid.ndim != 2 or grid.shape[1] != 3 or kind.shape != (grid.shape[0],):
-        raise ValueError(f"grid_thw must be [k, 3] and vision_kind [k]; got {grid.shape} and {kind.shape}")
-    if grid.size and (grid <= 0).any():
-        raise ValueError(f"grid_thw has non-positive entries: {grid.tolist()}")
+    if kind.shape != (grid.shape[0],):
+        raise ValueError(f"vision_kind must be [k] for grid_thw [k, 3] = {grid.shape}; got shape {kind.shape}")
     if not np.isin(kind, (0, 1)).all():
         raise ValueError(f"vision_kind must hold 0 (image) or 1 (video); got {kind.tolist()}")
-    sizes = grid.prod(-1) if grid.size else np.zeros((0,), np.int64)
+    sizes = grid.prod(-1)
     if int(sizes.sum()) != pv.shape[0]:
         raise ValueError(f"pixel_values has {pv.shape[0]} rows but grid_thw {grid.tolist()} needs {int(sizes.sum())}")
     for k, (token, name) in enumerate(((model_cfg.image_token_id, "image"), (model_cfg.video_token_id, "video"))):

@@ -4,13 +4,13 @@
       sharded by process              disjoint: range(process_index, .., process_count) / records[pi::pc]
       arrayrecord: shuffle + repeat   a new permutation every epoch (seed + s)
     MapDataset.mix(weights)           grain's deterministic weighted interleave
-    .map_with_index(Decoder)          -> Decoded(key=global index, sample=PreparedSample | None, event)
+    .map_with_index(SampleDecoder)          -> Decoded(key=global index, sample=PreparedSample | None, event)
                                       bad media / records become skip events (counted, logged once)
     .to_iter_dataset(ReadOptions)     threads decode ahead in order
     PackIterDataset                   packing.OnlinePacker -> batches of `batch_size` packed rows
     .mp_prefetch(num_workers)         optional worker processes, each packing its own slice
 
-Batches follow WORKSPACE.md "Packed training batch" (numpy, leading batch axis). Every batch carries the
+Batches follow docs/architecture.md "Packed training batch" (numpy, leading batch axis). Every batch carries the
 counter increments since the previous one; `DataIterator` strips them and keeps running totals, so
 `stats()` and the checkpointed state agree with exactly what was yielded.
 
@@ -33,8 +33,8 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from qwen2vl_jax.config import ModelConfig
-from qwen2vl_jax.data import formats, packing, sources, vision
+from qwen2vl_jax.model.config import ModelConfig
+from qwen2vl_jax.data import formats, packing, sources, media
 
 SYNTHETIC_LENGTH = 1 << 48     # "infinite": index space of a synthetic source
 MAX_UNUSABLE_RUN = 10_000      # consecutive skipped/dropped samples before the pipeline gives up (all-bad data)
@@ -42,20 +42,10 @@ STATE_VERSION = 1
 SPLITS = ("train", "heldout")
 
 
-# Synthetic mixtures per training stage (reference §6.2). The paper gives the data kinds of each stage but
-# no ratios; these weights are ours. Stage 1 trains the ViT on image-text pairs, OCR and classification-like
-# data; stage 2 adds VQA (count), grounding, video and interleaved documents; stage 3 is instruction tuning.
-STAGE_MIXTURES = {
-    1: (("synthetic:caption", 0.6), ("synthetic:ocr", 0.25), ("synthetic:count", 0.15)),
-    2: (("synthetic:caption", 0.25), ("synthetic:ocr", 0.15), ("synthetic:count", 0.15), ("synthetic:grounding", 0.15),
-        ("synthetic:video", 0.1), ("synthetic:interleaved", 0.2)),
-    3: (("synthetic:chat", 1.0),),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    # (source name, weight) pairs; names as in sources.py ("synthetic:caption", "arrayrecord:/data/*.ar")
+    # (source name, weight) pairs; names as in sources.py ("synthetic:caption", "arrayrecord:/data/*.ar");
+    # the training stages' mixtures are experiments.stages.STAGE_MIXTURE
     mixture: tuple[tuple[str, float], ...] = (("synthetic:caption", 1.0),)
     seq_len: int = 2048                   # S tokens per packed row
     max_patches: int = 8192               # P patch rows per packed row (multiple of 4)
@@ -66,8 +56,8 @@ class DataConfig:
     video_min_pixels: int = 16 * 28 * 28
     video_max_pixels: int = 64 * 28 * 28
     video_total_pixels: int = 1024 * 28 * 28
-    video_fps: float = vision.VIDEO_FPS   # frame sampling of video files
-    video_max_frames: int = vision.FPS_MAX_FRAMES
+    video_fps: float = media.VIDEO_FPS   # frame sampling of video files
+    video_max_frames: int = media.FPS_MAX_FRAMES
     # packing
     overflow: str = "truncate"            # packing.OVERFLOW_RULES
     lookahead: int = 32                   # samples buffered ahead of the open row
@@ -97,13 +87,6 @@ class DataConfig:
         formats.VisionOptions(**self._vision_kw())  # validates the pixel limits
         if self.video_fps <= 0:
             raise ValueError(f"video_fps must be > 0; got {self.video_fps}")
-
-    @classmethod
-    def for_stage(cls, stage: int, **kw) -> "DataConfig":
-        """DataConfig with the synthetic mixture of training stage 1, 2 or 3 (STAGE_MIXTURES)."""
-        if stage not in STAGE_MIXTURES:
-            raise ValueError(f"stage {stage!r}; valid: {sorted(STAGE_MIXTURES)}")
-        return cls(mixture=STAGE_MIXTURES[stage], **kw)
 
     def _vision_kw(self) -> dict:
         return dict(min_pixels=self.image_min_pixels, max_pixels=self.image_max_pixels,
@@ -152,7 +135,7 @@ def _log_once(event: str, message: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Decoder:
+class SampleDecoder:
     """map_with_index transform: raw element -> Decoded. Bad input becomes a skip event, never an error."""
     specs: tuple[sources.SourceSpec, ...]
     split: str
@@ -174,7 +157,7 @@ class Decoder:
         source, payload = element
         try:
             sample = self.tokenized(source, payload)
-        except (vision.BadMediaError, sources.BadRecordError) as e:
+        except (media.BadMediaError, sources.BadRecordError) as e:
             event = f"skipped/{e.reason}"
             _log_once(event, f"{self.specs[source].name}: {e}")
             return Decoded(index, source, None, event)
@@ -341,7 +324,7 @@ def build_dataset(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer, *, ba
     tokenizer.check_model_config(model_cfg)
     pack_cfg = data_cfg.pack_config(model_cfg)
     specs = tuple(sources.parse_source(n) for n, _ in data_cfg.mixture)
-    decoder = Decoder(specs, split, data_cfg.seed, tokenizer, model_cfg, pack_cfg, data_cfg.vision_options,
+    decoder = SampleDecoder(specs, split, data_cfg.seed, tokenizer, model_cfg, pack_cfg, data_cfg.vision_options,
                       data_cfg.video_sampling)
     decoded = _mixed_dataset(data_cfg, process_index, process_count, split).map_with_index(decoder)
     it_ds = decoded.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads,
@@ -428,7 +411,7 @@ def balanced_max_patches(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer
     probe = dataclasses.replace(data_cfg, max_patches=1 << 30, overflow="truncate")
     pack_cfg = probe.pack_config(model_cfg)
     specs = tuple(sources.parse_source(n) for n, _ in probe.mixture)
-    decoder = Decoder(specs, split, probe.seed, tokenizer, model_cfg, pack_cfg, probe.vision_options,
+    decoder = SampleDecoder(specs, split, probe.seed, tokenizer, model_cfg, pack_cfg, probe.vision_options,
                       probe.video_sampling)
     mixed = _mixed_dataset(probe, 0, 1, split)
     tokens = patches = largest = 0

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import msgpack
 
-from qwen2vl_jax.data import formats, vision
+from qwen2vl_jax.data import formats, media
 from qwen2vl_jax.data.formats import EOT, IMAGE, VIDEO, Span, VisionItem
 
 RECORD_VERSION = 1
@@ -217,16 +217,16 @@ def decode_record(data: bytes) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class VideoSampling:
-    """How a video file is sampled in time (qwen-vl-utils rules, vision.smart_nframes)."""
-    fps: float = vision.VIDEO_FPS
-    min_frames: int = vision.FPS_MIN_FRAMES
-    max_frames: int = vision.FPS_MAX_FRAMES
+    """How a video file is sampled in time (qwen-vl-utils rules, media.smart_nframes)."""
+    fps: float = media.VIDEO_FPS
+    min_frames: int = media.FPS_MIN_FRAMES
+    max_frames: int = media.FPS_MAX_FRAMES
 
 
 def _video_item(path: str, sampling: VideoSampling) -> VisionItem:
-    frames, video_fps = vision.load_video(path)
-    n = vision.smart_nframes(len(frames), video_fps, sampling.fps, sampling.min_frames, sampling.max_frames)
-    idx = vision.sample_frame_indices(len(frames), n)
+    frames, video_fps = media.load_video(path)
+    n = media.smart_nframes(len(frames), video_fps, sampling.fps, sampling.min_frames, sampling.max_frames)
+    idx = media.sample_frame_indices(len(frames), n)
     return VisionItem(VIDEO, tuple(frames[int(i)] for i in idx), sampling.fps)
 
 
@@ -269,22 +269,22 @@ def record_spans(rec: dict, images: Sequence, video: VisionItem | None) -> tuple
 
 
 def load_image_bytes(data: bytes):
-    """vision.load_image, with an empty file classified as BadMediaError("zero_size")."""
+    """media.load_image, with an empty file classified as BadMediaError("zero_size")."""
     if len(data) == 0:
-        raise vision.BadMediaError("zero_size", "the image file is empty (0 bytes)")
-    return vision.load_image(data)
+        raise media.BadMediaError("zero_size", "the image file is empty (0 bytes)")
+    return media.load_image(data)
 
 
 def record_to_sample(data: bytes, tokenizer, cfg, vision_opts: formats.VisionOptions,
                      sampling: VideoSampling = VideoSampling()) -> dict:
-    """ArrayRecord bytes -> Tokenized sample. Raises BadRecordError (schema) or vision.BadMediaError (media)."""
+    """ArrayRecord bytes -> Tokenized sample. Raises BadRecordError (schema) or media.BadMediaError (media)."""
     rec = decode_record(data)
     images = [load_image_bytes(b) for b in rec["images"]]
     video = _video_item(rec["video"], sampling) if rec.get("video") else None
     try:
         spans, items = record_spans(rec, images, video)
     except ValueError as e:  # e.g. a box outside the image, a vision part in an assistant turn
-        if isinstance(e, (BadRecordError, vision.BadMediaError)):
+        if isinstance(e, (BadRecordError, media.BadMediaError)):
             raise
         raise BadRecordError("bad_record", str(e)) from e
     return formats.assemble(spans, items, tokenizer, cfg, rec["type"], vision_opts)

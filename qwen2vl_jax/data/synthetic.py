@@ -57,8 +57,8 @@ CLIP_FPS = 2.0
 MAX_OBJECTS = 4
 FONT_SIZE = (0.09, 0.12)     # word height range, as a fraction of the scene's short side
 OBJECT_SIZE = (0.30, 0.45)   # object side range, as a fraction of the scene's short side
-# (0.16-0.28 until 2026-11-25: at the CPU image budget of 16 LLM tokens the tiny model learned colours but not
-# shapes; at 0.30-0.45 its caption (colour, shape) pairs reach 0.14 after 300 caption steps instead of 1000.)
+# Objects this large stay several patches wide at the CPU image budget (16 LLM tokens per image), so a tiny
+# model can learn shapes from captions; smaller ones left shapes unlearned (docs/notes/2026-11-learning-diagnosis.md).
 HELDOUT_SEED = 20240918      # the fixed seed of the evaluation set (Qwen2-VL paper date)
 
 _SPLIT_CODE = {"train": 1, "heldout": 2}

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 import tokenizers
 
-from qwen2vl_jax.config import SPECIAL_TOKENS
+from qwen2vl_jax.model.config import SPECIAL_TOKENS
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 EMBEDDED_PATH = os.path.join(ASSETS_DIR, "tokenizer.json")

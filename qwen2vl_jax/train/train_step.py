@@ -30,8 +30,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qwen2vl_jax import attention, optim, sharding
-from qwen2vl_jax.config import ModelConfig
+from qwen2vl_jax.model import attention, model
+from qwen2vl_jax.train import optim, sharding
+from qwen2vl_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +55,6 @@ class TrainState(NamedTuple):
 
 def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-def default_model():
-    from qwen2vl_jax import model
-    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,9 +99,8 @@ def _cast_floats(tree: Any, dtype) -> Any:
 
 
 def loss_terms(cfg: ModelConfig, params: dict, batch: Mapping[str, jax.Array], step_cfg: StepConfig,
-               model=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """(objective sum to differentiate, (nll_sum, z_sum, n_tokens)) for one (micro)batch."""
-    model = model or default_model()
     p = _cast_floats(params, jnp.dtype(cfg.dtype))
     hidden = model.forward_hidden(cfg, p, dict(batch))            # [B, S, D]
     w = model.output_embedding(cfg, p)                             # [D, V]
@@ -129,13 +124,13 @@ def _split_microbatches(batch: Mapping[str, jax.Array], m: int, mesh: Mesh | Non
 
 
 def loss_and_grads(cfg: ModelConfig, params: dict, batch: Mapping[str, jax.Array], step_cfg: StepConfig,
-                   model=None, mesh: Mesh | None = None) -> tuple[dict, dict]:
+                   mesh: Mesh | None = None) -> tuple[dict, dict]:
     """(metrics {loss, z_loss, tokens}, grads of the mean loss w.r.t. the trainable params)."""
     trainable, frozen = optim.split_params(params, step_cfg.trainable)
     frozen = jax.lax.stop_gradient(frozen)
 
     def objective(tr, mb):
-        return loss_terms(cfg, optim.merge_params(tr, frozen), mb, step_cfg, model)
+        return loss_terms(cfg, optim.merge_params(tr, frozen), mb, step_cfg)
 
     grad_fn = jax.grad(objective, has_aux=True)
     m = step_cfg.microbatches
@@ -163,8 +158,7 @@ def loss_and_grads(cfg: ModelConfig, params: dict, batch: Mapping[str, jax.Array
 # ----------------------------------------------------------------------------------------------
 # state
 
-def init_params_and_state(cfg: ModelConfig, step_cfg: StepConfig, rng: jax.Array, model=None) -> TrainState:
-    model = model or default_model()
+def init_params_and_state(cfg: ModelConfig, step_cfg: StepConfig, rng: jax.Array) -> TrainState:
     params = model.init_params(cfg, rng)
     return state_from_params(params, step_cfg)
 
@@ -176,17 +170,15 @@ def state_from_params(params: dict, step_cfg: StepConfig) -> TrainState:
     return TrainState(step=zero, params=params, opt_state=opt_state, skipped_steps=zero, consecutive_skips=zero)
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, model=None, rules=sharding.LOGICAL_RULES) -> dict:
-    model = model or default_model()
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules=sharding.LOGICAL_RULES) -> dict:
     shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
     return sharding.tree_shardings(model.param_logical_axes(cfg), shapes, mesh, rules)
 
 
-def abstract_state(cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh, model=None,
-                   rules=sharding.LOGICAL_RULES) -> tuple[TrainState, TrainState]:
+def abstract_state(cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh, rules=sharding.LOGICAL_RULES) -> tuple[TrainState, TrainState]:
     """(ShapeDtypeStruct state with shardings, state shardings) without allocating anything."""
-    shapes = jax.eval_shape(lambda: init_params_and_state(cfg, step_cfg, jax.random.key(0), model))
-    p_sh = param_shardings(cfg, mesh, model, rules)
+    shapes = jax.eval_shape(lambda: init_params_and_state(cfg, step_cfg, jax.random.key(0)))
+    p_sh = param_shardings(cfg, mesh, rules)
     tr_shapes, _ = optim.split_params(shapes.params, step_cfg.trainable)
     tr_sh, _ = optim.split_params(p_sh, step_cfg.trainable)
     rep = sharding.replicated(mesh)
@@ -197,10 +189,10 @@ def abstract_state(cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh, model=Non
     return abstract, shardings
 
 
-def init_state(cfg: ModelConfig, step_cfg: StepConfig, rng: jax.Array, mesh: Mesh, model=None) -> TrainState:
+def init_state(cfg: ModelConfig, step_cfg: StepConfig, rng: jax.Array, mesh: Mesh) -> TrainState:
     """A freshly initialised state, created directly in its sharded layout."""
-    _, shardings = abstract_state(cfg, step_cfg, mesh, model)
-    return jax.jit(lambda r: init_params_and_state(cfg, step_cfg, r, model), out_shardings=shardings)(rng)
+    _, shardings = abstract_state(cfg, step_cfg, mesh)
+    return jax.jit(lambda r: init_params_and_state(cfg, step_cfg, r), out_shardings=shardings)(rng)
 
 
 def place_params(params: dict, step_cfg: StepConfig, shardings: TrainState) -> TrainState:
@@ -213,7 +205,7 @@ def place_params(params: dict, step_cfg: StepConfig, shardings: TrainState) -> T
 # step
 
 def batch_spec(cfg: ModelConfig, batch_size: int, seq_len: int, max_patches: int) -> dict:
-    """ShapeDtypeStructs of a packed batch (WORKSPACE.md contract)."""
+    """ShapeDtypeStructs of a packed batch (docs/architecture.md contract)."""
     i32, f32 = jnp.int32, jnp.float32
     b, s, p = batch_size, seq_len, max_patches
     return {
@@ -228,7 +220,7 @@ def batch_spec(cfg: ModelConfig, batch_size: int, seq_len: int, max_patches: int
     }
 
 
-def train_step_fn(cfg: ModelConfig, step_cfg: StepConfig, model=None, mesh: Mesh | None = None
+def train_step_fn(cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = None
                   ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The un-jitted step: (state, batch) -> (state, metrics)."""
     optimizer = optim.make_optimizer(step_cfg.optim)
@@ -240,7 +232,7 @@ def train_step_fn(cfg: ModelConfig, step_cfg: StepConfig, model=None, mesh: Mesh
         with contextlib.ExitStack() as stack:
             if mesh is not None:
                 stack.enter_context(attention.mesh_context(mesh))
-            metrics, grads = loss_and_grads(cfg, state.params, batch, step_cfg, model, mesh)
+            metrics, grads = loss_and_grads(cfg, state.params, batch, step_cfg, mesh)
         gnorm = _global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["z_loss"]) & jnp.isfinite(gnorm)
         clip = step_cfg.optim.grad_clip
@@ -270,10 +262,10 @@ def train_step_fn(cfg: ModelConfig, step_cfg: StepConfig, model=None, mesh: Mesh
 
 
 def make_train_step(cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh, state_shardings: TrainState,
-                    batch_shardings: Mapping[str, NamedSharding], model=None):
+                    batch_shardings: Mapping[str, NamedSharding]):
     """jax.jit of the step with explicit in/out shardings; the state argument is donated.
     Usable with concrete arrays or, for AOT, `.lower(abstract_state, abstract_batch)`."""
-    step = train_step_fn(cfg, step_cfg, model, mesh)
+    step = train_step_fn(cfg, step_cfg, mesh)
     rep = NamedSharding(mesh, P())
     metric_sh = {k: rep for k in ("loss", "z_loss", "tokens", "grad_norm", "lr", "finite",
                                   "skipped_steps", "consecutive_skips")}

@@ -1,7 +1,7 @@
-"""Qwen2 decoder (Flax linen) and the transformer building blocks the vision tower shares.
+"""Qwen2 decoder (Flax linen): GQA attention with M-RoPE, SwiGLU MLP, RMSNorm, stacked layers.
 
 Shapes: B batch, S tokens, D hidden, Hq / Hkv query / kv heads, hd head_dim, I SwiGLU width, L layers,
-M KV-cache slots. Parameter names and logical axes follow WORKSPACE.md "Parameters".
+M KV-cache slots. Parameter names and logical axes follow docs/architecture.md "Parameters".
 
 Layer (pre-norm, as transformers Qwen2VLDecoderLayer):
   h = x + o_proj(attn(rope(q_proj(rms(x))), rope(k_proj(rms(x))), v_proj(rms(x))))     q/k/v with bias
@@ -13,132 +13,17 @@ tree (model.py unstacks it into `layers_{i}` before apply), each optionally rema
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import ad_checkpoint
 
-from qwen2vl_jax.attention import attention
-from qwen2vl_jax.config import ModelConfig
-from qwen2vl_jax.rope import apply_rotary, mrope
-
-INIT_STD = 0.02   # transformers `initializer_range`
-
-
-def dtype_of(name: str):
-    return jnp.dtype(name)
-
-
-def constrain(x, axes):
-    """Logical activation sharding constraint; a no-op when no axis rules / mesh are active."""
-    return nn.with_logical_constraint(x, axes)
-
-
-class Linear(nn.Module):
-    """y = einsum(eq, x, kernel) (+ bias). Kernel and bias carry logical axis names."""
-    eq: str
-    kernel_shape: tuple
-    kernel_axes: tuple
-    bias_shape: Optional[tuple] = None
-    bias_axes: Optional[tuple] = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), self.kernel_axes),
-                            self.kernel_shape, self.param_dtype)
-        y = jnp.einsum(self.eq, x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.bias_shape is not None:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
-                              self.bias_shape, self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
-
-
-class RMSNorm(nn.Module):
-    eps: float
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (x.shape[-1],), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(x.dtype) * xf.astype(x.dtype)
-
-
-class LayerNorm(nn.Module):
-    """torch.nn.LayerNorm (biased variance) computed in fp32, output in x.dtype."""
-    eps: float
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        d = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,),
-                           self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (d,),
-                          self.param_dtype)
-        xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(x.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# layer stacking (shared with the vision tower)
-
-# "minimal" saves only tensors tagged with these checkpoint names: rotated k / v (vision: the fused qkv
-# output) and the attention output, so the backward pass recomputes norms, MLPs and q projections.
-CHECKPOINT_NAMES = ("qkv", "attn_out")
-
-
-def remat_policy(name: str) -> Optional[Callable]:
-    """cfg.remat_policy -> jax.checkpoint policy ("none" -> None: stack_layers then skips nn.remat)."""
-    cp = jax.checkpoint_policies
-    return {
-        "none": None,
-        "full": cp.nothing_saveable,
-        "dots": cp.dots_saveable,
-        "dots_with_no_batch_dims": cp.dots_with_no_batch_dims_saveable,
-        "minimal": cp.save_only_these_names(*CHECKPOINT_NAMES),
-    }[name]
-
-
-def checkpoint_name(x, name: str):
-    return ad_checkpoint.checkpoint_name(x, name)
-
-
-def stack_layers(block_cls, cfg: ModelConfig, length: int, name: str, carry, broadcast, scanned=None, **block_kw):
-    """Runs `length` copies of `block_cls(cfg)` over `carry` inside the calling compact module.
-
-    block_cls.__call__(carry, broadcast, scanned_slice) -> (carry, ys). `broadcast` goes to every layer;
-    `scanned` (pytree with leading axis L, or None) is sliced per layer; the ys are stacked on axis 0.
-    block_kw: extra static fields of block_cls.
-    scan_layers=True: nn.scan named `name` (params stacked [L, ...], logical axis "layers").
-    scan_layers=False: a python loop over submodules `{name}_{i}` (model.py unstacks the stacked tree).
-    """
-    block = block_cls
-    if cfg.remat_policy != "none":
-        block = nn.remat(block_cls, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-        scan = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast if scanned is None else 0), length=length,
-                       metadata_params={nn.PARTITION_NAME: "layers"})
-        return scan(cfg, name=name, **block_kw)(carry, broadcast, scanned)
-    ys = []
-    for i in range(length):
-        sl = None if scanned is None else jax.tree_util.tree_map(lambda a: a[i], scanned)
-        carry, y = block(cfg, name=f"{name}_{i}", **block_kw)(carry, broadcast, sl)
-        ys.append(y)
-    stacked = None if ys[0] is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys)
-    return carry, stacked
-
+from qwen2vl_jax.model.attention import attention
+from qwen2vl_jax.model.config import ModelConfig
+from qwen2vl_jax.model.layers import (INIT_STD, Linear, RMSNorm, checkpoint_name, constrain, dtype_of,
+                                      stack_layers)
+from qwen2vl_jax.model.rope import apply_rotary, mrope_cos_sin
 
 # ----------------------------------------------------------------------------------------------
 # decoder
@@ -239,7 +124,7 @@ class Decoder(nn.Module):
         Returns (hidden [B,T,D] after the final norm, (k_new, v_new) [L,B,T,Hkv,hd] if return_kv else None).
         """
         cfg = self.cfg
-        cos, sin = mrope(positions, cfg.head_dim, cfg.mrope_section, cfg.rope_theta, embeds.dtype)
+        cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.mrope_section, cfg.rope_theta, embeds.dtype)
         ctx = {"q_segment_ids": segment_ids, "cos": cos, "sin": sin}
         if cache is not None:
             ctx.update(kv_segment_ids=kv_segment_ids, q_offset=q_offset)

@@ -14,7 +14,7 @@ Backends:
   cudnn  `jax.nn.dot_product_attention(implementation="cudnn")` (bf16/fp16 only). The public API takes no
          segment ids, so: no segments -> plain causal (fastest); `single_segment=True` (each row one
          sample followed by right padding) -> query/key lengths (cheap padding mask); otherwise an explicit
-         boolean mask (about 2x slower than causal-only, see shared/reference/baselines.md).
+         boolean mask (the slowest of the three forms, so it is the last resort).
   splash Pallas TPU splash kernel with SegmentIds (interpret mode runs it on CPU for tests). A Mosaic
          kernel cannot be partitioned by XLA, so when a mesh is active (`jax.set_mesh(mesh)` around the
          jit trace, or `mesh_context(mesh)` inside it; read with `jax.sharding.get_abstract_mesh()`) the kernel runs under `shard_map`: batch
@@ -38,7 +38,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla", "cudnn", "splash", "auto")
+from qwen2vl_jax.model.config import ATTENTION_IMPLS
 
 
 def make_mask(q_segment_ids, kv_segment_ids, *, causal: bool, q_offset=None):
@@ -186,7 +186,7 @@ def _logical_rules() -> dict[str, tuple[str, ...]]:
     except ImportError:  # pragma: no cover
         pass
     if not rules:
-        from qwen2vl_jax.sharding import LOGICAL_RULES
+        from qwen2vl_jax.train.sharding import LOGICAL_RULES
         rules = LOGICAL_RULES
     out: dict[str, tuple[str, ...]] = {}
     for name, axes in rules:
@@ -261,8 +261,8 @@ def splash_supported(T: int, S: int) -> bool:
 def resolve_impl(impl: str, dtype, lengths: tuple[int, int] | None = None) -> str:
     """Concrete backend for `impl` on the default jax backend ("auto" -> cudnn | splash | xla).
     lengths (T, S): with "auto" on TPU, sequences splash cannot tile fall back to xla."""
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl {impl!r}; valid: {', '.join(IMPLS)}")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r}; valid: {', '.join(ATTENTION_IMPLS)}")
     if impl != "auto":
         return impl
     platform = jax.default_backend()

@@ -58,7 +58,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from qwen2vl_jax.config import ModelConfig
+from qwen2vl_jax.model.config import ModelConfig
 
 GiB = 1024 ** 3
 ALL_PARTS = ("vision_tower", "merger", "llm")
@@ -112,7 +112,7 @@ class MemoryEstimate:
 
 def abstract_params(cfg: ModelConfig) -> Any:
     """ShapeDtypeStruct tree of `model.init_params(cfg, rng)` (nothing allocated)."""
-    from qwen2vl_jax import model
+    from qwen2vl_jax.model import model
     return jax.eval_shape(lambda k: model.init_params(cfg, k), jax.ShapeDtypeStruct((2,), np.uint32))
 
 
@@ -136,12 +136,13 @@ def tree_bytes(tree: Any, shardings: Any = None) -> int:
 def param_shardings(cfg: ModelConfig, abstract: Any, mesh: jax.sharding.Mesh | None) -> Any:
     if mesh is None:
         return None
-    from qwen2vl_jax import model, sharding
+    from qwen2vl_jax.model import model
+    from qwen2vl_jax.train import sharding
     return sharding.tree_shardings(model.param_logical_axes(cfg), abstract, mesh)
 
 
 def _trainable(tree: Any, parts: Sequence[str]) -> Any:
-    from qwen2vl_jax.optim import split_params
+    from qwen2vl_jax.train.optim import split_params
     return split_params(tree, parts)[0]
 
 
@@ -209,7 +210,7 @@ def _mesh_shards(cfg: ModelConfig, mesh: jax.sharding.Mesh | None, step: StepSha
     """How the batch rows, heads/MLP and sequence are split, from the logical rules."""
     if mesh is None:
         return dict(batch_shards=1, tensor_shards=1, sequence_shards=1)
-    from qwen2vl_jax import sharding
+    from qwen2vl_jax.train import sharding
 
     def factor(logical: str, dim: int) -> int:
         spec = sharding.logical_to_spec((logical,), (dim,), mesh)[0]

@@ -1,6 +1,6 @@
 """Model configuration: frozen dataclasses for the Qwen2-VL vision tower and decoder.
 
-Architecture fields mirror the released `config.json` files (see WORKSPACE.md, "Model configs");
+Architecture fields mirror the released `config.json` files (see docs/architecture.md, "Model configs");
 execution fields (dtype, attention backend, remat, scan) are ours and never written to HF configs.
 """
 from __future__ import annotations
@@ -153,7 +153,7 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Presets. Values from the released config.json files (../shared/reference/qwen2vl.md §1).
+# Presets. Values from the released config.json files of Qwen/Qwen2-VL-{2B,7B,72B}.
 
 def _vision(out: int, **kw) -> VisionConfig:
     return VisionConfig(out_hidden_size=out, **kw)

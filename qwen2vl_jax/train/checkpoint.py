@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from qwen2vl_jax.train import TrainState
+from qwen2vl_jax.train.train_step import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +127,7 @@ def load_params(path: str, abstract_params: Any) -> dict:
             return out["params"]
         finally:
             mgr.close()
-    from qwen2vl_jax import hf
+    from qwen2vl_jax.model import hf
     shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
     _, params = hf.load_jax_checkpoint(path, shardings=shardings)
     want = jax.tree.map(lambda x: tuple(x.shape), abstract_params)

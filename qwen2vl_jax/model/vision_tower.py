@@ -14,10 +14,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from qwen2vl_jax.attention import attention
-from qwen2vl_jax.config import ModelConfig
-from qwen2vl_jax.decoder import LayerNorm, Linear, checkpoint_name, constrain, dtype_of, stack_layers
-from qwen2vl_jax.rope import apply_rotary, vision_rope
+from qwen2vl_jax.model.attention import attention
+from qwen2vl_jax.model.config import ModelConfig
+from qwen2vl_jax.model.layers import LayerNorm, Linear, checkpoint_name, constrain, dtype_of, stack_layers
+from qwen2vl_jax.model.rope import apply_rotary, vision_rope
 
 
 def quick_gelu(x):

@@ -5,7 +5,7 @@ with params / optimizer state sharded, ZeRO-3), ``tensor`` (Megatron-style: head
 ``sequence`` (activations split along the sequence). The mesh spans every device of every process;
 changing the parallelism is a change of ``MeshConfig`` only.
 
-Every array names its dimensions with *logical* axes (the param tree in WORKSPACE.md, and
+Every array names its dimensions with *logical* axes (the param tree in docs/architecture.md, and
 ``BATCH_AXES`` for the packed batch). ``LOGICAL_RULES`` maps each logical axis to mesh axes; a mesh axis
 that does not divide the dimension, or that an earlier dimension of the same array already uses, is
 dropped (that dimension is replicated over it) so every rule set is valid for every model size.
@@ -51,7 +51,7 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("act_mlp", ("tensor",)),
 )
 
-# logical axes of each packed-batch array (WORKSPACE.md "Packed training batch")
+# logical axes of each packed-batch array (docs/architecture.md "Packed training batch")
 BATCH_AXES: dict[str, tuple[str | None, ...]] = {
     "input_ids": ("batch", "length"),
     "targets": ("batch", "length"),

@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from qwen2vl_jax.config import ModelConfig
+from qwen2vl_jax.model.config import ModelConfig
 
 # dense bf16 peak per chip, FLOP/s
 PEAK_FLOPS = {
@@ -116,7 +116,7 @@ def batch_flops(cfg: ModelConfig, batch: Mapping[str, np.ndarray],
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts per part from the contract's shapes (WORKSPACE.md param tree)."""
+    """Parameter counts per part from the contract's shapes (docs/architecture.md param tree)."""
     D, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     v = cfg.vision

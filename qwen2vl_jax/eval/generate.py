@@ -1,18 +1,18 @@
 """Autoregressive generation with the model's KV cache and M-RoPE position deltas.
 
-Prompts are Tokenized samples (WORKSPACE.md contract: `input_ids` with vision pads already expanded,
+Prompts are Tokenized samples (docs/architecture.md contract: `input_ids` with vision pads already expanded,
 `pixel_values`, `grid_thw`, `vision_kind`; `loss_mask` ignored), so an image, several images or a video
 per prompt all work. `prepare_prompts` left-pads a batch (B rows, L = longest prompt rounded up to
 `pad_multiple`), concatenates the vision inputs in batch order (as the HF processor does) and computes
 the prefill M-RoPE ids with `mrope.get_rope_index`: positions [3, B, L] and rope_deltas [B, 1].
 
-Decoding (qwen2vl.md §3.5): after the prefill of L slots, step k (k = 0..max_new_tokens-2) feeds the
+Decoding (as transformers' rope_deltas): after the prefill of L slots, step k (k = 0..max_new_tokens-2) feeds the
 token generated last at cache slot L + k with M-RoPE position (L + k) + rope_delta[b] on all 3 rows,
 i.e. max(prefill position) + 1 + k for every row whatever its padding.
 
 `generate` runs the model's prefill (host-side input prep + one jitted call, compiled per prompt shapes),
 then one jitted decode loop per (batch, cache length, max_new_tokens, sampling): a `lax.fori_loop` over
-max_new_tokens - 1 `model.decode_step`s with static shapes. A row stops at its first eos
+max_new_tokens - 1 `kv_cache.decode_step`s with static shapes. A row stops at its first eos
 (any of `eos_ids`): later tokens are `pad_id` and `lengths[b]` counts the tokens up to and including eos.
 
 Sampling (`SamplingConfig`, HF warper order): temperature, then top-k, then top-p (keep the smallest
@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2vl_jax import mrope
-from qwen2vl_jax.config import ModelConfig
+from qwen2vl_jax.model import kv_cache, mrope
+from qwen2vl_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +169,9 @@ def _eos_hit(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return jnp.any(tokens[:, None] == jnp.asarray(eos_ids, jnp.int32)[None, :], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_ids", "pad_id", "model"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_ids", "pad_id"))
 def _decode_loop(cfg: ModelConfig, params: dict, cache: dict, logits: jax.Array, rng: jax.Array, *,
-                 max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int, model: Any):
+                 max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int):
     """From the prefill's last logits [B, V] and cache: tokens [B, max_new_tokens], lengths [B]."""
     B = logits.shape[0]
     rngs = jax.random.split(rng, max_new_tokens)
@@ -182,8 +182,8 @@ def _decode_loop(cfg: ModelConfig, params: dict, cache: dict, logits: jax.Array,
     def body(k, carry):
         out, done, cache = carry
         token = jax.lax.dynamic_slice_in_dim(out, k, 1, axis=1)                 # [B, 1] generated at step k
-        pos = model.decode_positions(cache)                                     # [B, 3, 1] slot + rope_delta
-        logits, cache = model.decode_step(cfg, params, cache, token, pos)
+        pos = kv_cache.decode_positions(cache)                                  # [B, 3, 1] slot + rope_delta
+        logits, cache = kv_cache.decode_step(cfg, params, cache, token, pos)
         nxt = jnp.where(done, pad_id, sample_logits(logits, rngs[k + 1], sampling))
         out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], k + 1, axis=1)
         return out, done | _eos_hit(nxt, eos_ids), cache
@@ -213,24 +213,21 @@ def default_eos_ids(cfg: ModelConfig) -> tuple[int, ...]:
 
 def generate(cfg: ModelConfig, params: dict, prompts: PromptBatch | Sequence[dict], *, max_new_tokens: int,
              sampling: SamplingConfig = GREEDY, rng: jax.Array | None = None,
-             eos_ids: Sequence[int] | None = None, model: Any = None) -> Generation:
+             eos_ids: Sequence[int] | None = None) -> Generation:
     """Generates up to `max_new_tokens` tokens for every prompt (a PromptBatch or Tokenized samples)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-    if model is None:
-        from qwen2vl_jax import model as model_lib
-        model = model_lib
     pb = prompts if isinstance(prompts, PromptBatch) else prepare_prompts(cfg, prompts)
     if pb.length + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt length {pb.length} + max_new_tokens {max_new_tokens} exceeds "
                          f"max_position_embeddings {cfg.max_position_embeddings}")
     rng = jax.random.PRNGKey(0) if rng is None else rng
     eos = tuple(int(e) for e in (default_eos_ids(cfg) if eos_ids is None else eos_ids))
-    cache = model.init_cache(cfg, pb.batch_size, pb.length + max_new_tokens)
-    logits, cache = model.prefill(cfg, params, cache, pb.input_ids, pb.attention_mask,
-                                  pixel_values=pb.pixel_values, image_grid_thw=pb.image_grid_thw,
-                                  pixel_values_videos=pb.pixel_values_videos, video_grid_thw=pb.video_grid_thw,
-                                  position_ids=pb.positions)                   # [B, V], cache
+    cache = kv_cache.init_cache(cfg, pb.batch_size, pb.length + max_new_tokens)
+    logits, cache = kv_cache.prefill(cfg, params, cache, pb.input_ids, pb.attention_mask,
+                                     pixel_values=pb.pixel_values, image_grid_thw=pb.image_grid_thw,
+                                     pixel_values_videos=pb.pixel_values_videos, video_grid_thw=pb.video_grid_thw,
+                                     position_ids=pb.positions)                # [B, V], cache
     tokens, lengths = _decode_loop(cfg, params, cache, logits, rng, max_new_tokens=max_new_tokens,
-                                   sampling=sampling, eos_ids=eos, pad_id=int(cfg.pad_token_id), model=model)
+                                   sampling=sampling, eos_ids=eos, pad_id=int(cfg.pad_token_id))
     return Generation(tokens=np.asarray(tokens), lengths=np.asarray(lengths))

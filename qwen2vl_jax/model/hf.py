@@ -1,6 +1,6 @@
 """Hugging Face <-> qwen2vl_jax weight conversion.
 
-The parameter tree is the contract in WORKSPACE.md ("Parameters"). Every HF tensor maps to exactly one
+The parameter tree is the contract in docs/architecture.md ("Parameters"). Every HF tensor maps to exactly one
 leaf (per layer for the stacked blocks) through one `_Spec` row of `_specs(cfg)`:
 
   HF name (on disk)                                  HF shape           ours                             our shape
@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from qwen2vl_jax.config import ModelConfig, VisionConfig, from_hf_config, to_hf_config
+from qwen2vl_jax.model.config import ModelConfig, VisionConfig, from_hf_config, to_hf_config
 
 Progress = Callable[[str], None] | None
 

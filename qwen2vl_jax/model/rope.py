@@ -4,18 +4,18 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from qwen2vl_jax.model.grid import check_grid
+
 
 def vision_position_ids(grid_thw, spatial_merge_size: int = 2) -> np.ndarray:
     """[sum(t*h*w), 2] (h, w) 2-D RoPE ids for patch rows in the processor's 2x2 merge-window order.
 
     Same ids for every temporal slice (the ViT has no temporal RoPE). numpy, host side.
     """
-    g = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
     m = spatial_merge_size
+    g = check_grid(grid_thw, "grid_thw", m)
     out = []
     for t, h, w in g:
-        if h % m or w % m:
-            raise ValueError(f"grid (t={t}, h={h}, w={w}) not divisible by spatial_merge_size {m}")
         hp = np.broadcast_to(np.arange(h)[:, None], (h, w))
         wp = np.broadcast_to(np.arange(w)[None, :], (h, w))
         hp = hp.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
@@ -45,7 +45,8 @@ def vision_rope(patch_positions, head_dim: int, theta: float = 10000.0):
     """2-D vision RoPE: patch_positions [..., 2] (h, w) int -> (cos, sin) [..., head_dim] float32.
 
     d = head_dim / 2 rotary dims per axis pair; inv_freq = 1 / theta^(arange(0, d, 2) / d) (d/2 frequencies);
-    angles = [h * inv_freq | w * inv_freq] (d values), duplicated to head_dim. Always fp32 (reference §8.5).
+    angles = [h * inv_freq | w * inv_freq] (d values), duplicated to head_dim. Always fp32: in bf16,
+    positions above 256 round and the phases drift in proportion to the position.
     """
     d = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
@@ -55,7 +56,7 @@ def vision_rope(patch_positions, head_dim: int, theta: float = 10000.0):
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def mrope(positions, head_dim: int, mrope_section, theta: float, dtype):
+def mrope_cos_sin(positions, head_dim: int, mrope_section, theta: float, dtype):
     """M-RoPE: positions [B, 3, S] (t, h, w) int -> (cos, sin) [B, S, head_dim] in `dtype`.
 
     Angles in fp32 (positions * inv_freq, inv_freq = 1/theta^(arange(0, hd, 2)/hd)); frequency j takes its

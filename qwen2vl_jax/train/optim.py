@@ -1,16 +1,16 @@
 """AdamW, learning-rate schedule and the per-stage split into trainable and frozen parameters.
 
-Trainable parts (named groups of the param tree, WORKSPACE.md):
+Trainable parts (named groups of the param tree, docs/architecture.md):
   ``vision_tower`` = visual.patch_embed + visual.blocks, ``merger`` = visual.merger,
   ``llm`` = decoder + lm_head.
-Paper stages (reference §6.2): stage 1 trains the ViT (tower + merger), LLM frozen; stage 2 trains
+Paper stages (docs/qwen2vl.md §6.2): stage 1 trains the ViT (tower + merger), LLM frozen; stage 2 trains
 everything; stage 3 freezes the ViT tower and trains merger + LLM.
 
 Frozen parameters get no optimizer state and no gradient: the params are split into two disjoint
 nested dicts (`split_params`); the optimizer is initialised on the trainable dict only and the loss
 is differentiated w.r.t. it only (the frozen dict enters under `stop_gradient`).
 
-Schedule: the paper gives none (reference §6.3). We use linear warmup from 0 to `peak_lr` over
+Schedule: the paper gives none (docs/qwen2vl.md §6.3). We use linear warmup from 0 to `peak_lr` over
 `warmup_steps`, then cosine decay to `min_lr_ratio * peak_lr` at `total_steps` (the Qwen2 / Llama
 practice). AdamW with b1=0.9, b2=0.95, eps=1e-8; weight decay only on matrices (`kernel`,
 `embedding` leaves), never on norms and biases. Gradient clipping is done by the train step (it also

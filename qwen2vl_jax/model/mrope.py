@@ -9,18 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwen2vl_jax.config import ModelConfig
-
-
-def _as_grid(grid, name: str) -> np.ndarray:
-    if grid is None:
-        return np.zeros((0, 3), np.int64)
-    g = np.asarray(grid, dtype=np.int64)
-    if g.ndim != 2 or g.shape[1] != 3:
-        raise ValueError(f"{name} must have shape [num, 3] (t, h, w); got {g.shape}")
-    if (g <= 0).any():
-        raise ValueError(f"{name} has non-positive entries: {g.tolist()}")
-    return g
+from qwen2vl_jax.model.config import ModelConfig
+from qwen2vl_jax.model.grid import check_grid
 
 
 def vision_block_positions(t: int, h: int, w: int) -> np.ndarray:
@@ -39,9 +29,9 @@ def sample_positions(ids: np.ndarray, cfg: ModelConfig, image_grid_thw=None, vid
     `image_start` / `video_start`, as transformers does across a batch.
     """
     ids = np.asarray(ids)
-    img = _as_grid(image_grid_thw, "image_grid_thw")
-    vid = _as_grid(video_grid_thw, "video_grid_thw")
     m = cfg.vision.spatial_merge_size
+    img = check_grid(image_grid_thw, "image_grid_thw", m)
+    vid = check_grid(video_grid_thw, "video_grid_thw", m)
     starts = np.flatnonzero(ids == cfg.vision_start_token_id)
     starts = starts[starts + 1 < len(ids)]
     following = ids[starts + 1]
@@ -74,8 +64,6 @@ def sample_positions(ids: np.ndarray, cfg: ModelConfig, image_grid_thw=None, vid
             vi += 1
             rem_v -= 1
             ed = ed_v
-        if h % m or w % m:
-            raise ValueError(f"grid (t={t}, h={h}, w={w}) not divisible by spatial_merge_size {m}")
         lt, lh, lw = int(t), int(h) // m, int(w) // m
         text_len = ed - st
         s0 = next_start()

@@ -1,0 +1,1 @@
+"""Evaluation: held-out loss and task accuracy, generation, scaling-law fits."""
