@@ -14,25 +14,21 @@ to <= 1e-5 (in practice bit-exact), with the same defaults:
 
 Speed: PIL images are resized as PIL images (no numpy round trip); the patchify moves whole 14-pixel runs
 (42 bytes) of uint8 instead of single floats, the table lookup replaces the float64 rescale and two float32
-passes, and an image's second frame is a broadcast copy. Everything but the resize costs ~1/7 of the
-reference; PIL's bicubic (which must stay for bit-exact pixels) is then ~75% of our time, so the overall gain
-per core is ~2.5-2.6x on the benchmark mix, under a 3.3-3.5x ceiling that the resize alone sets
-(benchmarks/data_pipeline.py prints both). Measured and rejected (2026-11-25, Pillow 12.0, numpy 2.4): resizing
-3 'L' planes (identical pixels, but +20% resize time: Pillow's per-pixel loop overhead is paid per band), numpy
-re-implementations of Pillow's fixed-point passes (tap loops or per-row BLAS, exact in float64: ~2x slower than
-Pillow's C), planar uint8 layouts (tobytes "RGB;L" or a byte transpose) feeding a 2-pixel [65536] table (the
-de-interleave costs what the halved lookups save), lookups into float32 HWC followed by a float move, and
-Pillow's block cache (no page faults to save once glibc's mmap threshold has adapted).
+passes, and an image's second frame is a broadcast copy. PIL's bicubic must stay for bit-exact pixels, so it
+is most of our time and bounds the gain over the reference (benchmarks/data_pipeline.py prints both the gain
+and that bound). Tried and slower: resizing 3 'L' planes (Pillow pays its per-pixel loop overhead per band),
+numpy re-implementations of Pillow's fixed-point passes (slower than Pillow's C), planar uint8 layouts feeding
+a 2-pixel [65536] table (the de-interleave costs what the halved lookups save), lookups into float32 HWC
+followed by a float move, and Pillow's block cache (no page faults left to save).
 
-Videos follow qwen-vl-utils 0.0.8 (frame count from fps, uniform sampling, a per-frame pixel budget from a
-total budget) and are then patchified like the HF processor with the last frame repeated to an even count.
-One deliberate difference: frames are resized with PIL bicubic on uint8 (as HF's slow processor resizes
-images), while qwen-vl-utils resizes decoded videos with torchvision ``resize(BICUBIC, antialias=True)``,
-which for uint8 runs a float32 antialiased bicubic (same a=-0.5 kernel and support scaling as PIL) and rounds
-once at the end. PIL rounds and clips to uint8 after its horizontal pass, so pixels differ where the bicubic
-overshoots: measured 2026-11-24 (torch 2.13 interpolate, the op torchvision calls) on smooth frames 0.1-0.6% of
-values differ (mean |diff| 0.003-0.02 levels), on pure noise ~23% (mean 0.27, max 22 levels at sharp edges).
-Frame sampling and grids are identical.
+Videos follow qwen-vl-utils 0.0.8 ``fetch_video`` (frame count from fps, uniform sampling, a per-frame pixel
+budget from a total budget) and are then patchified like the HF processor with the last frame repeated to an
+even count. One deliberate difference: frames are resized with PIL bicubic on uint8 (as HF's slow processor
+resizes images), while qwen-vl-utils resizes decoded videos with torchvision ``resize(BICUBIC,
+antialias=True)``, which for uint8 runs a float32 antialiased bicubic (the same a=-0.5 kernel and support
+scaling as PIL) and rounds once at the end. PIL rounds to uint8 after its horizontal pass (clipping any
+overshoot), so a fraction of values differ, mostly by 1 level, and by more where the bicubic overshoots at
+sharp edges and on noise. Frame sampling and grids are identical.
 
 Bad media raise :class:`BadMediaError` (a ValueError) with a ``reason`` so a pipeline can skip and count.
 """
@@ -251,8 +247,8 @@ def patchify_normalized(
     moved = np.ascontiguousarray(rows.transpose(0, 2, 5, 3, 6, 1, 4))  # (gt, bh, bw, mh, mw, ft, ph) of p*3 bytes
     moved = moved.view(np.uint8).reshape(n, ft * p * p, c)  # [N, (frame, ph, pw), C] uint8
     # 2) Table lookup per channel into contiguous float32 planes (exact rescale+normalize, see module doc).
-    #    uint8 indices never leave [0, 256), so every mode gives the same values; "wrap" made this function ~10%
-    #    faster than "clip" (2026-11-25, numpy 2.4); "raise" is slower still (it buffers the output).
+    #    uint8 indices never leave [0, 256), so every mode gives the same values; "wrap" is the fastest
+    #    ("clip" checks bounds, "raise" buffers the output).
     normed = np.empty((c, n, ft * p * p), dtype=np.float32)
     for ch in range(c):
         np.take(table[ch], moved[:, :, ch], out=normed[ch], mode="wrap")
