@@ -40,17 +40,19 @@ def panning_frames(name="astronaut", frames=16, height=96, width=128, step=6):
 def write_panning_video(path, name="astronaut", frames=16, fps=8, height=96, width=128, codec="h264"):
     """An mp4 (h264 or mpeg4, yuv420p, as phones and web videos are) panning over a photograph; str(path).
     Lossy: decoded frames are close to, not equal to, panning_frames(...)."""
-    return _write(path, panning_frames(name, frames, height, width), fps, codec, "yuv420p")
+    return write_frames(path, panning_frames(name, frames, height, width), fps, codec, "yuv420p")
 
 
 def write_video(path, frames=8, fps=4):
     """An mpeg4 clip of `frames` 64x56 flat-colour frames (frame i has value 20*i); returns str(path)."""
-    return _write(path, np.stack([np.full((56, 64, 3), 20 * i, np.uint8) for i in range(frames)]), fps,
-                  "mpeg4", "yuv420p")
+    return write_frames(path, np.stack([np.full((56, 64, 3), 20 * i, np.uint8) for i in range(frames)]), fps,
+                        "mpeg4", "yuv420p")
 
 
-def _write(path, frames, fps, codec, pix_fmt):
-    import av
+def write_frames(path, frames, fps, codec="png", pix_fmt="rgb24"):
+    """uint8 [T, H, W, 3] frames as a video file; the default png codec in rgb24 is lossless (decoded frames
+    equal the input; use an .avi or .mkv path). Returns str(path)."""
+    av = pytest.importorskip("av")
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt

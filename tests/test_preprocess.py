@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from media import PHOTOS, photo_bytes, write_panning_video
+from media import PHOTOS, photo_bytes, write_frames, write_panning_video
 from qwen2vl_jax.data import media as V
 
 transformers = pytest.importorskip("transformers")
@@ -316,23 +316,10 @@ def test_video_frames_of_different_sizes_raise():
         V.preprocess_video([np.zeros((28, 28, 3), np.uint8), np.zeros((56, 28, 3), np.uint8)])
 
 
-def _write_video(path, frames, fps):
-    av = pytest.importorskip("av")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("png", rate=fps)  # lossless rgb24 so decoded frames equal the input
-        stream.pix_fmt = "rgb24"
-        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def test_video_file_decode_and_sampling(tmp_path):
     frames = _video_frames(30, 48, 64, seed=3)
     path = tmp_path / "clip.avi"
-    _write_video(path, frames, fps=10)
+    write_frames(path, np.stack(frames), fps=10)
     decoded, fps = V.load_video(path)
     assert fps == 10.0 and decoded.shape == (30, 48, 64, 3)
     np.testing.assert_array_equal(decoded, np.stack(frames))
