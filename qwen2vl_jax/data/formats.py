@@ -322,9 +322,11 @@ def preprocess_item(item: VisionItem, opts: VisionOptions) -> tuple[np.ndarray, 
     """-> (pixel_values float32 [t*h*w, 1176], grid_thw [1, 3])."""
     if item.kind == IMAGE:
         return media.preprocess_images([item.media], min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
-    # Synthetic clips are already sampled at item.fps: keep every frame (video_fps=None).
-    return media.preprocess_video(list(item.media), video_fps=None, min_pixels=opts.video_min_pixels,
-                                   max_pixels=opts.video_max_pixels, total_pixels=opts.video_total_pixels)
+    # Clips arrive sampled (synthetic ones at item.fps, files by sources.VideoSampling): every frame kept, one
+    # per-frame budget from the total with video_max_pixels as its ceiling.
+    cap = media.frame_max_pixels(len(item.media), opts.video_min_pixels, opts.video_max_pixels,
+                                 opts.video_total_pixels)
+    return media.preprocess_video_frames(list(item.media), opts.video_min_pixels, cap)
 
 
 def assemble(spans: Sequence[Span], items: Sequence[VisionItem], tokenizer, cfg, sample_type: str,

@@ -22,13 +22,14 @@ a 2-pixel [65536] table (the de-interleave costs what the halved lookups save), 
 followed by a float move, and Pillow's block cache (no page faults left to save).
 
 Videos follow qwen-vl-utils 0.0.8 ``fetch_video`` (frame count from fps, uniform sampling, a per-frame pixel
-budget from a total budget) and are then patchified like the HF processor with the last frame repeated to an
-even count. One deliberate difference: frames are resized with PIL bicubic on uint8 (as HF's slow processor
-resizes images), while qwen-vl-utils resizes decoded videos with torchvision ``resize(BICUBIC,
-antialias=True)``, which for uint8 runs a float32 antialiased bicubic (the same a=-0.5 kernel and support
-scaling as PIL) and rounds once at the end. PIL rounds to uint8 after its horizontal pass (clipping any
-overshoot), so a fraction of values differ, mostly by 1 level, and by more where the bicubic overshoots at
-sharp edges and on noise. Frame sampling and grids are identical.
+budget from a total budget unless max_pixels is given; a list of frame images gets the image limits) and are
+then patchified like the HF processor with the last frame repeated to an even count. One deliberate
+difference: frames of a decoded video are resized with PIL bicubic on uint8 (as HF's slow processor resizes
+images), while qwen-vl-utils resizes them with torchvision ``resize(BICUBIC, antialias=True)``, which for uint8
+runs a float32 antialiased bicubic (the same a=-0.5 kernel and support scaling as PIL) and rounds once at the
+end. PIL rounds to uint8 after its horizontal pass (clipping any overshoot), so a fraction of values differ,
+mostly by 1 level, and by more where the bicubic overshoots at sharp edges and on noise. Frame sampling and
+grids are identical, and frames given as a list of images are resized with PIL there too (bit-exact).
 
 Bad media raise :class:`BadMediaError` (a ValueError) with a ``reason`` so a pipeline can skip and count.
 """
@@ -67,6 +68,10 @@ VIDEO_FPS = 2.0
 FRAME_FACTOR = 2
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
+# qwen-vl-utils' image limits (its MIN_PIXELS / MAX_PIXELS, also the released checkpoints' preprocessor_config
+# values): a video given as a list of frame images gets these, not the video limits above.
+FRAME_LIST_MIN_PIXELS = 4 * 28 * 28
+FRAME_LIST_MAX_PIXELS = 16384 * 28 * 28
 
 # Decoded-size caps against decompression bombs. Images: PIL's own warning threshold (Image.MAX_IMAGE_PIXELS
 # default). Videos: total decoded pixels over all frames (~2.4 GB of RGB uint8).
@@ -419,22 +424,27 @@ def smart_nframes(
     video_fps: float,
     fps: float = VIDEO_FPS,
     min_frames: int = FPS_MIN_FRAMES,
-    max_frames: int = FPS_MAX_FRAMES,
+    max_frames: int | None = None,
 ) -> int:
-    """Frames to sample: total/video_fps*fps clamped to [ceil2(min_frames), floor2(min(max_frames, total))],
-    rounded (banker's) to a multiple of 2 -- qwen-vl-utils 0.0.8 ``smart_nframes``. BadMediaError
-    "too_few_frames" when the result is outside [2, total_frames]."""
+    """Frames to sample: total/video_fps*fps clamped to [ceil2(min_frames), floor2(max_frames)], rounded
+    (banker's) to a multiple of 2 -- qwen-vl-utils 0.0.8 ``smart_nframes``. ``max_frames=None`` means
+    min(FPS_MAX_FRAMES, total_frames); an explicit max_frames is not capped at the frame count, so a request
+    for more frames than the video has fails, as there. BadMediaError "too_few_frames" when the result is
+    outside [2, total_frames]."""
     if video_fps <= 0 or fps <= 0:
         raise ValueError(f"video_fps and fps must be > 0, got video_fps={video_fps}, fps={fps}")
+    if max_frames is None:
+        max_frames = min(FPS_MAX_FRAMES, total_frames)
     lo = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
-    hi = math.floor(min(max_frames, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
+    hi = math.floor(max_frames / FRAME_FACTOR) * FRAME_FACTOR
     nframes = total_frames / video_fps * fps
     nframes = min(max(nframes, lo), hi)
     nframes = round(nframes / FRAME_FACTOR) * FRAME_FACTOR
     if not FRAME_FACTOR <= nframes <= total_frames:
         raise BadMediaError(
             "too_few_frames", f"nframes should be in [{FRAME_FACTOR}, {total_frames}], got {nframes} "
-            f"(total_frames={total_frames}, video_fps={video_fps}, fps={fps})"
+            f"(total_frames={total_frames}, video_fps={video_fps}, fps={fps}, min_frames={min_frames}, "
+            f"max_frames={max_frames})"
         )
     return nframes
 
@@ -458,64 +468,111 @@ def sample_frame_indices(total_frames: int, nframes: int) -> np.ndarray:
     return np.rint(values).astype(np.int64)
 
 
+def sample_frames(
+    frames: Union[np.ndarray, Sequence[ImageLike]],
+    video_fps: float,
+    fps: float = VIDEO_FPS,
+    min_frames: int = FPS_MIN_FRAMES,
+    max_frames: int | None = None,
+) -> list:
+    """The frames qwen-vl-utils keeps of a decoded video: :func:`smart_nframes` of them, at
+    :func:`sample_frame_indices`."""
+    nframes = smart_nframes(len(frames), video_fps, fps, min_frames, max_frames)
+    return [frames[int(i)] for i in sample_frame_indices(len(frames), nframes)]
+
+
 def frame_max_pixels(
     nframes: int,
     min_pixels: int = VIDEO_MIN_PIXELS,
-    max_pixels: int = VIDEO_MAX_PIXELS,
+    ceiling: int = VIDEO_MAX_PIXELS,
     total_pixels: int = VIDEO_TOTAL_PIXELS,
 ) -> float:
-    """Per-frame pixel cap: max(min(max_pixels, total_pixels / nframes * 2), int(min_pixels * 1.05))."""
-    return max(min(max_pixels, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
+    """Per-frame pixel cap of a sampled video: max(min(ceiling, total_pixels / nframes * 2),
+    int(min_pixels * 1.05)). qwen-vl-utils fixes the ceiling at VIDEO_MAX_PIXELS; the data pipeline sets its
+    own. (An explicit max_pixels option replaces this whole cap; see preprocess_video.)"""
+    return max(min(ceiling, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
 
 
-def preprocess_video(
-    video: Union[str, os.PathLike, np.ndarray, Sequence[ImageLike]],
-    video_fps: float | None = None,
-    fps: float = VIDEO_FPS,
-    min_pixels: int = VIDEO_MIN_PIXELS,
-    max_pixels: int = VIDEO_MAX_PIXELS,
-    total_pixels: int = VIDEO_TOTAL_PIXELS,
-    min_frames: int = FPS_MIN_FRAMES,
-    max_frames: int = FPS_MAX_FRAMES,
+def _check_frames(frames) -> None:
+    if isinstance(frames, np.ndarray) and (frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != np.uint8):
+        raise ValueError(f"video arrays must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    if len(frames) == 0:
+        raise BadMediaError("too_few_frames", "the video has no frames")
+
+
+def preprocess_video_frames(
+    frames: Union[np.ndarray, Sequence[ImageLike]],
+    min_pixels: float,
+    max_pixels: float,
     image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
     image_std: Sequence[float] = OPENAI_CLIP_STD,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A video -> (pixel_values float32 [gt*gh*gw, 1176], grid_thw int64 [1, 3]).
-
-    ``video``: a path (decoded with :func:`load_video`, its fps used), a uint8 [T, H, W, 3] array or a list of
-    frame images. With a path or with ``video_fps`` given, ``smart_nframes`` frames are sampled uniformly
-    (qwen-vl-utils 0.0.8). With frames and ``video_fps=None`` every frame is kept (qwen-vl-utils' list-of-images
-    videos). All frames get one size: smart_resize (qwen-vl-utils variant) of the first frame's size under a
-    per-frame cap :func:`frame_max_pixels` derived from ``total_pixels``. An odd frame count is padded by
-    repeating the last frame (transformers 4.57.6)."""
-    if isinstance(video, (str, os.PathLike, bytes)):
-        frames, video_fps = load_video(video)
-    elif isinstance(video, np.ndarray):
-        if video.ndim != 4 or video.shape[3] != 3 or video.dtype != np.uint8:
-            raise ValueError(f"video arrays must be uint8 [T, H, W, 3], got {video.dtype} {video.shape}")
-        frames = video
-    else:
-        frames = [to_rgb_uint8(frame) for frame in video]
-        if not frames:
-            raise BadMediaError("too_few_frames", "the frame list is empty")
+    """Frames already sampled (uint8 [T, H, W, 3] or a list of images of one size) -> (pixel_values float32
+    [gt*gh*gw, 1176], grid_thw int64 [1, 3]). Every frame is resized to smart_resize (qwen-vl-utils variant)
+    of its size within [min_pixels, max_pixels]; an odd count repeats the last frame (transformers 4.57.6)."""
+    _check_frames(frames)
+    if not isinstance(frames, np.ndarray):
+        frames = [to_rgb_uint8(frame) for frame in frames]
         sizes = {f.shape[:2] for f in frames}
-        if len(sizes) != 1:
+        if len(sizes) > 1:
             raise ValueError(f"all frames of a video must have one size, got {sorted(sizes)}")
-    total = len(frames)
-    if total == 0:
-        raise BadMediaError("too_few_frames", "the video has no frames")
-    if video_fps is not None:
-        nframes = smart_nframes(total, video_fps, fps, min_frames, max_frames)
-        indices = sample_frame_indices(total, nframes)
-    else:
-        nframes = total
-        indices = np.arange(total)
     height, width = frames[0].shape[:2]
-    cap = frame_max_pixels(nframes, min_pixels, max_pixels, total_pixels)
-    h, w = smart_resize_qwen_vl_utils(height, width, FACTOR, min_pixels, cap)
-    resized = np.empty((len(indices), h, w, 3), dtype=np.uint8)
-    for k, idx in enumerate(indices):
-        resized[k] = resize_rgb_uint8(np.asarray(frames[int(idx)]), h, w)
+    h, w = smart_resize_qwen_vl_utils(height, width, FACTOR, min_pixels, max_pixels)
+    resized = np.empty((len(frames), h, w, 3), dtype=np.uint8)
+    for k, frame in enumerate(frames):
+        resized[k] = resize_rgb_uint8(frame, h, w)
     table = normalization_table(tuple(float(v) for v in image_mean), tuple(float(v) for v in image_std))
     pixel_values, grid = patchify_normalized(resized, table)
     return pixel_values, np.asarray([grid], dtype=np.int64)
+
+
+def preprocess_video(
+    video: Union[str, os.PathLike, bytes, np.ndarray, Sequence[ImageLike]],
+    video_fps: float | None = None,
+    fps: float | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    total_pixels: int | None = None,
+    min_frames: int | None = None,
+    max_frames: int | None = None,
+    image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    image_std: Sequence[float] = OPENAI_CLIP_STD,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A video -> (pixel_values float32 [gt*gh*gw, 1176], grid_thw int64 [1, 3]), sized and sampled as
+    qwen-vl-utils 0.0.8 ``fetch_video`` does. An option left at None takes the reference's default; the two
+    kinds of video there take different ones:
+
+    * A decoded video: a path (decoded with :func:`load_video`, its own fps used) or frames with ``video_fps``.
+      :func:`smart_nframes` frames (fps, min_frames, max_frames) are sampled uniformly and all get
+      smart_resize of the first frame's size within [min_pixels (VIDEO_MIN_PIXELS), cap], where the cap is
+      an explicit ``max_pixels`` or else :func:`frame_max_pixels` of the sample count and ``total_pixels``
+      (VIDEO_TOTAL_PIXELS), so total_pixels has no effect once max_pixels is given.
+    * Frames (a list of images or a uint8 [T, H, W, 3] array) without ``video_fps``: every frame is kept
+      and gets the image limits [FRAME_LIST_MIN_PIXELS, FRAME_LIST_MAX_PIXELS] or the explicit min_pixels /
+      max_pixels. fps, min_frames, max_frames and total_pixels have no effect there and are refused.
+
+    Frames are resized with PIL bicubic (see the module docstring) and patchified like the HF processor."""
+    if isinstance(video, (str, os.PathLike, bytes)):
+        if video_fps is not None:
+            raise ValueError(f"video_fps={video_fps} is given with a video file, whose own fps is used; "
+                             "pass video_fps only with frames")
+        frames, video_fps = load_video(video)
+    else:
+        frames = video
+    if video_fps is None:
+        given = {k: v for k, v in dict(fps=fps, min_frames=min_frames, max_frames=max_frames,
+                                       total_pixels=total_pixels).items() if v is not None}
+        if given:
+            raise ValueError(f"{given} need a decoded video (a path, or frames with video_fps); frames without "
+                             "video_fps are all kept and take only min_pixels / max_pixels, as in qwen-vl-utils")
+        return preprocess_video_frames(
+            frames, FRAME_LIST_MIN_PIXELS if min_pixels is None else min_pixels,
+            FRAME_LIST_MAX_PIXELS if max_pixels is None else max_pixels, image_mean, image_std)
+    _check_frames(frames)
+    sampled = sample_frames(frames, video_fps, VIDEO_FPS if fps is None else fps,
+                            FPS_MIN_FRAMES if min_frames is None else min_frames, max_frames)
+    min_pixels = VIDEO_MIN_PIXELS if min_pixels is None else min_pixels
+    if max_pixels is None:
+        max_pixels = frame_max_pixels(len(sampled), min_pixels, VIDEO_MAX_PIXELS,
+                                      VIDEO_TOTAL_PIXELS if total_pixels is None else total_pixels)
+    return preprocess_video_frames(sampled, min_pixels, max_pixels, image_mean, image_std)

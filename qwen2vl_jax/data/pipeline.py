@@ -57,7 +57,9 @@ class DataConfig:
     video_max_pixels: int = 64 * 28 * 28
     video_total_pixels: int = 1024 * 28 * 28
     video_fps: float = media.VIDEO_FPS   # frame sampling of video files
-    video_max_frames: int = media.FPS_MAX_FRAMES
+    # 0: qwen-vl-utils' default cap, min(768, the video's frames); N > 0: an explicit cap, and a video that
+    # cannot give N frames at video_fps is skipped (too_few_frames), as an explicit max_frames fails there
+    video_max_frames: int = 0
     # packing
     overflow: str = "truncate"            # packing.OVERFLOW_RULES
     lookahead: int = 32                   # samples buffered ahead of the open row
@@ -82,7 +84,7 @@ class DataConfig:
         for n in names:
             sources.parse_source(n)
         for f in ("num_workers", "read_threads", "read_buffer_size", "worker_buffer_size", "video_max_frames"):
-            if getattr(self, f) < (0 if f == "num_workers" else 1):
+            if getattr(self, f) < (0 if f in ("num_workers", "video_max_frames") else 1):
                 raise ValueError(f"{f}={getattr(self, f)} out of range")
         formats.VisionOptions(**self._vision_kw())  # validates the pixel limits
         if self.video_fps <= 0:
@@ -99,7 +101,7 @@ class DataConfig:
 
     @property
     def video_sampling(self) -> sources.VideoSampling:
-        return sources.VideoSampling(fps=self.video_fps, max_frames=self.video_max_frames)
+        return sources.VideoSampling(fps=self.video_fps, max_frames=self.video_max_frames or None)
 
     def pack_config(self, model_cfg: ModelConfig) -> packing.PackConfig:
         return packing.PackConfig.for_model(model_cfg, seq_len=self.seq_len, max_patches=self.max_patches,

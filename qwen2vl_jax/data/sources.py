@@ -220,14 +220,13 @@ class VideoSampling:
     """How a video file is sampled in time (qwen-vl-utils rules, media.smart_nframes)."""
     fps: float = media.VIDEO_FPS
     min_frames: int = media.FPS_MIN_FRAMES
-    max_frames: int = media.FPS_MAX_FRAMES
+    max_frames: int | None = None         # None: min(FPS_MAX_FRAMES, the video's frame count)
 
 
 def _video_item(path: str, sampling: VideoSampling) -> VisionItem:
     frames, video_fps = media.load_video(path)
-    n = media.smart_nframes(len(frames), video_fps, sampling.fps, sampling.min_frames, sampling.max_frames)
-    idx = media.sample_frame_indices(len(frames), n)
-    return VisionItem(VIDEO, tuple(frames[int(i)] for i in idx), sampling.fps)
+    sampled = media.sample_frames(frames, video_fps, sampling.fps, sampling.min_frames, sampling.max_frames)
+    return VisionItem(VIDEO, tuple(sampled), sampling.fps)
 
 
 def record_spans(rec: dict, images: Sequence, video: VisionItem | None) -> tuple[list[Span], list[VisionItem]]:

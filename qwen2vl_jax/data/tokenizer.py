@@ -31,13 +31,15 @@ class Tokenizer:
     backend: tokenizers.Tokenizer
     name: str
     special_token_base: int                   # id of <|endoftext|>; the 14 specials follow in order
+    # Number of ids the tokenizer can produce (BPE + specials); the embedding may be larger. Read once here:
+    # the backend's get_vocab_size(with_added_tokens=True) rebuilds the whole vocabulary map on every call
+    # (tens of ms for 151,657 entries), and decode and the evaluation loop check every id against it.
+    vocab_size: int = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "vocab_size", self.backend.get_vocab_size(with_added_tokens=True))
 
     # ---- sizes and ids ----
-    @property
-    def vocab_size(self) -> int:
-        """Number of ids the tokenizer can produce (BPE + specials); the embedding may be larger."""
-        return self.backend.get_vocab_size(with_added_tokens=True)
-
     def __len__(self) -> int:
         return self.vocab_size
 
@@ -80,9 +82,10 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        n = self.vocab_size
+        bad = [i for i in ids if not 0 <= i < n]
         if bad:
-            raise ValueError(f"ids {bad[:8]} outside the tokenizer's range [0, {self.vocab_size})")
+            raise ValueError(f"ids {bad[:8]} outside the tokenizer's range [0, {n})")
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, i: int) -> str | None:
