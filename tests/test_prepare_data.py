@@ -299,21 +299,23 @@ def _grid(h, w):
     return rh // 14, rw // 14
 
 
-def test_cli_workers_progress_and_errors(tmp_path, manifest):
+def test_cli_workers_progress_and_errors(tmp_path, manifest, monkeypatch):
     cmd = [sys.executable, "-m", "launch.prepare_data", f"--input={manifest}", f"--out={tmp_path / 'cli'}",
-           "--model=test", "--heldout=1", "--workers=2", "--set", "data.seq_len=512"]
+           "--model=test", "--heldout=1", "--set", "data.seq_len=512"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "format: manifest (detected" in r.stderr and "rec/s" in r.stderr      # detection, progress with rate
-    assert "wrote 6 records (train 5, heldout 1;" in r.stderr and "2 workers" in r.stderr
+    assert "wrote 6 records (train 5, heldout 1;" in r.stderr
     assert "  bad_schema: 3  (e.g. data.jsonl:11: " in r.stderr and "rejected 9:" in r.stderr
     assert "tokens per sample (embedded tokenizer)" in r.stderr
-    single = run(manifest, tmp_path / "one", heldout=1, workers=1)
-    for split in ("train", "heldout"):       # the worker count does not change the output
-        assert records(tmp_path / "cli", split) == records(tmp_path / "one", split)
-    assert single["written"] == {"train": 5, "heldout": 1}
+    # worker processes (spawned; chunks of 4 input records) write exactly what one process writes
+    monkeypatch.setattr(importers, "CHUNK_RECORDS", 4)
+    two = run(manifest, tmp_path / "two", heldout=1, workers=2)
+    assert two["workers"] == 2 and two["written"] == {"train": 5, "heldout": 1}
+    for split in ("train", "heldout"):
+        assert records(tmp_path / "cli", split) == records(tmp_path / "two", split)
     # errors are one line (cli.run prints "ERROR: <message>" and exits 2)
     with pytest.raises(ValueError, match=r"^--out .* other settings \(num_shards: 1 -> 2\)"):
-        prepare_data.main(cmd[3:-4] + ["--heldout=1", "--num_shards=2", "--set", "data.seq_len=512"])
+        prepare_data.main(cmd[3:] + ["--num_shards=2"])
     with pytest.raises(ValueError, match=r"^--input '/nonexistent/\*.json' matches no files$"):
         prepare_data.main(["--input=/nonexistent/*.json", "--out=x"])

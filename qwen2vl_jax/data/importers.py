@@ -141,11 +141,15 @@ def resolve_inputs(pattern: str, fmt: str = "auto") -> list[str]:
 
 
 def _first_json_record(path: str) -> Any:
+    """The first record of a JSON array or JSON-lines file, read from its first MiB where it fits there."""
     with open(path, encoding="utf-8") as f:
         head = f.read(1 << 20).lstrip()
     if head.startswith("["):
-        rows = _parse_json_array(path)
-        return rows[0] if rows else None
+        try:
+            return json.JSONDecoder().raw_decode(head, len(head) - len(head[1:].lstrip()))[0]
+        except json.JSONDecodeError:      # a first record over a MiB, or an empty / broken array
+            rows = _parse_json_array(path)
+            return rows[0] if rows else None
     for line in head.splitlines():
         if line.strip():
             try:

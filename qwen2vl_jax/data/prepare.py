@@ -384,6 +384,7 @@ def prepare(inputs: str | Sequence[str], out_dir: str, *, opts: importers.Import
     if total == 0:
         raise ValueError(f"the inputs hold no records: {[os.path.basename(f) for f in files][:5]}")
     positions = heldout_positions(total, heldout) if heldout else set()
+    workers = min(workers, len(chunks))      # a worker per chunk at most: starting one costs seconds
     tmp = os.path.join(out_dir, INCOMPLETE)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "train"))
