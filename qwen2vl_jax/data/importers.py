@@ -382,6 +382,15 @@ def _check_fields(d: dict, known: Sequence[str], opts: ImportOptions, where: str
                                               f"--ignore_fields={','.join(unknown)} drops them)")
 
 
+def _object(value: Any, what: str, known: Sequence[str], opts: ImportOptions) -> dict:
+    """A nested object of a record (a turn, a message) without its null fields, its fields checked."""
+    if not isinstance(value, dict):
+        raise BadRecordError("bad_schema", f"{what} must be an object; got {value!r}"[:200])
+    value = _present(value)
+    _check_fields(value, known, opts, f" in {what}")
+    return value
+
+
 def media_ref(value: Any, base: str, what: str = "image") -> bytes | str:
     """A media reference -> the encoded bytes or an absolute path: a path (relative to `base`), "file://...",
     "data:...;base64,...", raw bytes, or a Hugging Face {"bytes", "path"} struct."""
@@ -471,10 +480,7 @@ def from_llava(row: dict, base: str, opts: ImportOptions) -> tuple[dict, list, s
         raise BadRecordError("bad_schema", "'conversations' must be a non-empty list of {from, value} turns")
     messages = []
     for turn in turns:
-        if not isinstance(turn, dict):
-            raise BadRecordError("bad_schema", f"a conversations turn must be an object; got {turn!r}"[:200])
-        turn = _present(turn)
-        _check_fields(turn, LLAVA_TURN_FIELDS, opts, " in a conversations turn")
+        turn = _object(turn, "a conversations turn", LLAVA_TURN_FIELDS, opts)
         role = LLAVA_ROLES.get(turn.get("from"))
         if role is None or not isinstance(turn.get("value"), str):
             raise BadRecordError("bad_schema", f"turn needs 'from' ({', '.join(LLAVA_ROLES)}) and a string "
@@ -511,10 +517,7 @@ def from_messages(row: dict, base: str, opts: ImportOptions) -> tuple[dict, list
 
     messages = []
     for m in msgs:
-        if not isinstance(m, dict):
-            raise BadRecordError("bad_schema", f"a message must be an object; got {m!r}"[:200])
-        m = _present(m)
-        _check_fields(m, MESSAGE_FIELDS, opts, " in a message")
+        m = _object(m, "a message", MESSAGE_FIELDS, opts)
         role, content = m.get("role"), m.get("content")
         if role not in ("system", "user", "assistant"):
             raise BadRecordError("bad_schema", f"message role {role!r}; valid: system, user, assistant")
