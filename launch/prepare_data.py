@@ -21,7 +21,7 @@ a dataset without one usable record is an error.
 Writes DATA/train/*.array_record, DATA/heldout/*.array_record (--heldout=N records spread over the input;
 held-out evaluation reads them), DATA/summary.json (counts, rejections, tokens per sample, pixels per image)
 and DATA/summary.png (their histograms). A re-run with the same inputs and settings does nothing; with
-others it refuses unless --overwrite, which replaces the dataset once the new one is complete.
+others it refuses; --overwrite imports again and replaces the dataset once the new one is complete.
 """
 from __future__ import annotations
 
@@ -44,14 +44,14 @@ flags.DEFINE_integer("heldout", 0, "records for the held-out split, spread evenl
 flags.DEFINE_integer("num_shards", 1, "ArrayRecord shards of the train split", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("workers", 0, "worker processes (0: one per available core)", lower_bound=0,
                      flag_values=FLAGS)
-flags.DEFINE_bool("overwrite", False, "replace a dataset in --out prepared with other settings", flag_values=FLAGS)
-flags.DEFINE_string("media_root", "", "folder of relative media paths (default: each input file's folder)",
+flags.DEFINE_bool("overwrite", False, "import again and replace the dataset in --out (once the new one is complete)", flag_values=FLAGS)
+flags.DEFINE_string("media_root", "", "folder of relative media paths ('': each input file's folder)",
                     flag_values=FLAGS)
 flags.DEFINE_list("ignore_fields", [], "record fields (metadata) to drop instead of rejecting the record",
                   flag_values=FLAGS)
-flags.DEFINE_string("image_column", "", "Parquet caption rows: the image column (default: the one image column)",
+flags.DEFINE_string("image_column", "", "Parquet caption rows: the image column ('': the one column of image structs)",
                     flag_values=FLAGS)
-flags.DEFINE_string("text_column", "", f"Parquet caption rows: the text column (default: the first of "
+flags.DEFINE_string("text_column", "", f"Parquet caption rows: the text column ('': the first of "
                                        f"{', '.join(importers.TEXT_COLUMNS)})", flag_values=FLAGS)
 flags.DEFINE_string("prompt_column", "", "Parquet caption rows: an unsupervised prompt column", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "progress bar on stderr", flag_values=FLAGS)
