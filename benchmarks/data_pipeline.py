@@ -1,6 +1,7 @@
 """Data-pipeline throughput per CPU core.
 
-    python -m benchmarks.data_pipeline [--images=50] [--rounds=3] [--core=0] [--skip_pipeline]
+    python -m benchmarks.data_pipeline [--images=50] [--rounds=3] [--core=0] [--skip_pipeline] [--skip_e2e]
+        [--e2e_model=2b --e2e_stage=2 --chips=4 --chip=v5p --mfu=0.5]
 
 Part 1: images/s and patches/s of ``qwen2vl_jax.data.media.preprocess_images`` vs transformers 4.57.6
 ``Qwen2VLImageProcessor`` (the slow PIL one) on the same seeded mix of sizes (64x64 .. 1500x1000), one image
@@ -10,6 +11,9 @@ ceiling of any preprocessor that keeps it, reached only if everything else were 
 Part 2 (hook at the end): the full Grain pipeline (``qwen2vl_jax.data.pipeline.make_iterator`` on the synthetic
 mixture: decode -> tokenize -> preprocess -> pack -> batch) samples/s and tokens/s per core and packing
 efficiency; prints "pipeline: not available" if that module cannot be imported.
+Part 3 (end to end): an ArrayRecord dataset of JPEG bytes, made by launch.prepare_data's library, read by the
+training pipeline at a stage's config (decode -> preprocess -> tokenize -> pack): tokens/s per core, beside what
+--chips chips at --mfu consume per second (train/flops.py), i.e. how many host cores keep one host's chips fed.
 """
 
 from __future__ import annotations
@@ -165,6 +169,85 @@ def bench_pipeline(seconds: float, model: str, batch_size: int, seq_len: int, ma
     )
 
 
+# ============================================================================================================
+# End to end: ArrayRecord of JPEG bytes -> decode -> preprocess -> tokenize -> pack, against what the chips eat
+# ============================================================================================================
+
+_WORDS = ("a photo of the red old small city street near two people with dog on green park under blue sky "
+          "and white building in front at night beach wooden table modern kitchen mountain lake").split()
+
+
+def _caption(rng: np.random.Generator) -> str:
+    """A web-caption-like sentence of 8..32 words (LAION alt-texts are mostly in this range)."""
+    return " ".join(_WORDS[int(i)] for i in rng.integers(0, len(_WORDS), int(rng.integers(8, 33))))
+
+
+def bench_end_to_end(count: int, seconds: float, stage: int, model: str, chips: int, chip: str, mfu: float) -> None:
+    """The training read path of real-shaped data at a stage's config, per core, beside the chips' appetite.
+
+    `count` seeded images (make_images: 64..1500 px) saved as JPEG (quality 90) with web-like captions are
+    imported by prepare (launch.prepare_data's library; 1 worker = this pinned process) into an ArrayRecord
+    dataset; then pipeline.make_iterator (num_workers=0: decode threads share the pinned core) reads it at the
+    stage's row size, pixel budgets and tokenizer (qwen2 for paper sizes) until `seconds` of CPU time are spent.
+    The chips consume packed positions at chips * peak * mfu / (model FLOPs per position of these very
+    batches, flops.batch_flops with the stage's trainable parts); their ratio is the host cores it takes."""
+    import dataclasses
+    import tempfile
+
+    from experiments import stages
+    from qwen2vl_jax.data import importers, pipeline, prepare, tokenizer
+    from qwen2vl_jax.train import flops
+
+    exp = stages.stage_experiment(stage, model)
+    tok_name = "embedded" if model in ("tiny", "test") else "qwen2"
+    rng = np.random.default_rng(1)
+    with tempfile.TemporaryDirectory() as d:
+        lines = []
+        for k, image in enumerate(make_images(count, seed=1)):
+            image.save(os.path.join(d, f"{k}.jpg"), format="JPEG", quality=90)
+            lines.append(f'{{"type": "caption", "images": ["{k}.jpg"], "text": "{_caption(rng)}"}}\n')
+        with open(os.path.join(d, "data.jsonl"), "w") as f:
+            f.writelines(lines)
+        out = os.path.join(d, "out")
+        cpu0 = time.process_time()
+        summary = prepare.prepare(os.path.join(d, "data.jsonl"), out, opts=importers.ImportOptions("manifest"),
+                                  target=prepare.Target(exp.model, exp.data, tok_name), workers=1, progress=False)
+        import_cpu = time.process_time() - cpu0
+        data_cfg = dataclasses.replace(exp.data, mixture=((f"arrayrecord:{out}", 1.0),), num_workers=0)
+        it = pipeline.make_iterator(data_cfg, exp.model, tokenizer.load_tokenizer(tok_name), batch_size=1)
+        try:
+            next(it)  # start-up (threads, first decodes) not counted
+            base = it.stats()
+            cpu0, batches, model_flops = time.process_time(), 0, 0.0
+            while time.process_time() - cpu0 < seconds:
+                batch = next(it)
+                batches += 1
+                model_flops += flops.batch_flops(exp.model, batch, exp.trainable).total
+            cpu = time.process_time() - cpu0
+            st = it.stats()
+        finally:
+            it.close()
+    samples = st["samples_packed"] - base["samples_packed"]
+    tokens = st["real_tokens"] - base["real_tokens"]
+    positions = st["total_tokens"] - base["total_tokens"]
+    peak = flops.PEAK_FLOPS[chip]
+    appetite = chips * peak * mfu / (model_flops / positions)         # packed positions per second
+    per_core = positions / cpu
+    tps = summary["tokens_per_sample"]
+    print(
+        f"end to end ({model} stage {stage} config: {exp.data.seq_len} tokens x {exp.data.max_patches} patches per "
+        f"row, images <= {exp.data.image_max_pixels} px, {tok_name} tokenizer; {count} JPEG images 64..1500 px "
+        f"with 8..32-word captions, {tps['mean']:.0f} tokens per sample)\n"
+        f"  import (prepare_data, 1 core)        {summary['records'] / import_cpu:>8.1f} records/s/core\n"
+        f"  ArrayRecord -> decode -> preprocess -> tokenize -> pack ({batches} rows, {cpu:.1f} s CPU):\n"
+        f"    {samples / cpu:>8.1f} samples/s/core, {tokens / cpu:>9.0f} real tokens/s/core, "
+        f"{per_core:>9.0f} positions/s/core (packing {100 * tokens / positions:.1f}%)\n"
+        f"  {chips} {chip} chips at {100 * mfu:.0f}% MFU consume {appetite:>9.0f} positions/s "
+        f"({model_flops / positions / 1e9:.2f} GFLOP per position, trainable {'+'.join(exp.trainable)})\n"
+        f"  -> {appetite / per_core:.1f} host cores keep them fed"
+    )
+
+
 flags.DEFINE_integer("images", 50, "images in the seeded mix", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("rounds", 3, "timing rounds (best of)", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("core", 0, "CPU core to pin this process to", lower_bound=0, flag_values=FLAGS)
@@ -176,6 +259,18 @@ flags.DEFINE_integer("batch_size", 4, "pipeline rows per batch", flag_values=FLA
 flags.DEFINE_integer("seq_len", 2048, "pipeline tokens per row", flag_values=FLAGS)
 flags.DEFINE_integer("max_patches", 8192, "pipeline patch rows per row", flag_values=FLAGS)
 flags.DEFINE_bool("skip_pipeline", False, "time the image preprocessors only", flag_values=FLAGS)
+flags.DEFINE_integer("e2e_images", 200, "end to end: JPEG images in the ArrayRecord dataset", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_float("e2e_seconds", 20.0, "end to end: CPU seconds of pipeline rows", flag_values=FLAGS)
+flags.DEFINE_integer("e2e_stage", 2, "end to end: the stage whose config is read", lower_bound=1, upper_bound=3,
+                     flag_values=FLAGS)
+flags.DEFINE_enum("e2e_model", "2b", ["test", "tiny", "2b", "7b", "72b"], "end to end: model size preset",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("chips", 4, "end to end: accelerator chips of one host", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum("chip", "v5p", ["h100", "h200", "v5p", "v5e", "v4"], "end to end: chip (flops.PEAK_FLOPS)",
+                  flag_values=FLAGS)
+flags.DEFINE_float("mfu", 0.5, "end to end: model FLOPs utilisation the chips reach", flag_values=FLAGS)
+flags.DEFINE_bool("skip_e2e", False, "skip the end-to-end row", flag_values=FLAGS)
 
 
 def main(argv) -> None:
@@ -190,6 +285,9 @@ def main(argv) -> None:
     if not FLAGS.skip_pipeline:
         bench_pipeline(FLAGS.pipeline_seconds, FLAGS.pipeline_model, FLAGS.batch_size, FLAGS.seq_len,
                        FLAGS.max_patches)
+    if not FLAGS.skip_e2e:
+        bench_end_to_end(FLAGS.e2e_images, FLAGS.e2e_seconds, FLAGS.e2e_stage, FLAGS.e2e_model, FLAGS.chips,
+                         FLAGS.chip, FLAGS.mfu)
 
 
 if __name__ == "__main__":

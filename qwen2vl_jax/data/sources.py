@@ -2,10 +2,15 @@
 
 Source names (used in `DataConfig.mixture`):
   "synthetic:<kind>"     on-the-fly embedded data (formats.KINDS), infinite: index -> sample
-  "arrayrecord:<glob>"   ArrayRecord shards written by `launch/prepare_data.py` ("{split}" in the glob is
-                         replaced by the split name)
+  "arrayrecord:<DIR>"    the output folder of `launch.prepare_data`: DIR/<split>/*.array_record
+  "arrayrecord:<glob>"   ArrayRecord shards; "{split}" in the glob is replaced by the split name. A glob
+                         without "{split}" has only a train split (asking it for "heldout" is an error, so a
+                         held-out loss is never computed on training files)
+Each source has a short label (`source_labels`: the kind, or the last meaningful path components of the
+folder / glob, as many as it takes to be unique) for the per-source held-out losses.
 
-Manifest (one JSON object per line; paths relative to the manifest's folder or absolute):
+Manifest (one JSON object per line with the fields MANIFEST_FIELDS; paths relative to the manifest's folder or
+absolute; launch.prepare_data also reads LLaVA, chat "messages", WebDataset and Parquet corpora: importers.py):
   {"type": "caption",     "images": ["a.jpg"], "text": "a dog on a beach", "prompt": "optional unsupervised prefix"}
   {"type": "ocr",         "images": ["scan.png"], "text": "TOTAL 42.00", "prompt": "What text is in the image?\\n"}
   {"type": "grounding",   "images": ["a.jpg"], "boxes": [{"ref": "the dog", "box": [x1, y1, x2, y2]}, ...]}
@@ -29,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob as globlib
-import json
 import os
 from typing import Any, Sequence
 
@@ -40,6 +44,7 @@ from qwen2vl_jax.data.formats import EOT, IMAGE, VIDEO, Span, VisionItem
 
 RECORD_VERSION = 1
 RECORD_TYPES = ("caption", "ocr", "grounding", "interleaved", "video", "chat")
+MANIFEST_FIELDS = ("type", "images", "video", "text", "prompt", "boxes", "messages")
 IMAGE_MARKER = "<image>"
 SOURCE_KINDS = ("synthetic", "arrayrecord")
 
@@ -50,6 +55,7 @@ class BadRecordError(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(f"[{reason}] {message}")
         self.reason = reason
+        self.message = message
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,19 +80,87 @@ def parse_source(name: str) -> SourceSpec:
     return SourceSpec(kind, arg)
 
 
-def arrayrecord_files(pattern: str, split: str = "train") -> list[str]:
-    """Sorted shard paths of an "arrayrecord:<glob>" source; ValueError if none match."""
-    pattern = pattern.replace("{split}", split)
-    files = sorted(globlib.glob(os.path.expanduser(pattern)))
+SHARD_SUFFIX = ".array_record"
+SPLIT_PLACEHOLDER = "{split}"
+
+
+def split_pattern(arg: str, split: str = "train") -> str:
+    """The shard glob of an "arrayrecord:<arg>" source for `split` (module docstring): a folder means
+    prepare_data's layout DIR/<split>/*.array_record; "{split}" in a glob is replaced; a glob without it
+    serves the train split only (ValueError for any other, naming the two ways to give a held-out split)."""
+    path = os.path.expanduser(arg)
+    if SPLIT_PLACEHOLDER in path:
+        return path.replace(SPLIT_PLACEHOLDER, split)
+    if os.path.isdir(path):
+        return os.path.join(path, split, "*" + SHARD_SUFFIX)
+    if split != "train":
+        raise ValueError(f"arrayrecord glob {arg!r} has no {split} split: give launch.prepare_data's output "
+                         f"folder (it writes DIR/train/ and, with --heldout=N, DIR/heldout/) or put "
+                         f"{SPLIT_PLACEHOLDER!r} in the glob (DIR/{SPLIT_PLACEHOLDER}/*{SHARD_SUFFIX})")
+    return path
+
+
+def arrayrecord_files(arg: str, split: str = "train") -> list[str]:
+    """Sorted shard paths of an "arrayrecord:<arg>" source's `split`; ValueError if none match."""
+    pattern = split_pattern(arg, split)
+    files = sorted(globlib.glob(pattern))
     if not files:
-        raise ValueError(f"arrayrecord glob {pattern!r} matches no files")
+        hint = " (launch.prepare_data writes a held-out split with --heldout=N)" if split != "train" else ""
+        raise ValueError(f"arrayrecord source {arg!r}: {split} glob {pattern!r} matches no files{hint}")
     return files
 
 
-def arrayrecord_source(pattern: str, split: str = "train"):
-    """grain.sources.ArrayRecordDataSource over the shards of `pattern` (random access, picklable)."""
+def arrayrecord_source(arg: str, split: str = "train"):
+    """grain.sources.ArrayRecordDataSource over the shards of a source's `split` (random access, picklable)."""
     import grain
-    return grain.sources.ArrayRecordDataSource(arrayrecord_files(pattern, split))
+    return grain.sources.ArrayRecordDataSource(arrayrecord_files(arg, split))
+
+
+def _label_parts(spec: SourceSpec) -> list[str]:
+    """The path components of an ArrayRecord source that name something: trailing components without a
+    letter or digit once "{split}", wildcards and the shard suffix are removed ("*.array_record",
+    "{split}") say nothing about the data and are dropped."""
+    parts = [p for p in os.path.normpath(spec.arg).split(os.sep) if p not in ("", ".")]
+
+    def says_something(part):
+        rest = part.replace(SPLIT_PLACEHOLDER, "").replace(SHARD_SUFFIX, "")
+        return any(c.isalnum() for c in rest)
+
+    while parts and not says_something(parts[-1]):
+        parts.pop()
+    return parts
+
+
+def source_labels(names: Sequence[str]) -> list[str]:
+    """Distinct short labels of a mixture's source names: a synthetic source's kind; an ArrayRecord source's
+    last meaningful path component, extended leftwards while two labels coincide (the full source name
+    where that is not enough). ValueError when the names themselves repeat."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"source names repeat: {list(names)}")
+    specs = [parse_source(n) for n in names]
+    parts = [[] if s.kind == "synthetic" else _label_parts(s) for s in specs]
+    depth = [1] * len(specs)
+    full = [False] * len(specs)
+
+    def label(i):
+        if specs[i].kind == "synthetic":
+            return specs[i].arg
+        if full[i] or not parts[i]:
+            return specs[i].name
+        return "/".join(parts[i][-depth[i]:])
+
+    while True:
+        labels = [label(i) for i in range(len(specs))]
+        clashing = [i for i, lab in enumerate(labels) if labels.count(lab) > 1]
+        if not clashing:
+            return labels
+        for i in clashing:   # synthetic labels and full names are distinct among themselves: the others give way
+            if specs[i].kind == "synthetic" or full[i]:
+                continue
+            if depth[i] < len(parts[i]):
+                depth[i] += 1
+            else:
+                full[i] = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,6 +210,8 @@ def _messages(entry: dict, n_images: int, has_video: bool) -> list[dict]:
             t = p.get("type") if isinstance(p, dict) else None
             if t == "text" and isinstance(p.get("text"), str):
                 continue
+            if t in ("image", "video") and m["role"] == "assistant":
+                raise BadRecordError("bad_schema", f"{t} in an assistant turn (vision items go in user turns)")
             if t == "image":
                 used_img += 1
             elif t == "video":
@@ -241,7 +317,10 @@ def record_spans(rec: dict, images: Sequence, video: VisionItem | None) -> tuple
         w, h = images[0].size
         spans = [Span(vision=0), *prompt]
         for b in rec["boxes"]:
-            answer = "".join(formats.box_text(formats.normalise_box(x, w, h)) for x in b["boxes"])
+            try:
+                answer = "".join(formats.box_text(formats.normalise_box(x, w, h)) for x in b["boxes"])
+            except ValueError as e:
+                raise BadRecordError("box_outside_image", f"box of {b['ref']!r}: {e}") from e
             spans += [Span(formats.ref_text(b["ref"])), Span(answer, supervised=True)]
         return spans + [Span(EOT, supervised=True)], [VisionItem(IMAGE, images[0])]
     if kind == "interleaved":
@@ -274,25 +353,27 @@ def load_image_bytes(data: bytes):
     return media.load_image(data)
 
 
-def record_to_sample(data: bytes, tokenizer, cfg, vision_opts: formats.VisionOptions,
-                     sampling: VideoSampling = VideoSampling()) -> dict:
-    """ArrayRecord bytes -> Tokenized sample. Raises BadRecordError (schema) or media.BadMediaError (media)."""
-    rec = decode_record(data)
+def record_media(rec: dict, sampling: VideoSampling = VideoSampling()) -> tuple[list, VisionItem | None]:
+    """The decoded media of a record: (PIL images, the sampled video item or None). Raises media.BadMediaError."""
     images = [load_image_bytes(b) for b in rec["images"]]
-    video = _video_item(rec["video"], sampling) if rec.get("video") else None
+    return images, (_video_item(rec["video"], sampling) if rec.get("video") else None)
+
+
+def record_sample(rec: dict, images: Sequence, video: VisionItem | None, tokenizer, cfg,
+                  vision_opts: formats.VisionOptions) -> dict:
+    """A decoded record and its decoded media -> Tokenized sample (BadRecordError / media.BadMediaError)."""
     try:
         spans, items = record_spans(rec, images, video)
-    except ValueError as e:  # e.g. a box outside the image, a vision part in an assistant turn
+    except ValueError as e:  # e.g. a vision part in an assistant turn
         if isinstance(e, (BadRecordError, media.BadMediaError)):
             raise
         raise BadRecordError("bad_record", str(e)) from e
     return formats.assemble(spans, items, tokenizer, cfg, rec["type"], vision_opts)
 
 
-def read_manifest_line(line: str) -> dict:
-    """One JSONL line -> validated entry; BadRecordError("bad_json" | "bad_schema")."""
-    try:
-        entry = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadRecordError("bad_json", f"{e}") from e
-    return validate_entry(entry)
+def record_to_sample(data: bytes, tokenizer, cfg, vision_opts: formats.VisionOptions,
+                     sampling: VideoSampling = VideoSampling()) -> dict:
+    """ArrayRecord bytes -> Tokenized sample. Raises BadRecordError (schema) or media.BadMediaError (media)."""
+    rec = decode_record(data)
+    images, video = record_media(rec, sampling)
+    return record_sample(rec, images, video, tokenizer, cfg, vision_opts)

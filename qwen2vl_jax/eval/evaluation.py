@@ -7,7 +7,7 @@
     train loss (train_step.loss_terms: same forward, same chunked cross entropy) on every batch, sharded over
     the mesh like the train step, and returns supervised-token mean NLLs:
         {"source/<label>": ..., "kind/<sample_type>": ..., "mean": mean over kinds}
-    (label: the synthetic kind, or the file name of an ArrayRecord glob). Deterministic, and the same for any
+    (label: sources.source_labels, distinct per source). Deterministic, and the same for any
     process count: every process builds the same batches and feeds its own shard of each. It is the
     trainer's evaluation hook (experiments.stages.Experiment.evaluator), launch.evaluate's --loss (on
     `loss_mixture()`, one synthetic source per kind of LOSS_KINDS) and the sweeps' eval_loss_<kind>.
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import re
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -68,14 +67,6 @@ def loss_mixture(kinds: Sequence[str] = LOSS_KINDS) -> tuple[tuple[str, float], 
     return tuple((f"synthetic:{k}", 1.0) for k in kinds)
 
 
-def source_labels(mixture: Sequence[tuple[str, float]]) -> list[str]:
-    """Short names of a mixture's sources: the synthetic kind, the file name of an ArrayRecord glob (the whole
-    glob where two file names coincide)."""
-    specs = [sources.parse_source(name) for name, _ in mixture]
-    short = [s.arg if s.kind == "synthetic" else os.path.basename(s.arg) for s in specs]
-    return [lab if short.count(lab) == 1 else s.arg for lab, s in zip(short, specs)]
-
-
 def heldout_samples(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer, num_samples: int
                     ) -> dict[str, list[dict]]:
     """{source label: the first `num_samples` Tokenized samples of the source's held-out split that the
@@ -89,7 +80,7 @@ def heldout_samples(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer, num
     decoder = SampleDecoder(specs, "heldout", data_cfg.seed, tokenizer, model_cfg, pack_cfg,
                             data_cfg.vision_options, data_cfg.video_sampling)
     out = {}
-    for s, (spec, label) in enumerate(zip(specs, source_labels(data_cfg.mixture))):
+    for s, (spec, label) in enumerate(zip(specs, sources.source_labels([n for n, _ in data_cfg.mixture]))):
         records = (range(pipeline.SYNTHETIC_LENGTH) if spec.kind == "synthetic"
                    else sources.arrayrecord_source(spec.arg, "heldout"))
         samples, passed_over = [], collections.Counter()
