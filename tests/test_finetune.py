@@ -19,7 +19,7 @@ import pytest
 import hf_reference
 import media
 from experiments import registry
-from launch import convert, prepare_data
+from launch import convert, evaluate, prepare_data
 from qwen2vl_jax.data import sources, tokenizer
 from qwen2vl_jax.eval import generate
 from qwen2vl_jax.model import hf
@@ -144,7 +144,7 @@ def test_transformers_generates_what_we_generate_on_a_heldout_prompt(journey):
     np.testing.assert_allclose(np.asarray(logits[0]), hf_logits, atol=1e-4)
 
 
-def test_convert_and_load_accept_run_checkpoints_and_step(journey, tmp_path):
+def test_convert_evaluate_and_load_accept_run_checkpoints_and_step(journey, tmp_path):
     """RUN and RUN/checkpoints are the newest step (6), RUN/checkpoints/5 that step."""
     _, _, run, out = journey
     for src, step in ((run / "checkpoints", 6), (run / "checkpoints" / "5", 5)):
@@ -159,6 +159,9 @@ def test_convert_and_load_accept_run_checkpoints_and_step(journey, tmp_path):
     for path in (run, run / "checkpoints", run / "checkpoints" / "5"):
         assert trainer.read_model_config(str(path)) == get_config("test")
         assert trainer.read_data_config(str(path))[1] == str(run / "data_config.json")
+    out = evaluate.main(["--checkpoint", str(run / "checkpoints" / "5"), "--num", "2", "--kinds", "count",
+                         "--batch_size", "1", "--max_new_tokens", "2"])
+    assert out["checkpoint"].endswith("checkpoints/5") and set(out["accuracy"]) == {"count"}
 
 
 def test_a_model_that_disagrees_with_the_checkpoint_is_one_line(journey):
