@@ -1,5 +1,5 @@
-"""launch.pretrain CLI: list, bad flags and overrides, --show_config, too-large model, a finished run re-run,
-SIGTERM save-and-exit, non-finite stop."""
+"""launch.pretrain CLI: list, bad flags and overrides (a non-finite one too), --show_config, too-large model, a
+finished run re-run, a second run in one workdir, SIGTERM save-and-exit, non-finite stop."""
 import json
 import os
 import signal
@@ -33,6 +33,20 @@ def test_list_and_bad_override_messages():
     res = subprocess.run(_cli("--experiment=stage9"), env=_env(), cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 2 and "stage9" in res.stderr and "stage1|stage2|stage3" in res.stderr
+    res = subprocess.run(_cli("--set=optim.peak_lr=nan"), env=_env(), cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "--set optim.peak_lr='nan': cannot parse as float" in res.stderr and "not a finite number" in res.stderr
+
+
+def test_a_second_run_in_the_same_workdir_is_one_line(tmp_path):
+    from qwen2vl_jax.train import trainer
+
+    with trainer.RunLock(str(tmp_path)):
+        res = subprocess.run(_cli("--model=test", f"--set=workdir={tmp_path}"), env=_env(), cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+    assert f"ERROR: run directory {tmp_path} is in use by another run (pid {os.getpid()}" in res.stderr
 
 
 @pytest.mark.slow
@@ -105,7 +119,10 @@ def test_non_finite_steps_stop_with_checkpoint(tmp_path):
                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 3, res.stderr[-2000:]
     assert "non-finite steps in a row" in res.stderr and "checkpoint saved" in res.stderr
+    def strict(text):
+        raise ValueError(f"losses.jsonl is not JSON: {text}")
     with open(tmp_path / "losses.jsonl") as f:
-        rows = [json.loads(line) for line in f]
+        rows = [json.loads(line, parse_constant=strict) for line in f]
     assert rows[-1]["finite"] is False and rows[-2]["finite"] is False and len(rows) < 20
+    assert rows[-1]["loss"] is None or rows[-1]["grad_norm"] is None      # a non-finite value is null
     assert str(len(rows)) in os.listdir(tmp_path / "checkpoints")
