@@ -18,7 +18,10 @@ every other matmul's backward in the model.
 Step: grads w.r.t. the trainable params only (`optim.split_params`), accumulated over
 ``microbatches`` with a scan, then global-norm clipped; if the loss or the grad norm is not finite the
 update is skipped (params and optimizer state unchanged) and counted in ``skipped_steps`` /
-``consecutive_skips``. ``make_train_step`` returns ``jax.jit(step, in_shardings, out_shardings,
+``consecutive_skips``. A state that already has ``max_consecutive_skips`` skips in a row is halted: the
+step returns it unchanged (its step counter too), so a training loop that dispatches the next step before
+it reads the previous step's metrics still holds, after that next step, exactly the state it must save
+when it stops. ``make_train_step`` returns ``jax.jit(step, in_shardings, out_shardings,
 donate_argnums=0)``; it works with concrete arrays and with abstract ShapeDtypeStruct inputs
 (``.lower(abstract_state, abstract_batch)`` for AOT compilation).
 """
@@ -46,7 +49,7 @@ class StepConfig:
     microbatches: int = 1           # gradient accumulation steps per optimizer step
     z_loss: float = 0.0             # weight of mean(logsumexp^2)
     loss_chunk: int = 512           # sequence positions per loss chunk (largest divisor of S <= this)
-    max_consecutive_skips: int = 5  # checked by the training loop
+    max_consecutive_skips: int = 5  # the loop stops there; the step halts (leaves the state unchanged)
     optim: optim.OptimConfig = optim.OptimConfig()
 
 
@@ -352,6 +355,8 @@ def train_step_fn(cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = No
             metrics, grads = loss_and_grads(cfg, state.params, batch, step_cfg, mesh)
         gnorm = _global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["z_loss"]) & jnp.isfinite(gnorm)
+        halted = state.consecutive_skips >= step_cfg.max_consecutive_skips
+        apply = finite & ~halted
         clip = step_cfg.optim.grad_clip
         if clip > 0:
             scale = jnp.minimum(1.0, clip / jnp.maximum(gnorm, 1e-12))
@@ -360,17 +365,18 @@ def train_step_fn(cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = No
         trainable, frozen = optim.split_params(state.params, step_cfg.trainable)
         updates, new_opt = optimizer.update(grads, state.opt_state, trainable)
         new_tr = optax.apply_updates(trainable, updates)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
         new_tr = jax.tree.map(keep, new_tr, trainable)
         new_opt = jax.tree.map(keep, new_opt, state.opt_state)
         applied = state.step - state.skipped_steps           # optimizer updates applied so far
-        skipped = (~finite).astype(jnp.int32)
+        counted = (~halted).astype(jnp.int32)                 # a halted step counts nothing
         new_state = TrainState(
-            step=state.step + 1,
+            step=state.step + counted,
             params=optim.merge_params(new_tr, frozen),
             opt_state=new_opt,
-            skipped_steps=state.skipped_steps + skipped,
-            consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1).astype(jnp.int32))
+            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32) * counted,
+            consecutive_skips=jnp.where(halted, state.consecutive_skips,
+                                        jnp.where(finite, 0, state.consecutive_skips + 1)).astype(jnp.int32))
         metrics = {**metrics, "grad_norm": gnorm, "lr": lr_fn(applied), "finite": finite,
                    "skipped_steps": new_state.skipped_steps, "consecutive_skips": new_state.consecutive_skips}
         return new_state, metrics
