@@ -44,7 +44,7 @@ def synthetic_batch(cfg, batch_size=8, seq_len=32, grid=(1, 2, 4), seed=0):
             out["segment_ids"][b, pos:pos + n] = sid
             out["positions"][b, :, pos:pos + n] = np.arange(n)
             pos += n
-        out["pixel_values"][b, :n_patch] = rng.standard_normal((n_patch, cfg.vision.patch_dim))
+        out["pixel_values"][b, :n_patch] = rng.integers(0, 256, (n_patch, cfg.vision.patch_dim))
         out["patch_segment_ids"][b, :n_patch] = 1
         hh, ww = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
         out["patch_positions"][b, :n_patch] = np.tile(np.stack([hh.ravel(), ww.ravel()], -1), (t, 1))
@@ -236,14 +236,14 @@ def test_frozen_params_have_no_state_and_do_not_change(stage):
 
 
 def test_non_finite_batch_skips_update_and_counts():
-    # stage-3 step (same compiled step as the frozen test): a NaN pixel goes through the frozen tower
+    # stage-3 step (same compiled step as the frozen test): a NaN loss weight makes the loss non-finite
     step_cfg = dataclasses.replace(STEP, trainable=optim.STAGE_TRAINABLE[3])
     params = _params()
 
     def batch_fn(i):
         b = synthetic_batch(CFG, seed=i)
         if i in (1, 2):
-            b["pixel_values"][0, 0, 0] = np.nan
+            b["loss_mask"][0, 3] = np.nan
         return b
     state, metrics = _run_steps(step_cfg, 4, batch_fn, params=params)
     assert [m["finite"] for m in metrics] == [True, False, False, True]

@@ -334,7 +334,7 @@ def batch_spec(cfg: ModelConfig, batch_size: int, seq_len: int, max_patches: int
         "loss_mask": jax.ShapeDtypeStruct((b, s), f32),
         "segment_ids": jax.ShapeDtypeStruct((b, s), i32),
         "positions": jax.ShapeDtypeStruct((b, 3, s), i32),
-        "pixel_values": jax.ShapeDtypeStruct((b, p, cfg.vision.patch_dim), f32),
+        "pixel_values": jax.ShapeDtypeStruct((b, p, cfg.vision.patch_dim), jnp.uint8),   # raw: normalised on device
         "patch_segment_ids": jax.ShapeDtypeStruct((b, p), i32),
         "patch_positions": jax.ShapeDtypeStruct((b, p, 2), i32),
     }
