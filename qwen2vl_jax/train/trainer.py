@@ -3,8 +3,10 @@
     summary = trainer.run(exp, evaluate=hook)
 
 Per step: each process reads its own shard of the data (batch_size / process_count rows), the rows of all
-processes form one global batch (sharding.global_batch), the jitted step updates the sharded state; the next
-batch is read while the device works. Around the loop:
+processes form one global batch (sharding.global_batch), the jitted step updates the sharded state. The host
+stays a step ahead: the next batch is read and copied to the devices while the device works, and a step's
+metrics are read after the next step is dispatched (at evaluation, checkpoint and last steps the loop waits
+for the step instead); the records and the stops are those of a loop that waits every step. Around the loop:
   - before anything is allocated, the per-device memory of the step is estimated (train.memory) and a
     model that does not fit stops with what it needs and what the machine has;
   - one run per run directory: RUN/run.lock (RunLock) stops a second run in the same folder at start; the
@@ -54,7 +56,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable, Protocol, TextIO
+from typing import Any, Callable, NamedTuple, Protocol, TextIO
 
 import jax
 import numpy as np
@@ -165,41 +167,69 @@ def _run(exp: TrainSpec, evaluate: EvalHook | None, stream: TextIO) -> dict:
     losses: dict[int, float] = {}
     evals: dict[int, dict] = {}
     window = _Window()
+    ckpt_every, log_every = exp.checkpoint.every, exp.log_every    # the Checkpointer saves on ckpt_every
+
+    def fetch():
+        """The next local batch, the iterator state just after it, and the batch placed on the devices (the
+        host-to-device copy runs while the device works on the step before)."""
+        local = next(data)
+        return local, data.get_state(), sharding.global_batch(local, b_sh)
+
+    def finish(rec: _Dispatched) -> None:
+        """Reads a dispatched step's metrics (blocks until it is done) and does what the step calls for:
+        losses.jsonl, the non-finite stop, the log line."""
+        hm = train_step.host_metrics(rec.metrics)
+        window.add(rec.tokens, rec.flops)
+        losses[rec.step] = hm["loss"]
+        _append_jsonl(loss_file, {"step": rec.step, "loss": hm["loss"], "grad_norm": hm["grad_norm"],
+                                  "finite": hm["finite"]})
+        if hm["consecutive_skips"] >= step_cfg.max_consecutive_skips:
+            # `state` is this step's result: a step dispatched after it found the state halted and left it as is
+            ckpt.save(state, rec.data_state, force=True)
+            ckpt.wait()
+            raise NonFiniteError(
+                f"{hm['consecutive_skips']} non-finite steps in a row at step {rec.step} (limit "
+                f"max_consecutive_skips={step_cfg.max_consecutive_skips}; last loss {hm['loss']}, grad norm "
+                f"{hm['grad_norm']}); checkpoint saved to {ckpt.directory} step {rec.step}")
+        if rec.stats is not None:
+            tokens_per_s, flops_per_s = window.rates()
+            log.log_train(rec.step, n_steps, {
+                **hm, "tokens_per_s": tokens_per_s, "mfu": flops.mfu(flops_per_s, 1.0, n_dev, device_kind),
+                "packing_efficiency": rec.stats.get("token_efficiency", 0.0),
+                "skipped_samples": rec.stats.get("skipped", 0.0)}, rec.stats)
+
     try:
-        pending, data_state = None, data.get_state()
+        # Step t+1 is dispatched before step t's metrics are read, so the host never waits for the device
+        # between steps; it syncs only where it acts on the state (evaluation, checkpoint, last step, SIGTERM).
+        data_state = data.get_state()
+        upcoming = fetch() if step < n_steps else None
+        lagging: _Dispatched | None = None
         while step < n_steps and not preempted["flag"]:
-            local = pending if pending is not None else next(data)
-            data_state = data.get_state()          # = the batches consumed up to and including `local`
-            state, m = step_fn(state, sharding.global_batch(local, b_sh))   # dispatched asynchronously
-            window.add(tokens=float(np.asarray(local["segment_ids"] > 0).sum()) * pc,
-                       flops=flops.batch_flops(cfg, local, exp.trainable).total * pc)
-            pending = next(data) if step + 1 < n_steps else None             # overlaps the device step
-            hm = train_step.host_metrics(m)
+            local, data_state, placed = upcoming
+            state, m = step_fn(state, placed)                                  # dispatched asynchronously
             step += 1
-            losses[step] = hm["loss"]
-            _append_jsonl(loss_file, {"step": step, "loss": hm["loss"], "grad_norm": hm["grad_norm"],
-                                      "finite": hm["finite"]})
-            if hm["consecutive_skips"] >= step_cfg.max_consecutive_skips:
-                ckpt.save(state, data_state, force=True)
-                ckpt.wait()
-                raise NonFiniteError(
-                    f"{hm['consecutive_skips']} non-finite steps in a row at step {step} (limit "
-                    f"max_consecutive_skips={step_cfg.max_consecutive_skips}; last loss {hm['loss']}, grad norm "
-                    f"{hm['grad_norm']}); checkpoint saved to {ckpt.directory} step {step}")
-            if step % exp.log_every == 0 or step == n_steps:
-                stats = data.stats()
-                tokens_per_s, flops_per_s = window.rates()
-                log.log_train(step, n_steps, {
-                    **hm, "tokens_per_s": tokens_per_s, "mfu": flops.mfu(flops_per_s, 1.0, n_dev, device_kind),
-                    "packing_efficiency": stats.get("token_efficiency", 0.0),
-                    "skipped_samples": stats.get("skipped", 0.0)}, stats)
-            if evaluate is not None and (step % exp.eval_every == 0 or step == n_steps):
+            rec = _Dispatched(step, m, data_state, float(np.asarray(local["segment_ids"] > 0).sum()) * pc,
+                              flops.batch_flops(cfg, local, exp.trainable).total * pc)
+            upcoming = fetch() if step < n_steps else None                     # overlaps the device step
+            if step % log_every == 0 or step == n_steps:
+                rec = rec._replace(stats=data.stats())
+            if lagging is not None:
+                finish(lagging)
+            lagging = rec
+            evaluating = evaluate is not None and (step % exp.eval_every == 0 or step == n_steps)
+            if not (evaluating or step % ckpt_every == 0 or step == n_steps or preempted["flag"]):
+                continue
+            finish(lagging)
+            lagging = None
+            if evaluating:
                 t = time.perf_counter()
                 evals[step] = evaluate(state.params)
                 window.exclude(time.perf_counter() - t)      # throughput counts training time only
                 log.log_eval(step, evals[step])
                 _append_jsonl(eval_file, {"step": step, **evals[step]})
             ckpt.save(state, data_state)
+        if lagging is not None:                  # SIGTERM arrived after the step's own check
+            finish(lagging)
         if step > start and (step >= n_steps or preempted["flag"]):
             ckpt.save(state, data_state, force=True)
         if preempted["flag"]:
@@ -278,6 +308,16 @@ def _keep_saved_schedule(exp: TrainSpec, step_cfg: train_step.StepConfig, meta: 
         f"its minimum); to decay over {step_cfg.optim.total_steps} steps instead, start a new run from this "
         f"checkpoint's params (another workdir and --set init_from=...)")
     return dataclasses.replace(step_cfg, optim=dataclasses.replace(o, total_steps=saved))
+
+
+class _Dispatched(NamedTuple):
+    """A step whose metrics have not been read yet."""
+    step: int                 # its number (1-based: the state's step after it)
+    metrics: dict             # device arrays
+    data_state: Any           # the data iterator's state after its batch
+    tokens: float             # real tokens of its global batch
+    flops: float              # useful FLOPs of its global batch
+    stats: dict | None = None  # the data counters, on a log step
 
 
 class _Window:
