@@ -162,7 +162,7 @@ def test_block_size_errors():
 
 @pytest.fixture(scope="module")
 def tpu_device():
-    from launch import aot
+    from qwen2vl_jax.train import aot
     try:
         aot.libtpu_path()
     except RuntimeError as e:
