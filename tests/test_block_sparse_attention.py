@@ -153,8 +153,9 @@ def test_block_size_errors():
         block_sizes(128, 128, 32, 96, interpret=True)
     with pytest.raises(ValueError, match=r"block_q=64 must be a multiple of 128 on TPU"):
         block_sizes(128, 128, 64, 128)
-    with pytest.raises(ValueError, match=r"must divide T=1000"):
+    with pytest.raises(ValueError, match=r"T=1000: no block size in \(512, 256, 128\) divides it"):
         block_sizes(1000, 1024)
+    assert block_sizes(1000, 384, interpret=True) == (1000, 128)      # interpret: an untileable row is one block
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,3 +197,84 @@ def test_fwd_bwd_compile_for_v5p(tpu_device, B, T, Hq, Hkv, D, causal):
         assert kernel in text, f"{kernel} missing from the compiled program"
     scores = B * Hq * T * T * 4                     # what materialising fp32 scores would take
     assert compiled.memory_analysis().temp_size_in_bytes < scores / 4
+
+
+# ---------------------------------------------------------------------------------------------
+# in the model: vision tower (block-diagonal by patch segment) and decoder (causal + segments)
+
+def _packed_model_batch(cfg, B, S, P, seed=0):
+    """A packed batch [B rows]: per row, images of varied grids (segment ids 1, 2, ... in order, edges
+    inside 128-patch blocks) then patch padding; documents of varied lengths (the first carries the row's
+    image pad tokens) then token padding."""
+    from qwen2vl_jax.model.rope import vision_position_ids
+    r = np.random.default_rng(seed)
+    batch = {"input_ids": np.zeros((B, S), np.int32), "segment_ids": np.zeros((B, S), np.int32),
+             "positions": np.zeros((B, 3, S), np.int32),
+             "pixel_values": r.standard_normal((B, P, cfg.vision.patch_dim)).astype(np.float32),
+             "patch_segment_ids": np.zeros((B, P), np.int32), "patch_positions": np.zeros((B, P, 2), np.int32)}
+    for b in range(B):
+        p = 0
+        for sid, (h, w) in enumerate([(6, 10), (4, 4), (8, 12), (2, 8)][: 2 + b % 3], start=1):
+            batch["patch_segment_ids"][b, p:p + h * w] = sid
+            batch["patch_positions"][b, p:p + h * w] = vision_position_ids(np.array([[1, h, w]]))
+            p += h * w
+        t = 0
+        for sid, n in enumerate([90 + 7 * b, 150, 61 - 9 * b], start=1):
+            batch["segment_ids"][b, t:t + n] = sid
+            batch["positions"][b, :, t:t + n] = np.arange(n)
+            batch["input_ids"][b, t:t + n] = r.integers(0, cfg.special_token_base, n)
+            t += n
+        batch["input_ids"][b, 1:1 + p // cfg.vision.merge_unit] = cfg.image_token_id
+    return batch
+
+
+def test_model_forward_and_gradients_match_xla_on_a_packed_batch():
+    """The test model with attention_impl=block_sparse (kernels in Pallas interpret mode on CPU, under
+    shard_map on the data x fsdp x tensor = 2x2x2 mesh, activation constraints in effect) against
+    attention_impl=xla on the same packed batch: vision tower output, decoder hidden states and the
+    gradients of a weighted sum of them w.r.t. every parameter. Rows of 384 patches / 384 tokens take
+    128-row blocks: images and documents straddle block edges, padding fills the ends."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from qwen2vl_jax.model import model
+    from qwen2vl_jax.model.config import get_config
+    from qwen2vl_jax.model.partitioning import activation_sharding
+    from qwen2vl_jax.train import sharding
+
+    cfg = get_config("test")
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    params = model.init_params(cfg, jax.random.key(0))
+    batch = _packed_model_batch(cfg, 4, 384, 384)
+    b_sh = sharding.batch_shardings(batch, mesh)
+    batch = sharding.global_batch(batch, b_sh)
+    wv = jax.random.normal(jax.random.key(1), (4, 96, cfg.hidden_size))
+    wh = jax.random.normal(jax.random.key(2), (4, 384, cfg.hidden_size))
+
+    def run(impl):
+        c = cfg.replace(attention_impl=impl)
+
+        def f(params, batch):               # model.forward_hidden, keeping the vision tower's output
+            with activation_sharding(mesh):
+                vis = model.encode_vision(c, params, batch["pixel_values"], batch["patch_segment_ids"],
+                                          batch["patch_positions"])
+                hidden = model.apply_method(c, params, model.Qwen2VL.hidden, batch["input_ids"],
+                                            batch["segment_ids"], batch["positions"], vis)
+            return jnp.sum(vis * wv) + jnp.sum(hidden * wh), (vis, hidden)
+
+        rep = NamedSharding(mesh, P())
+        fn = jax.jit(jax.value_and_grad(f, has_aux=True), in_shardings=(rep, b_sh))
+        (_, (vis, hidden)), grads = fn(params, batch)
+        return str(jax.make_jaxpr(fn)(params, batch)), vis, hidden, grads
+
+    jaxpr, vis, hidden, grads = run("block_sparse")
+    _, vis_ref, hidden_ref, grads_ref = run("xla")
+    for kernel in ("block_sparse_fwd", "block_sparse_dq", "block_sparse_dkv"):
+        assert jaxpr.count(f"name={kernel}") == 2, kernel          # vision and decoder, under shard_map
+    errors = {}
+    for name, a, b in [("vision", vis, vis_ref), ("hidden", hidden, hidden_ref)] + [
+            (jax.tree_util.keystr(k), a, b) for (k, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                                                               jax.tree.leaves(grads_ref))]:
+        a, b = np.asarray(a), np.asarray(b)
+        errors[name] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+    print("max |block_sparse - xla| / max |xla|:", {k: f"{v:.1e}" for k, v in errors.items()})
+    assert max(errors.values()) < 1e-5, errors

@@ -41,7 +41,7 @@ SMEM holds the prefetched list: B * (T / block_q) * (S / block_kv) int32 per ker
 step-time estimator uses them for the FLOPs of these custom calls, which XLA's cost analysis cannot see.
 
 Block sizes: block_q must divide T and block_kv must divide S; on TPU both must be multiples of 128
-(the segment-id tiles are lane-aligned).
+(the segment-id tiles are lane-aligned). Default: the largest of BLOCK_CHOICES that divides the length.
 """
 from __future__ import annotations
 
@@ -54,11 +54,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-# Defaults for long packed rows. Smaller blocks waste fewer pairs at segment edges; larger ones amortise
-# a grid step's fixed cost and fill the MXU. At 512 x 512, 1024-patch images visit 1.0x and 2048-token
-# causal documents 1.25x their useful pairs (512 x 1024: 1.0x / 1.5x) when segments start on block edges.
-DEFAULT_BLOCK_Q = 512
-DEFAULT_BLOCK_KV = 512
+# Block sizes, largest first: a length takes the largest that divides it (the registry's rows, multiples
+# of 512, take 512). Smaller blocks waste fewer pairs at segment edges; larger ones amortise a grid step's
+# fixed cost and fill the MXU. At 512 x 512, 1024-patch images visit 1.0x and 2048-token causal documents
+# 1.25x their useful pairs (512 x 1024: 1.0x / 1.5x) when segments start on block edges.
+BLOCK_CHOICES = (512, 256, 128)
 
 # Matmuls per visited (query row, key row, head) pair, each 2 * head_dim FLOPs:
 # forward QK^T, PV; dq QK^T, dO V^T, dS K; dk/dv QK^T, dO V^T, P^T dO, dS^T Q.
@@ -114,19 +114,29 @@ class Visits(NamedTuple):
     dkv: jax.Array
 
 
-def visited_pairs(q_segment_ids, kv_segment_ids, *, causal: bool, block_q: int = DEFAULT_BLOCK_Q,
-                  block_kv: int = DEFAULT_BLOCK_KV):
-    """[B] int32: (query block, key block) pairs the kernels compute for these segment ids."""
-    meets = block_meets(q_segment_ids, kv_segment_ids, causal=causal, block_q=block_q, block_kv=block_kv)
+def _plan_blocks(q_segment_ids, kv_segment_ids, block_q, block_kv) -> tuple[int, int]:
+    """The given block sizes, else the kernels' defaults for these lengths (`default_block`)."""
+    T, S = q_segment_ids.shape[-1], kv_segment_ids.shape[-1]
+    return (default_block(T, "T") if block_q is None else block_q,
+            default_block(S, "S") if block_kv is None else block_kv)
+
+
+def visited_pairs(q_segment_ids, kv_segment_ids, *, causal: bool, block_q: int | None = None,
+                  block_kv: int | None = None):
+    """[B] int32: (query block, key block) pairs the kernels compute for these segment ids (block sizes:
+    the given ones, else the kernels' defaults for these lengths)."""
+    bq, bkv = _plan_blocks(q_segment_ids, kv_segment_ids, block_q, block_kv)
+    meets = block_meets(q_segment_ids, kv_segment_ids, causal=causal, block_q=bq, block_kv=bkv)
     return jnp.sum(meets, axis=(1, 2), dtype=jnp.int32)
 
 
 def visited_flops(q_segment_ids, kv_segment_ids, *, causal: bool, num_q_heads: int, head_dim: int,
-                  block_q: int = DEFAULT_BLOCK_Q, block_kv: int = DEFAULT_BLOCK_KV) -> Visits:
+                  block_q: int | None = None, block_kv: int | None = None) -> Visits:
     """Visited pairs and the matmul FLOPs each kernel spends on them (every visited block pair is
     computed in full: bq x bkv rows, masked or not)."""
-    pairs = visited_pairs(q_segment_ids, kv_segment_ids, causal=causal, block_q=block_q, block_kv=block_kv)
-    per_pair = float(block_q) * block_kv * num_q_heads * 2 * head_dim
+    bq, bkv = _plan_blocks(q_segment_ids, kv_segment_ids, block_q, block_kv)
+    pairs = visited_pairs(q_segment_ids, kv_segment_ids, causal=causal, block_q=bq, block_kv=bkv)
+    per_pair = float(bq) * bkv * num_q_heads * 2 * head_dim
     f = pairs.astype(jnp.float32) * per_pair
     return Visits(pairs, *(f * MATMULS[k] for k in ("fwd", "dq", "dkv")))
 
@@ -478,8 +488,20 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 # ---------------------------------------------------------------------------------------------
 # public entry point
 
-def _block(name: str, given: int | None, default: int, length_name: str, length: int, interpret: bool) -> int:
-    block = min(default, length) if given is None else given
+def default_block(length: int, length_name: str = "length", interpret: bool = False) -> int:
+    """The largest of BLOCK_CHOICES that divides `length`. In interpret mode (CPU tests, no TPU tiling)
+    a length none divides is one block. Raises (one line) otherwise."""
+    for block in BLOCK_CHOICES:
+        if length % block == 0:
+            return block
+    if interpret:
+        return length
+    raise ValueError(f"{length_name}={length}: no block size in {BLOCK_CHOICES} divides it; the TPU attention "
+                     f"kernels need sequence lengths that are multiples of {BLOCK_CHOICES[-1]}")
+
+
+def _block(name: str, given: int | None, length_name: str, length: int, interpret: bool) -> int:
+    block = default_block(length, length_name, interpret) if given is None else given
     if block <= 0 or length % block:
         raise ValueError(f"{name}={block} must divide {length_name}={length}; pass a {name} that divides it")
     if not interpret and block % _LANES:
@@ -490,10 +512,9 @@ def _block(name: str, given: int | None, default: int, length_name: str, length:
 
 def block_sizes(T: int, S: int, block_q: int | None = None, block_kv: int | None = None,
                 interpret: bool = False) -> tuple[int, int]:
-    """(block_q, block_kv) the kernels use for lengths T, S: the given sizes, else the defaults capped at
-    the lengths. Raises (one line) when a size does not divide its length or is not TPU-tileable."""
-    return (_block("block_q", block_q, DEFAULT_BLOCK_Q, "T", T, interpret),
-            _block("block_kv", block_kv, DEFAULT_BLOCK_KV, "S", S, interpret))
+    """(block_q, block_kv) the kernels use for lengths T, S: the given sizes, else `default_block`.
+    Raises (one line) when a size does not divide its length or is not TPU-tileable."""
+    return (_block("block_q", block_q, "T", T, interpret), _block("block_kv", block_kv, "S", S, interpret))
 
 
 def block_sparse_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, scale: float | None = None,
@@ -501,8 +522,8 @@ def block_sparse_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bo
     """Masked attention visiting only the block pairs whose segments meet (module docstring).
 
     q [B,T,Hq,D], k/v [B,S,Hkv,D], segment ids [B,T] / [B,S] int (0 = padding) -> [B,T,Hq,D] in q.dtype.
-    Differentiable in q, k, v (Pallas backward). block_q / block_kv: None = DEFAULT_BLOCK_Q / _KV capped at
-    T / S. interpret: run the kernels in Pallas interpret mode (CPU)."""
+    Differentiable in q, k, v (Pallas backward). block_q / block_kv: None = the largest of BLOCK_CHOICES
+    dividing T / S (`block_sizes`). interpret: run the kernels in Pallas interpret mode (CPU)."""
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"expected q [B,T,Hq,D], k and v [B,S,Hkv,D]; got {q.shape}, {k.shape}, {v.shape}")
     B, T, Hq, D = q.shape

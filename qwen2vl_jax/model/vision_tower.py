@@ -16,7 +16,8 @@ import jax
 
 from qwen2vl_jax.model.attention import attention
 from qwen2vl_jax.model.config import ModelConfig
-from qwen2vl_jax.model.layers import LayerNorm, Linear, checkpoint_name, constrain, dtype_of, stack_layers
+from qwen2vl_jax.model.layers import LayerNorm, Linear, checkpoint_name, dtype_of, stack_layers
+from qwen2vl_jax.model.partitioning import constrain
 from qwen2vl_jax.model.rope import apply_rotary, vision_rope
 
 
