@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwen2vl_jax.model.attention import attention, make_mask, resolve_impl
+from qwen2vl_jax.model.attention import attention, make_mask, packed_layout, resolve_impl
 from qwen2vl_jax.model.partitioning import activation_sharding
 
 
@@ -181,6 +181,44 @@ def test_cudnn_path_builds_mask_on_cpu():
     assert resolve_impl("auto", jnp.float32) == "xla"
     with pytest.raises(ValueError, match="attention impl 'flash'"):
         resolve_impl("flash", jnp.float32)
+
+
+def _mask_from_packed_layout(seqlens, offsets, L, causal):
+    """numpy: what cuDNN's packed attention computes: position i sees j iff both lie in one run
+    [offsets[m], offsets[m] + seqlens[m]) (and j <= i when causal); positions in no run see nothing."""
+    B, M = seqlens.shape
+    mask = np.zeros((B, L, L), bool)
+    for b in range(B):
+        for m in range(M):
+            if seqlens[b, m] < 0:
+                assert offsets[b, m] == -1 and (seqlens[b, m:] == -1).all() and (offsets[b, m:] == -1).all()
+                break
+            idx = np.arange(offsets[b, m], offsets[b, m] + seqlens[b, m])
+            mask[b, idx[:, None], idx[None, :]] = True
+        assert offsets[b, M] == -1
+    return mask & np.tril(np.ones((L, L), bool)) if causal else mask
+
+
+def test_cudnn_packed_layout_rebuilds_the_mask():
+    """The cuDNN packed path (vision tower on GPU) never builds a [P, P] mask: it hands cuDNN per-segment
+    offsets and lengths computed on device. Rebuilt into a mask in numpy they give exactly the masking
+    rule's mask (make_mask), non-causal and causal, for ragged runs, padding between and after runs,
+    one-row runs, a run filling the row and an all-padding row; a row with more runs than promised is
+    flagged. (The cuDNN call itself needs a Hopper GPU: not run here.)"""
+    L = 24
+    rows = [[1] * 5 + [2] * 3 + [0] * 2 + [3] + [4] * 9 + [0] * 4,
+            [7] * L,
+            [0] * L,
+            [1, 2, 3, 4, 5, 6] + [0] * 18,
+            [0] * 3 + [1] * 10 + [0] * 4 + [2] * 7]
+    seg = np.array(rows, np.int32)
+    for causal in (False, True):
+        seqlens, offsets, overflow = (np.asarray(x) for x in packed_layout(seg, max_segments=6))
+        assert seqlens.shape == (5, 6) and offsets.shape == (5, 7) and not overflow.any()
+        np.testing.assert_array_equal(_mask_from_packed_layout(seqlens, offsets, L, causal),
+                                      np.asarray(make_mask(seg, seg, causal=causal)))
+    np.testing.assert_array_equal(np.asarray(packed_layout(seg, max_segments=5)[2]),
+                                  [False, False, False, True, False])
 
 
 def test_shape_errors_name_values():

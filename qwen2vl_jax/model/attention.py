@@ -11,10 +11,13 @@ holds token i); it is 0 for self-attention over the same sequence.
 
 Backends:
   xla    einsum + fp32 softmax, GQA by grouping the query heads ([B,T,Hkv,G,D]); no K/V repeat.
-  cudnn  `jax.nn.dot_product_attention(implementation="cudnn")` (bf16/fp16 only). The public API takes no
-         segment ids, so: no segments -> plain causal (fastest); `single_segment=True` (each row one
-         sample followed by right padding) -> query/key lengths (cheap padding mask); otherwise an explicit
-         boolean mask (the slowest of the three forms, so it is the last resort).
+  cudnn  cuDNN flash attention (bf16/fp16 only). Packed self-attention with `max_segments` (the vision
+         tower: one contiguous run per image) -> cuDNN's packed layout, segment offsets and lengths
+         computed on device (`packed_layout`; Hopper or later, else the masked form with a warning);
+         `single_segment=True` (each row one sample followed by right padding) -> query/key lengths
+         (cheap padding mask); otherwise an explicit boolean [B,1,T,S] mask (the slowest form, the last
+         resort). Through `jax.nn.dot_product_attention(implementation="cudnn")`, except the packed
+         layout, which only jax's private cuDNN module exposes.
   block_sparse  Pallas TPU kernel (model/block_sparse_attention.py) that visits only the (query block,
          key block) pairs whose segment-id ranges meet (and, causal, that are not above the diagonal):
          a packed row of many images or documents costs the pairs inside its segments, not the whole
@@ -42,6 +45,8 @@ The KV-cache path (q_offset given) always uses xla: a decode step is memory-boun
 causal masks are top-left aligned.
 """
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +98,52 @@ def _xla(q, k, v, mask, scale):
     return out.reshape(B, T, Hq, D).astype(q.dtype)
 
 
-def _cudnn(q, k, v, q_seg, kv_seg, causal, scale, single_segment):
+def packed_layout(segment_ids, max_segments: int):
+    """cuDNN's packed ("ragged") description of self-attention rows whose segments are contiguous runs.
+
+    segment_ids [B, L] int (0 = padding; each non-zero id one contiguous run, as the packer writes them)
+    -> seqlens [B, M] int32 (length of the m-th run of row b, -1 past the row's last run),
+       offsets [B, M + 1] int32 (its first position, -1 past the last run),
+       overflow [B] bool (the row has more than M = max_segments runs: the layout is incomplete).
+    The format of jax's cuDNN fused attention (`q_seqlen` / `q_offsets` of
+    jax._src.cudnn.fused_attention_stablehlo.dot_product_attention): each run attends only to itself."""
+    seg = jnp.asarray(segment_ids, jnp.int32)
+    B, L = seg.shape
+    M = max_segments
+    prev = jnp.pad(seg, ((0, 0), (1, 0)))[:, :-1]
+    start = (seg != 0) & (seg != prev)                                # first position of each run
+    run = jnp.cumsum(start, axis=1, dtype=jnp.int32) - 1              # run index (of the last run started)
+    count = jnp.sum(start, axis=1, dtype=jnp.int32)                   # [B]
+    rows = jnp.arange(B)[:, None]
+    pos = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    offsets = jnp.full((B, M + 1), -1, jnp.int32).at[rows, jnp.where(start, run, M + 1)].set(pos, mode="drop")
+    lengths = jnp.zeros((B, M), jnp.int32).at[rows, jnp.where(seg != 0, run, M)].add(1, mode="drop")
+    seqlens = jnp.where(jnp.arange(M) < count[:, None], lengths, -1)
+    return seqlens, offsets.at[:, M].set(-1), count > M
+
+
+def _cudnn_packed(q, k, v, seg, causal, scale, max_segments):
+    """cuDNN flash attention on the packed layout: each segment attends within itself, no [T, S] mask.
+    Runs only on a GPU (Hopper or later, cuDNN >= 9.6), which the test machines do not have: what is
+    tested on CPU is `packed_layout` (against the mask it must equal); this call itself is not.
+    The packed layout is not in jax.nn.dot_product_attention's public API, hence the private module."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    seqlens, offsets, overflow = packed_layout(seg, max_segments)
+    out = fused.dot_product_attention(q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets,
+                                      kv_offsets=offsets, scale=scale,
+                                      mask_type=fused.MaskType.CAUSAL if causal else fused.MaskType.NO_MASK)
+    # more runs than promised: the layout misses some, so NaN (the train step skips a non-finite step)
+    return jnp.where(overflow[:, None, None, None], jnp.nan, out)
+
+
+def _cudnn(q, k, v, q_seg, kv_seg, causal, scale, single_segment, max_segments):
+    if max_segments is not None:
+        try:
+            out = _cudnn_packed(q, k, v, q_seg, causal, scale, max_segments)
+            return jnp.where((q_seg != 0)[:, :, None, None], out, 0).astype(q.dtype)
+        except NotImplementedError as e:        # raised at trace time: GPU before Hopper, old cuDNN
+            warnings.warn(f"cuDNN packed attention unavailable ({e}); using the masked form", stacklevel=3)
     if single_segment:
         q_len = jnp.sum(q_seg != 0, axis=1).astype(jnp.int32)
         kv_len = jnp.sum(kv_seg != 0, axis=1).astype(jnp.int32)
@@ -232,12 +282,16 @@ def resolve_impl(impl: str, dtype, lengths: tuple[int, int] | None = None) -> st
 
 
 def attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, impl: str = "xla", q_offset=None,
-              scale: float | None = None, single_segment: bool = False, interpret: bool | None = None):
+              scale: float | None = None, single_segment: bool = False, max_segments: int | None = None,
+              interpret: bool | None = None):
     """Masked attention (rule in the module docstring). q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D] in q.dtype.
 
     q_segment_ids [B,T], kv_segment_ids [B,S]: int, 0 = padding. q_offset: None (self-attention, T == S
     aligned) or int / [B] int array, the key index of query 0 (KV-cache decoding; forces the xla backend).
     single_segment: promise that every row is one sample plus right padding (lets cudnn use lengths).
+    max_segments: self-attention only (kv_segment_ids equal to q_segment_ids): promise that every non-zero
+    segment id is one contiguous run and a row holds at most max_segments runs (lets cudnn use its packed
+    layout instead of a [T, S] mask; a row with more runs gives NaN, never a wrong value).
     interpret: run the Pallas kernels (splash, block_sparse) in interpret mode; None: iff a mesh in
     context has non-TPU devices (`mesh_platform`: a CPU run or test).
     """
@@ -250,7 +304,9 @@ def attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, impl: str
         mask = make_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
         return _xla(q, k, v, mask, scale)
     if impl == "cudnn":
-        return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, scale, single_segment)
+        if max_segments is not None and q.shape[1] != k.shape[1]:
+            raise ValueError(f"max_segments is for self-attention; got T={q.shape[1]} != S={k.shape[1]}")
+        return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, scale, single_segment, max_segments)
     if interpret is None:               # compiled for TPU unless a mesh in context says otherwise
         interpret = mesh_platform() not in (None, "tpu")
     return _kernel(impl, q, k, v, q_segment_ids, kv_segment_ids, causal, scale, interpret)

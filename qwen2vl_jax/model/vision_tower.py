@@ -40,7 +40,9 @@ class VisionAttention(nn.Module):
         cos, sin = ctx["cos"][:, :, None, :], ctx["sin"][:, :, None, :]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         seg = ctx["segment_ids"]
-        a = attention(q, k, val, q_segment_ids=seg, kv_segment_ids=seg, causal=False, impl=self.cfg.attention_impl)
+        # every image (video slice) is one contiguous run of whole 2x2 merge windows: at most P / 4 runs
+        a = attention(q, k, val, q_segment_ids=seg, kv_segment_ids=seg, causal=False, impl=self.cfg.attention_impl,
+                      max_segments=seg.shape[1] // v.merge_unit)
         a = checkpoint_name(constrain(a, ("batch", "patches", "act_heads", None)), "attn_out")
         return Linear("bphd,hde->bpe", (H, hd, E), ("vision_heads", "head_dim", "vision_embed"), (E,),
                       ("vision_embed",), **lin, name="proj")(a)
