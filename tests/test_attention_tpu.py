@@ -1,9 +1,11 @@
-"""attention(impl="splash") compiled for a real TPU topology (v5p:2x2x1, 4 chips) on this CPU machine:
+"""The Pallas attention kernels compiled for a real TPU topology (v5p:2x2x1, 4 chips) on this CPU machine:
 libtpu's compile-only devices (qwen2vl_jax.train.aot.get_topology_devices). A train-like step (projections
 -> splash attention -> output projection -> loss, gradients of the weights) on a mesh with data / fsdp /
 tensor axes must lower and compile, with the Mosaic kernel partitioned by the shard_map in
 qwen2vl_jax.model.attention; without a mesh in context, XLA cannot partition it (the contract train steps
-rely on: trace under `jax.set_mesh(mesh)`). Skipped when libtpu is not installed."""
+rely on: trace under the mesh). The real train step with attention_impl=block_sparse compiles with the
+block-sparse kernels in it, and "auto" resolves for the mesh's platform. Skipped when libtpu is not
+installed."""
 import re
 
 import jax

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from qwen2vl_jax.model import model
 from qwen2vl_jax.train import optim, sharding, train_step
 from qwen2vl_jax.model.config import get_config
+from test_train import _sdy_spec
 
 
 def test_mesh_shapes_and_errors():
@@ -105,15 +106,6 @@ EXPECTED_ACTIVATION_SPECS = {
 }
 
 
-def _sdy_dims(dims: str) -> tuple:
-    """'{"data", "fsdp"}, {}, {"tensor"}' (Shardy's per-dimension axes) -> (('data', 'fsdp'), None, 'tensor')."""
-    out = []
-    for d in re.findall(r"\{([^}]*)\}", dims):
-        axes = tuple(re.findall(r'"(\w+)"', d))
-        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return tuple(out)
-
-
 def _random_batch(cfg, B, S, P, seed=0):
     r = np.random.default_rng(seed)
     seg = np.repeat([1, 2, 0], [S // 2, S // 2 - 8, 8])[None].repeat(B, 0).astype(np.int32)
@@ -164,7 +156,7 @@ def test_activation_constraints_are_in_the_lowered_train_step():
         found = {}
         for dims, shape in re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, \[(.*?)\]> : tensor<([0-9x]+)x\w+>",
                                       lowered.as_text()):
-            found.setdefault(shape, set()).add(_sdy_dims(dims))
+            found.setdefault(shape, set()).add(_sdy_spec(dims))
         return found, lowered
 
     found, lowered = constraints(mesh)

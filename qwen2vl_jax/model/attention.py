@@ -28,14 +28,14 @@ Backends:
          Both Pallas kernels: on TPU, sequence lengths must be multiples of 128 (else a one-line
          error). They run in Pallas interpret mode (slow; for tests) when the mesh in context has CPU
          devices (`interpret=None`), so a model configured for them also runs on a CPU mesh; with no
-         mesh in context they are compiled for TPU.
-         A Mosaic kernel cannot be partitioned by XLA, so when a multi-device mesh is in context while tracing
-         (`partitioning.activation_sharding(mesh)` inside the jitted function, or `jax.set_mesh(mesh)`
-         around the trace) the kernel runs under `shard_map`, its specs from partitioning's resolver and
-         active rules: batch (and segment ids) over the mesh axes of "batch", query heads over
-         "act_heads", kv heads over "act_kv_heads"; sequences whole. When the kv heads do not divide like
-         the query heads (2B: 2 kv heads, tensor=4), k/v stay replicated over the head axes and each
-         shard slices the kv heads its query heads use. Mosaic rejects 16-bit operands under a global
+         mesh in context they are compiled for TPU. A Mosaic kernel cannot be partitioned by XLA, so
+         when a multi-device mesh is in context while tracing (`partitioning.activation_sharding(mesh)`
+         inside the jitted function, or `jax.set_mesh(mesh)` around the trace) the kernel runs under
+         `shard_map`, its specs from partitioning's resolver and active rules: batch (and segment ids)
+         over the mesh axes of "batch", query heads over "act_heads", kv heads over "act_kv_heads";
+         sequences whole. When the kv heads do not divide like the query heads (2B: 2 kv heads,
+         tensor=4), k/v stay replicated over the head axes and each shard slices the kv heads its query
+         heads use. Mosaic rejects 16-bit operands under a global
          jax_default_matmul_precision="highest" (fp32 contract precision: "Bad lhs type"); leave it
          at the default for bf16 TPU runs.
   auto   on the target platform (the context mesh's devices, else jax's default backend: an AOT
