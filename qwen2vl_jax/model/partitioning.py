@@ -103,9 +103,10 @@ _RULES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("qwen2vl_j
 
 @contextlib.contextmanager
 def activation_sharding(mesh, rules: Rules = LOGICAL_RULES):
-    """Makes `mesh` and `rules` visible while tracing (enter it inside the jitted function, around the
-    model call): activation constraints (`constrain`) take effect and the Pallas attention kernels run
-    under shard_map over the mesh. Entering it around a `jit` trace works as well."""
+    """Makes `mesh` and `rules` visible while tracing: enter it inside the jitted function, around the
+    model call (the train step, the evaluator). Activation constraints (`constrain`) then take effect and
+    the Pallas attention kernels run under shard_map over the mesh. Both are read at trace time: a
+    program traced once keeps the mesh and rules it was traced with."""
     token = _RULES.set(tuple(rules))
     try:
         with jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh)):
