@@ -158,6 +158,18 @@ def test_block_size_errors():
     assert block_sizes(1000, 384, interpret=True) == (1000, 128)      # interpret: an untileable row is one block
 
 
+def test_registry_rows_take_the_largest_block():
+    """Every paper-size experiment's rows (decoder seq_len, vision max_patches) tile into 512-row blocks,
+    the kernels' default, so "auto" on TPU never falls back to xla for them."""
+    from experiments import registry
+
+    for model in ("2b", "7b", "72b"):
+        for stage in (1, 2, 3):
+            data = registry.get_experiment(f"stage{stage}", model, []).data
+            assert block_sizes(data.seq_len, data.max_patches) == (512, 512), (model, stage, data.seq_len,
+                                                                                data.max_patches)
+
+
 # ---------------------------------------------------------------------------------------------
 # TPU lowering
 
