@@ -27,7 +27,7 @@ SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 
-ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "block_sparse", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -20,7 +20,8 @@ import numpy as np
 from qwen2vl_jax.model.attention import attention
 from qwen2vl_jax.model.config import ModelConfig
 from qwen2vl_jax.model import pixels
-from qwen2vl_jax.model.layers import LayerNorm, Linear, checkpoint_name, constrain, dtype_of, stack_layers
+from qwen2vl_jax.model.layers import LayerNorm, Linear, checkpoint_name, dtype_of, stack_layers
+from qwen2vl_jax.model.partitioning import constrain
 from qwen2vl_jax.model.rope import apply_rotary, vision_rope
 
 
@@ -55,7 +56,9 @@ class VisionAttention(nn.Module):
         cos, sin = ctx["cos"][:, :, None, :], ctx["sin"][:, :, None, :]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         seg = ctx["segment_ids"]
-        a = attention(q, k, val, q_segment_ids=seg, kv_segment_ids=seg, causal=False, impl=self.cfg.attention_impl)
+        # every image (video slice) is one contiguous run of whole 2x2 merge windows: at most P / 4 runs
+        a = attention(q, k, val, q_segment_ids=seg, kv_segment_ids=seg, causal=False, impl=self.cfg.attention_impl,
+                      max_segments=seg.shape[1] // v.merge_unit)
         a = checkpoint_name(constrain(a, ("batch", "patches", "act_heads", None)), "attn_out")
         return Linear("bphd,hde->bpe", (H, hd, E), ("vision_heads", "head_dim", "vision_embed"), (E,),
                       ("vision_embed",), **lin, name="proj")(a)
