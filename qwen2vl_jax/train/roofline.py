@@ -533,6 +533,7 @@ class Analysis:
     kernel_flops: dict = dataclasses.field(default_factory=lambda: defaultdict(float))   # label -> FLOPs
     kernel_calls: dict = dataclasses.field(default_factory=lambda: defaultdict(float))   # label -> calls
     hbm_bytes: float = 0.0
+    kernel_hbm_bytes: float = 0.0                              # the custom calls' share of hbm_bytes
     collectives: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0, 0.0]))
     estimated_cycles: float = 0.0
     ops: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0, 0.0, 0.0]))
@@ -553,6 +554,7 @@ class Analysis:
     def add(self, other: "Analysis", times: float = 1.0) -> None:
         self.matmul_flops += times * other.matmul_flops
         self.hbm_bytes += times * other.hbm_bytes
+        self.kernel_hbm_bytes += times * other.kernel_hbm_bytes
         self.estimated_cycles += times * other.estimated_cycles
         for k, v in other.kernel_flops.items():
             self.kernel_flops[k] += times * v
@@ -632,6 +634,12 @@ def _fusion_hbm(module: Module, ins: Instr) -> float:
     return total
 
 
+def _io_bytes(module: Module, ins: Instr) -> float:
+    """HBM bytes of an op's operands and results."""
+    return (sum(shape_bytes(module.instrs[o].shape, hbm_only=True) for o in ins.operands)
+            + shape_bytes(ins.shape, hbm_only=True))
+
+
 def _walk(module: Module, comp: str, kernel_costs: Sequence[KernelCostFn]) -> Analysis:
     out = Analysis(module.num_devices)
     for ins in module.computations[comp]:
@@ -689,26 +697,24 @@ def _walk(module: Module, comp: str, kernel_costs: Sequence[KernelCostFn]) -> An
                 cost = fn(call)
                 if cost is not None:
                     break
-            if cost is None:
-                if call.target == "tpu_custom_call":
-                    label = f"{call.name} (unknown kernel: no FLOPs)"
-                    out.kernel_flops[label] += 0.0
-                    out.kernel_calls[label] += 1
-                    msg = f"kernel {call.name}: no KernelCostFn claims it, FLOPs not counted"
-                    if msg not in out.warnings:
-                        out.warnings.append(msg)
-            else:
+            if cost is None and call.target == "tpu_custom_call":
+                cost = KernelCost(0.0, label=f"{call.name} (unknown kernel: no FLOPs)")
+                msg = f"kernel {call.name}: no KernelCostFn claims it, FLOPs not counted"
+                if msg not in out.warnings:
+                    out.warnings.append(msg)
+            if cost is not None:
                 label = cost.label or call.name
                 out.kernel_flops[label] += cost.flops
                 out.kernel_calls[label] += 1
-                kflops, hbm = cost.flops, cost.hbm_bytes
+                kflops = cost.flops
+                hbm = _io_bytes(module, ins) if cost.hbm_bytes is None else cost.hbm_bytes
+                out.kernel_hbm_bytes += hbm
         elif op == "copy-start":
             parts = parse_shape(ins.shape)
             hbm = sum(shape_bytes(module.instrs[o].shape, hbm_only=True) for o in ins.operands)
             hbm += parts[0].bytes if parts and parts[0].memory_space == 0 else 0.0
         if hbm is None:
-            hbm = (sum(shape_bytes(module.instrs[o].shape, hbm_only=True) for o in ins.operands)
-                   + shape_bytes(ins.shape, hbm_only=True))
+            hbm = _io_bytes(module, ins)
         cycles = _CYCLES.search(ins.attrs)
         cycles = float(cycles.group(1)) if cycles else 0.0
         out.matmul_flops += flops
@@ -772,6 +778,11 @@ class Estimate:
         return self.analysis.estimated_cycles / self.chip.clock_hz
 
     @property
+    def compiler_view_s(self) -> float:
+        """No-overlap time in the compiler's own terms: its XLA-op cycles + the kernels' FLOPs at peak."""
+        return self.compiler_s + self.analysis.total_kernel_flops / self.chip.peak_bf16_flops
+
+    @property
     def terms(self) -> dict[str, float]:
         return {"compute": self.compute_s, "hbm": self.hbm_s, "ici": self.ici_s}
 
@@ -826,12 +837,17 @@ def format_estimate(est: Estimate, top: int = 8) -> str:
         rows.append(f"  {'kernel ' + label + f' x{a.kernel_calls[label]:.0f}':<58} {_fmt(f):>10} {f / peak:9.3f}")
     rows.append(f"  {'compute (all FLOPs at peak)':<58} {_fmt(est.flops):>10} {est.compute_s:9.3f}")
     rows.append(f"  {'HBM bytes (operands + results of each op)':<58} {_fmt(a.hbm_bytes):>10} {est.hbm_s:9.3f}")
+    if a.kernel_hbm_bytes:
+        rows.append(f"  {'  of which kernels (operands, results, streamed blocks)':<58} {_fmt(a.kernel_hbm_bytes):>10} "
+                    f"{a.kernel_hbm_bytes / c.hbm_bandwidth:9.3f}")
     for (kind, n), (calls, b, sent) in sorted(a.collectives.items(), key=lambda kv: -kv[1][2]):
         rows.append(f"  {f'ICI {kind} over {n} x{calls:.0f} (buffer {_fmt(b)} B), ring bytes':<58} "
                     f"{_fmt(sent):>10} {sent / c.ring_bandwidth:9.3f}")
     rows.append(f"  {'ICI bytes sent (ring algorithm)':<58} {_fmt(a.ici_bytes):>10} {est.ici_s:9.3f}")
     rows.append(f"  {'XLA ops, compiler estimated_cycles at ' + f'{c.clock_hz / 1e9:.2f} GHz':<58} "
                 f"{_fmt(a.estimated_cycles):>10} {est.compiler_s:9.3f}")
+    rows.append(f"  {'compiler view, no overlap: XLA op cycles + kernel FLOPs at peak':<58} {'':>10} "
+                f"{est.compiler_view_s:9.3f}")
     loops = ", ".join(f"%{n} x{t}" for n, t in a.loops[:12]) + (" ..." if len(a.loops) > 12 else "")
     rows.append(f"  loops: {loops or 'none'}")
     if top:
