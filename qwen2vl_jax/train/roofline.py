@@ -167,6 +167,7 @@ class Module:
     roots: dict[str, Instr]
     entry: str
     num_devices: int
+    while_of: dict = dataclasses.field(default_factory=dict)  # loop body computation -> its while
     users: dict = dataclasses.field(default_factory=dict)     # computation -> {value: users}, filled lazily
 
 
@@ -209,7 +210,8 @@ def parse_module(text: str) -> Module:
     replicas = re.search(r"replica_count=(\d+)", header)
     n = (int(parts.group(1)) if parts else 1) * (int(replicas.group(1)) if replicas else 1)
     instrs = {i.name: i for c in comps.values() for i in c}
-    return Module(comps, instrs, roots, entry, n)
+    while_of = {i.called("body")[0]: i for i in instrs.values() if i.opcode == "while" and i.called("body")}
+    return Module(comps, instrs, roots, entry, n, while_of)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +355,7 @@ def conv_flops(module: Module, ins: Instr) -> float:
     lhs = parse_shape(module.instrs[ins.operands[0]].shape)[0].dims
     rhs = parse_shape(module.instrs[ins.operands[1]].shape)[0].dims
     out = parse_shape(ins.shape)[0].dims
-    spatial = [c for c in out_l if c.isdigit()]
+    spatial = sorted((c for c in out_l if c.isdigit()), key=int)   # window dims follow the spatial numbers
     windows = _window(ins, len(spatial))
     macs = out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")]
     for d, c in enumerate(spatial):
@@ -454,12 +456,41 @@ def splash_cost(call: KernelCall) -> KernelCost | None:
     return KernelCost(flops, hbm, label=f"{m.group(0)} q{list(q)} kv{S}")
 
 
-def _literal(module: Module, name: str) -> np.ndarray | None:
-    """Value of a compile-time constant operand (through copies and async copies), else None."""
+def _source(module: Module, name: str) -> Instr | None:
+    """The instruction that defines the value `name` through copies (also async), tuples and loop-invariant
+    while-loop state (a constant hoisted out of a scan reaches the body as a tuple element); None where
+    the value varies with the iteration."""
     ins = module.instrs[name]
-    while ins.opcode in _PASS + ("copy-start", "copy-done") and ins.operands:
-        ins = module.instrs[ins.operands[0]]
-    if ins.opcode != "constant":
+    for _ in range(64):
+        if ins.opcode in _PASS + ("copy-start", "copy-done") and ins.operands:
+            ins = module.instrs[ins.operands[0]]
+            continue
+        if ins.opcode != "get-tuple-element":
+            return ins
+        idx, src = int(ins.attr("index")), module.instrs[ins.operands[0]]
+        if src.opcode == "tuple":
+            ins = module.instrs[src.operands[idx]]
+            continue
+        if src.opcode == "parameter":            # inside a loop body: the loop's initial value
+            loop = module.while_of.get(src.computation)
+        else:                                    # a loop's result: its initial value if the loop keeps it
+            loop = src if src.opcode == "while" else None
+        if loop is None:
+            return None
+        root = module.roots[loop.called("body")[0]]
+        if root.opcode != "tuple" or _tuple_index(module, root.operands[idx]) != idx:
+            return None                          # the body changes this element
+        init = _through(module, loop.operands[0])
+        if init.opcode != "tuple":
+            return None
+        ins = module.instrs[init.operands[idx]]
+    return None
+
+
+def _literal(module: Module, name: str) -> np.ndarray | None:
+    """Value of a compile-time constant operand (found by `_source`), else None."""
+    ins = _source(module, name)
+    if ins is None or ins.opcode != "constant":
         return None
     arr = parse_shape(ins.shape)
     nums = re.findall(r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?", ins.literal)
