@@ -252,8 +252,10 @@ def test_splash_cost_counts_the_blocks_its_mask_visits():
     for phase, matmuls in (("fwd", 2), ("dq", 3), ("dkv", 4)):
         full = roofline.splash_cost(_splash_call(phase, None))
         assert full.flops == 2 * full_pairs * D * matmuls
+        assert "block mask not readable" in full.warning                         # never silently
         c = roofline.splash_cost(_splash_call(phase, causal[None]))
         assert c.flops == 2 * full_pairs * (10 / 16) * D * matmuls                # 10 of 16 blocks run
+        assert not c.warning
         # HBM: operands + result + two [128, 64] bf16 blocks per visited block pair
         io = 2 * (2 * 3 * 4 * 512 * 64 * 2) + 2 * (2 * 3 * 512 * 64 * 2) + 2 * 16
         assert c.hbm_bytes == io + batch * heads * 10 * 2 * 128 * 64 * 2
@@ -321,7 +323,8 @@ def test_a_block_mask_hoisted_into_loop_state_is_still_read():
     assert a.total_kernel_flops == 3 * full * 10 / 16           # 3 iterations, 10 of 16 blocks
     # a loop that rewrites the mask element: its value is not the constant any more -> every pair counts
     changing = HOISTED_MASK.replace("tuple(%nextc, %mc, %splash", "tuple(%nextc, %cd, %splash")
-    assert roofline.analyze(changing).total_kernel_flops == 3 * full
+    a = roofline.analyze(changing)
+    assert a.total_kernel_flops == 3 * full and "block mask not readable" in a.warnings[0]
 
 
 def test_estimate_terms_bound_mfu_and_last_line():

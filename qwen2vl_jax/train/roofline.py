@@ -405,6 +405,7 @@ class KernelCost:
     flops: float
     hbm_bytes: float | None = None     # None: operand + result bytes
     label: str = ""                    # row name in the estimate's table (default: the kernel name)
+    warning: str = ""                  # shown under the estimate (an assumption the count had to make)
 
 
 KernelCostFn = Callable[[KernelCall], "KernelCost | None"]
@@ -441,9 +442,13 @@ def splash_cost(call: KernelCall) -> KernelCost | None:
     q, k = q_arr.dims, call.operand_dims(qi + 1)
     heads, T, D = q[-3:]
     S = k[-2]
-    frac, mask = 1.0, call.constants[1] if len(call.constants) > 1 else None
+    label = f"{m.group(0)} q{list(q)} kv{S}"
+    frac, warning, mask = 1.0, "", call.constants[1] if len(call.constants) > 1 else None
     if mask is not None and mask.size and set(np.unique(mask).tolist()) <= {0, 1, 2}:
         frac = float(np.count_nonzero(mask)) / mask.size
+    else:
+        warning = (f"{label}: block mask not readable (as_text() elides large constants; pass "
+                   f"roofline.hlo_text(compiled)), every block pair counted")
     pairs = math.prod(q[:-3]) * heads * T * S * frac
     flops = 2.0 * pairs * D * _SPLASH_MATMULS[phase]
     hbm = sum(shape_bytes(s) for s in call.operands) + shape_bytes(call.result)
@@ -453,7 +458,7 @@ def splash_cost(call: KernelCall) -> KernelCost | None:
         bq, bkv = sizes[q_key], sizes[kv_key]
         rows = bkv if streamed == "kv" else bq
         hbm += pairs / (bq * bkv) * 2 * rows * D * DTYPE_BYTES[q_arr.dtype]
-    return KernelCost(flops, hbm, label=f"{m.group(0)} q{list(q)} kv{S}")
+    return KernelCost(flops, hbm, label=label, warning=warning)
 
 
 def _source(module: Module, name: str) -> Instr | None:
@@ -490,6 +495,11 @@ def _source(module: Module, name: str) -> Instr | None:
 def _literal(module: Module, name: str) -> np.ndarray | None:
     """Value of a compile-time constant operand (found by `_source`), else None."""
     ins = _source(module, name)
+    if ins is not None and ins.opcode == "broadcast" and ins.operands:     # a uniform constant, e.g. all 2s
+        scalar = _literal(module, ins.operands[0])
+        if scalar is not None and scalar.size == 1:
+            return np.full(parse_shape(ins.shape)[0].dims, scalar.item())
+        return None
     if ins is None or ins.opcode != "constant":
         return None
     arr = parse_shape(ins.shape)
@@ -729,11 +739,11 @@ def _walk(module: Module, comp: str, kernel_costs: Sequence[KernelCostFn]) -> An
                 if cost is not None:
                     break
             if cost is None and call.target == "tpu_custom_call":
-                cost = KernelCost(0.0, label=f"{call.name} (unknown kernel: no FLOPs)")
-                msg = f"kernel {call.name}: no KernelCostFn claims it, FLOPs not counted"
-                if msg not in out.warnings:
-                    out.warnings.append(msg)
+                cost = KernelCost(0.0, label=f"{call.name} (unknown kernel: no FLOPs)",
+                                  warning=f"kernel {call.name}: no KernelCostFn claims it, FLOPs not counted")
             if cost is not None:
+                if cost.warning and cost.warning not in out.warnings:
+                    out.warnings.append(cost.warning)
                 label = cost.label or call.name
                 out.kernel_flops[label] += cost.flops
                 out.kernel_calls[label] += 1
