@@ -1,4 +1,5 @@
-"""TPU chip constants, one table: what a roofline over a compiled step needs per chip.
+"""Accelerator constants, one table: per TPU chip what a roofline over a compiled step and a topology need;
+per GPU its dense bf16 peak (MFU of a measured step).
 
 Sources (public Cloud TPU documentation, "System architecture" tables):
   v5p  https://cloud.google.com/tpu/docs/v5p   459 TFLOP/s bf16; 95 GiB HBM2e at 2765 GB/s; 2 TensorCores
@@ -13,7 +14,11 @@ Sources (public Cloud TPU documentation, "System architecture" tables):
 Per link and direction = bidirectional per-chip bandwidth / ports / 2 (v5p 100, v5e 50, v6e 100 GB/s).
 
 HBM capacity: the per-chip figure launch.aot's does-it-fit check uses, read as GiB for all four (the v5e and
-v6e pages say "GB").
+v6e pages say "GB"). TensorCores: what an accelerator name counts for v5p and v4 (v5p-256 = 128 chips); jax
+shows a megacore chip as one device. Torus dimensions = ICI ports / 2.
+
+GPUs (NVIDIA datasheets, dense bf16 tensor-core FLOP/s, i.e. half the "with sparsity" figure): H100 SXM and
+H200 989e12, A100 312e12, L4 121e12.
 
 Clock: the TPU compiler's `estimated_cycles` (in each fusion's backend_config) count chip cycles, so their
 sum converts to seconds at the MXU clock, clock = peak / (TensorCores x MXUs x MXU MACs x 2). v5p: 459e12 /
@@ -26,6 +31,7 @@ backend_config shows no megacore split); tests/test_roofline.py checks each cloc
 from __future__ import annotations
 
 import dataclasses
+import re
 
 GiB = 1024 ** 3
 
@@ -40,6 +46,11 @@ class Chip:
     ici_links: int             # ICI ports per chip
     tensorcores: int           # per chip (jax shows a megacore chip as one device)
     clock_hz: float            # converts the compiler's estimated_cycles to seconds
+
+    @property
+    def torus_dims(self) -> int:
+        """3 for v4 / v5p slices, 2 for v5e / v6e."""
+        return self.ici_links // 2
 
     @property
     def ring_bandwidth(self) -> float:
@@ -58,6 +69,9 @@ CHIPS: dict[str, Chip] = {
 DEVICE_KINDS = {"TPU v5": "v5p", "TPU v5p": "v5p", "TPU v5 lite": "v5e", "TPU v5e": "v5e",
                 "TPU v6 lite": "v6e", "TPU v6e": "v6e", "TPU v4": "v4"}
 
+# dense bf16 FLOP/s per GPU, by the model name in its device kind ("NVIDIA H100 80GB HBM3")
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
 
 def get_chip(name: str) -> Chip:
     """Chip by generation name (v5p, v5e, v6e, v4) or jax device_kind ("TPU v5 lite")."""
@@ -66,3 +80,15 @@ def get_chip(name: str) -> Chip:
         raise ValueError(f"unknown TPU chip {name!r}; valid: {', '.join(CHIPS)} "
                          f"or a device_kind ({', '.join(DEVICE_KINDS)})")
     return CHIPS[key]
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Dense bf16 peak of one device from its jax (or torch) device kind; None for CPUs and unknown devices."""
+    kind = device_kind.strip()
+    tpu = {k.lower(): v for k, v in DEVICE_KINDS.items()}.get(kind.lower())
+    if tpu:
+        return CHIPS[tpu].peak_bf16_flops
+    for name, peak in GPU_PEAK_FLOPS.items():
+        if re.search(rf"(?<![A-Za-z0-9]){name}(?![A-Za-z0-9])", kind):   # L4, not L40S
+            return peak
+    return None
