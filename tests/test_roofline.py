@@ -346,7 +346,7 @@ def test_estimate_terms_bound_mfu_and_last_line():
 
 @pytest.fixture(scope="module")
 def tpu():
-    aot = pytest.importorskip("launch.aot")
+    from qwen2vl_jax.train import aot
     try:
         aot.libtpu_path()
     except RuntimeError as e:
@@ -448,6 +448,46 @@ def test_splash_kernels_on_tpu_visit_the_causal_blocks(tpu):
     assert flops[True] == {k: v * 3 / 4 for k, v in flops[False].items()}
 
 
+def test_block_sparse_kernels_on_tpu_count_the_block_pairs_their_segments_meet(tpu):
+    """The block-sparse kernels compiled for v5p, costed for three segment layouts of the same program (the
+    kernel builds its visit list on device from the segment ids, so the program does not depend on them).
+    512 x 512 blocks over T = S = 1024 rows: a 2 x 2 block grid per row and head. Hand counts per row:
+    documents of 256 tokens, causal: blocks (0,0) and (1,1) meet (ids 1-2 vs 3-4 do not) -> 2 pairs;
+    documents of 384 (ids 1-2 | 2-3), causal: (0,0), (1,0), (1,1) -> 3; no layout: all 4, with a warning."""
+    import jax
+    import jax.numpy as jnp
+    from qwen2vl_jax.model.block_sparse_attention import block_sparse_attention
+    devices = _devices(tpu, "v5p:2x2x1")
+    B, T, Hq, Hkv, D = 2, 1024, 4, 2, 128
+
+    def loss(q, k, v, seg):
+        o = block_sparse_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True)
+        return o.astype(jnp.float32).sum()
+
+    args = (_replicated(devices, (B, T, Hq, D), jnp.bfloat16), _replicated(devices, (B, T, Hkv, D), jnp.bfloat16),
+            _replicated(devices, (B, T, Hkv, D), jnp.bfloat16), _replicated(devices, (B, T), jnp.int32))
+    with jax.default_matmul_precision("default"):    # Mosaic rejects bf16 under the tests' "highest"
+        text = roofline.hlo_text(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile())
+
+    def docs(n):
+        ids = np.repeat(np.arange(1, T // n + 2), n)[:T]
+        return lambda call, t, s: (ids[:t], ids[:s], True)
+
+    seen = []
+    for layout, pairs in ((docs(256), 2), (docs(384), 3), (lambda call, t, s: None, 4)):
+        a = roofline.analyze(text, [roofline.block_sparse_cost(layout)])
+        got = {re.search(r"block_sparse_(\w+) ", k).group(1): v for k, v in a.kernel_flops.items()}
+        per_phase = B * pairs * 512 * 512 * Hq * 2 * D
+        assert got == {"fwd": 2 * per_phase, "dq": 3 * per_phase, "dkv": 4 * per_phase}, pairs
+        assert a.kernel_calls and all(n == 1 for n in a.kernel_calls.values())
+        assert bool(a.warnings) == (pairs == 4)
+        seen.append(a.kernel_hbm_bytes)
+    # HBM: the same operands and results, plus k and v (fwd, dq) or q and dO (dkv) blocks of [512, 128] bf16
+    # streamed per visited block pair and query head: 3 kernels x 2 blocks
+    per_pair = B * Hq * 3 * 2 * 512 * D * 2
+    assert seen[1] - seen[0] == per_pair and seen[2] - seen[1] == per_pair
+
+
 @pytest.mark.parametrize("gen, topology", [("v5p", "v5p:2x2x1"), ("v5e", "v5e:2x2"), ("v6e", "v6e:2x2"),
                                            ("v4", "v4:2x2x1")])
 def test_chip_clock_turns_compiler_cycles_into_a_time_within_the_roofline(tpu, gen, topology):
@@ -464,7 +504,7 @@ def test_chip_clock_turns_compiler_cycles_into_a_time_within_the_roofline(tpu, g
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
-def test_test_model_train_step_matmul_flops_match_flops_py(tpu, monkeypatch, remat):
+def test_test_model_train_step_matmul_flops_match_flops_py(tpu, remat):
     """The real train step (launch.aot's compile path), test model, stage 2, xla attention, on 4 v5p chips,
     against flops.py's formulas. Hand count = step_flops with every (query, key) pair of each row (xla
     attention computes the full [T, S] square, not only the useful pairs) + one lm-head forward again (the
@@ -477,16 +517,9 @@ def test_test_model_train_step_matmul_flops_match_flops_py(tpu, monkeypatch, rem
     exp = registry.get_experiment("stage2", "test", ["mesh.data=-1", f"model.remat_policy={remat}"])
     cfg = exp.model
     assert cfg.attention_impl == "xla"
-    captured = {}
-
-    def compile_only(lowerable, args, topo, n_devices):
-        captured["compiled"] = lowerable.lower(*args).compile()
-        captured["n"] = n_devices
-
-    monkeypatch.setattr(tpu, "compile_for_topology", compile_only)
-    tpu.compile_train_step(cfg, exp.step_config(), exp.mesh, tpu.parse_topology("v5p:2x2x1"), exp.batch_size,
-                           exp.data.seq_len, exp.data.max_patches)
-    n = captured["n"]
+    result = tpu.compile_train_step(cfg, exp.step_config(), exp.mesh, tpu.parse_topology("v5p:2x2x1"),
+                                    exp.batch_size, exp.data.seq_len, exp.data.max_patches)
+    n = result.n_devices
     B, S, P = exp.batch_size, exp.data.seq_len, exp.data.max_patches
     f, v = flops.forward_per_unit(cfg), cfg.vision
     hand = flops.step_flops(cfg, tokens=B * S, patches=B * P, text_pairs=B * S * S, patch_pairs=B * P * P,
@@ -496,7 +529,7 @@ def test_test_model_train_step_matmul_flops_match_flops_py(tpu, monkeypatch, rem
         hand += B * P * (f["vit_patch"] - v.depth * 2 * v.mlp_dim * v.embed_dim) + B * P * P * f["patch_pair"]
         hand += (B * S * (f["decoder_token"] - cfg.num_hidden_layers * 2 * cfg.intermediate_size * cfg.hidden_size)
                  + B * S * S * f["text_pair"])
-    est = roofline.estimate(captured["compiled"], V5P, useful_flops=hand)
+    est = roofline.estimate(result.compiled, V5P, useful_flops=hand)
     assert est.analysis.num_devices == n == 4
     assert est.analysis.matmul_flops == hand / n
     assert est.analysis.total_kernel_flops == 0 and not est.analysis.warnings

@@ -19,7 +19,9 @@ it; nested loops multiply):
   returns a `KernelCost` wins. A kernel nobody claims is listed as unknown (no FLOPs), never dropped silently.
   Write a `KernelCostFn` for your own kernel: it gets the kernel name, the operand / result shapes and the
   values of operands that are compile-time constants (block masks), and returns FLOPs and optionally HBM
-  bytes; pass it as `estimate(..., kernel_costs=[fn])`.
+  bytes; pass it as `estimate(..., kernel_costs=[fn])`. `block_sparse_cost(segments)` is the one for
+  model/block_sparse_attention.py's kernels, whose visited blocks depend on the segment ids at run time:
+  the caller says which segment layout to assume (train/aot.py: `PackedLayout`).
 - HBM bytes: per top-level op (fusion, convolution, copy, custom call, collective, ...), operand + result
   bytes that live in HBM (memory space 0; `S(1)` VMEM operands are on-chip). A fusion operand that the fused
   computation only slices (a layer's weights out of the stacked [L, ...] array) counts the slices; a fusion
@@ -459,6 +461,54 @@ def splash_cost(call: KernelCall) -> KernelCost | None:
         rows = bkv if streamed == "kv" else bq
         hbm += pairs / (bq * bkv) * 2 * rows * D * DTYPE_BYTES[q_arr.dtype]
     return KernelCost(flops, hbm, label=label, warning=warning)
+
+
+# One row's segment ids for a kernel call with query length T and key length S: (q_segment_ids [T],
+# kv_segment_ids [S], causal), or None when the caller cannot tell (train/aot.py attention_segments).
+SegmentFn = Callable[[KernelCall, int, int], "tuple[np.ndarray, np.ndarray, bool] | None"]
+_BLOCK_SPARSE = re.compile(r"block_sparse_(fwd|dq|dkv)")
+
+
+def block_sparse_cost(segments: SegmentFn) -> KernelCostFn:
+    """Cost function for model/block_sparse_attention.py's kernels (block_sparse_fwd / _dq / _dkv): FLOPs of
+    the block pairs their plan visits (its `visited_flops`) for the segment ids `segments` gives, the same
+    for every row of the call (without a layout: every block pair, with a warning).
+
+    Operands: the grid length, the visit list [rows, entries], q [B, Hq, T, D], k [B, Hkv, S, D], v, ...
+    (B = this device's rows). Block sizes: the kernel's own choice for (T, S) (`block_sizes`), checked
+    against the visit list, which holds B x (T / block_q) x (S / block_kv) entries. HBM bytes: operands and
+    results, plus the two blocks streamed per visited block pair and query head (k and v for fwd / dq, q
+    and dO for dkv)."""
+    from qwen2vl_jax.model import block_sparse_attention as bsa
+
+    def cost(call: KernelCall) -> KernelCost | None:
+        m = _BLOCK_SPARSE.search(call.name) or _BLOCK_SPARSE.search(call.op_name)
+        if not m or len(call.operands) < 4:
+            return None
+        phase = m.group(1)
+        B, Hq, T, D = call.operand_dims(2)
+        S = call.operand_dims(3)[2]
+        label = f"{m.group(0)} q{[B, Hq, T, D]} kv{S}"
+        bq, bkv = bsa.block_sizes(T, S)
+        warnings = []
+        entries = math.prod(call.operand_dims(1))
+        if entries != B * (T // bq) * (S // bkv):
+            warnings.append(f"{label}: its visit list holds {entries} entries, not {B} x {T // bq} x {S // bkv} "
+                            f"for the default blocks {bq} x {bkv}; counted with those blocks")
+        layout = segments(call, T, S)
+        if layout is None:          # a single segment over the row: every block pair
+            layout = (np.ones(T, np.int32), np.ones(S, np.int32), False)
+            warnings.append(f"{label}: no segment layout for this call, every block pair counted")
+        q_seg, kv_seg, causal = layout
+        visits = bsa.visited_flops(np.asarray(q_seg)[None], np.asarray(kv_seg)[None], causal=causal,
+                                   num_q_heads=Hq, head_dim=D, block_q=bq, block_kv=bkv)
+        pairs = B * int(visits.pairs[0])
+        flops = B * float(getattr(visits, phase)[0])
+        dtype = parse_shape(call.operands[2])[0].dtype
+        hbm = sum(shape_bytes(s) for s in call.operands) + shape_bytes(call.result)
+        hbm += pairs * Hq * 2 * (bkv if phase != "dkv" else bq) * D * DTYPE_BYTES[dtype]
+        return KernelCost(flops, hbm, label=label, warning="; ".join(warnings))
+    return cost
 
 
 def _source(module: Module, name: str) -> Instr | None:
