@@ -210,6 +210,59 @@ def test_collective_bytes_by_kind_and_group_size():
     assert est.ici_s == pytest.approx(a.ici_bytes / (2 * 100e9))   # one v5p link each way: 100 GB/s
 
 
+FUSED_COLLECTIVES = """HloModule fused_collectives, num_partitions=8
+
+%start (p0: f32[32,256]) -> (f32[32,256], f32[128,256]) {
+  %p0 = f32[32,256]{1,0} parameter(0)
+  %ag0 = f32[128,256]{1,0} all-gather(%p0), channel_id=7, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}
+  ROOT %cs = (f32[32,256]{1,0}, f32[128,256]{1,0}) custom-call(%ag0), custom_call_target="AsyncCollectiveStart"
+}
+
+%step (p1: f32[32,256], p2: f32[128,256], p3: f32[256,256]) -> (f32[128,256], f32[32,256]) {
+  %p1 = f32[32,256]{1,0} parameter(0)
+  %p2 = f32[128,256]{1,0} parameter(1)
+  %p3 = f32[256,256]{1,0} parameter(2)
+  %ag1 = f32[128,256]{1,0} all-gather(%p1), channel_id=7, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}
+  %mm = f32[32,256]{1,0} dot(%p1, %p3), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (f32[128,256]{1,0}, f32[32,256]{1,0}) tuple(%p2, %mm)
+}
+
+%done (p4: f32[32,256], p5: f32[128,256]) -> f32[128,256] {
+  %p4 = f32[32,256]{1,0} parameter(0)
+  %p5 = f32[128,256]{1,0} parameter(1)
+  %ag2 = f32[128,256]{1,0} all-gather(%p4), channel_id=7, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}
+  ROOT %cd = f32[128,256]{1,0} custom-call(%p4, %p5, %ag2), custom_call_target="AsyncCollectiveDone"
+}
+
+%reduce (p6: f32[32,256]) -> f32[32,256] {
+  %p6 = f32[32,256]{1,0} parameter(0)
+  ROOT %ar = f32[32,256]{1,0} all-reduce(%p6), channel_id=8, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0','axis_1'}, to_apply=%add
+}
+
+ENTRY %main (x: f32[32,256], w: f32[256,256]) -> f32[128,256] {
+  %x = f32[32,256]{1,0} parameter(0)
+  %w = f32[256,256]{1,0} parameter(1)
+  %s = (f32[32,256]{1,0}, f32[128,256]{1,0}) fusion(%x), kind=kCustom, calls=%start
+  %buf = f32[128,256]{1,0} get-tuple-element(%s), index=1
+  %c = (f32[128,256]{1,0}, f32[32,256]{1,0}) fusion(%x, %buf, %w), kind=kOutput, calls=%step
+  %buf2 = f32[128,256]{1,0} get-tuple-element(%c), index=0
+  %r = f32[32,256]{1,0} fusion(%x), kind=kLoop, calls=%reduce
+  ROOT %d = f32[128,256]{1,0} fusion(%x, %buf2), kind=kCustom, calls=%done
+}
+"""
+
+
+def test_collectives_fused_with_compute_count_once_per_channel():
+    # async collective fusion: one all-gather (channel 7) appears in its start fusion, in a compute fusion it
+    # overlaps and in its done fusion; it runs once. Mesh-style replica groups: over the listed axes.
+    a = roofline.analyze(FUSED_COLLECTIVES)
+    b = 32 * 256 * 4
+    assert {k: tuple(v) for k, v in a.collectives.items()} == {
+        ("all-gather", 4): (1, b, 3 * b),                  # over 'axis_1' = 4 devices
+        ("all-reduce", 8): (1, b, 2 * 7 / 8 * b)}          # over both axes
+    assert a.matmul_flops == 2 * 32 * 256 * 256 and not a.warnings
+
+
 def test_kernel_costs_are_pluggable_and_unknown_kernels_are_reported():
     text = """HloModule kernels, num_partitions=1
 

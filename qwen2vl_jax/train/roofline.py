@@ -28,7 +28,10 @@ it; nested loops multiply):
   whose root is a dynamic-update-slice writes only the update (in place). Layout padding to TPU tiles is
   not counted.
 - collective bytes by kind (all-gather, all-reduce, reduce-scatter, all-to-all, collective-permute) and
-  replica-group size n. ICI bytes a device sends assume the ring algorithm: all-gather (n-1) x its shard,
+  replica-group size n. A collective the compiler fused with compute (async collective fusion: the same
+  collective, one channel id, appears in the start fusion, in the compute fusions it overlaps and in the
+  done fusion) is counted once per channel per execution of the computation around it; its HBM bytes are
+  those of the fusions that hold it. ICI bytes a device sends assume the ring algorithm: all-gather (n-1) x its shard,
   reduce-scatter (n-1)/n x its input, all-reduce 2(n-1)/n x its buffer, all-to-all (n-1)/n x its buffer,
   collective-permute its buffer once. ICI time = those bytes / the chip's bidirectional ring bandwidth on
   one torus axis (one link each way, `Chip.ring_bandwidth`). Optimistic where a slice dimension has no
@@ -589,6 +592,12 @@ def group_size(ins: Instr, num_devices: int) -> int:
     iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", ins.attrs)     # [groups, size]<=[devices]
     if iota:
         return int(iota.group(2))
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", ins.attrs)
+    if mesh:                                     # mesh['axis_0'=8,'axis_1'=4] {'axis_1'}: over the listed axes
+        sizes = {a: int(n) for a, n in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
+        axes = re.findall(r"'([^']+)'", mesh.group(2))
+        if axes and all(a in sizes for a in axes):
+            return math.prod(sizes[a] for a in axes)
     g = ins.attr("replica_groups")
     if not g or g in ("{}", "{{}}"):
         return num_devices
@@ -731,8 +740,32 @@ def _io_bytes(module: Module, ins: Instr) -> float:
             + shape_bytes(ins.shape, hbm_only=True))
 
 
+def _fused_collectives(module: Module, comp: str) -> list[Instr]:
+    """Collectives inside a fused computation (and the fusions it calls)."""
+    out = []
+    for sub in module.computations[comp]:
+        if _collective_kind(sub.opcode):
+            out.append(sub)
+        for c in sub.called("calls"):
+            out.extend(_fused_collectives(module, c))
+    return out
+
+
+def _count_collective(module: Module, ins: Instr, out: "Analysis") -> float:
+    """Adds the collective `ins` to out.collectives; returns its HBM bytes (operands + results)."""
+    kind = _collective_kind(ins.opcode)
+    n = group_size(ins, module.num_devices)
+    b = sum(shape_bytes(module.instrs[o].shape) for o in ins.operands)
+    acc = out.collectives[(kind, n)]
+    acc[0] += 1
+    acc[1] += b
+    acc[2] += ring_bytes(kind, n, b)
+    return b + _result_bytes(kind, n, b)
+
+
 def _walk(module: Module, comp: str, kernel_costs: Sequence[KernelCostFn]) -> Analysis:
     out = Analysis(module.num_devices)
+    channels = set()      # collectives run inside fusions, counted once per channel (module docstring)
     for ins in module.computations[comp]:
         op = ins.opcode
         if op in _FREE:
@@ -761,22 +794,16 @@ def _walk(module: Module, comp: str, kernel_costs: Sequence[KernelCostFn]) -> An
         meta = re.search(r'op_name="([^"]*)"', ins.attr("metadata") or "")
         key = meta.group(1) if meta else f"%{ins.name}"
         flops, kflops, hbm = 0.0, 0.0, None
-        kind = _collective_kind(op)
-        if kind:
-            n = group_size(ins, module.num_devices)
-            b = sum(shape_bytes(module.instrs[o].shape) for o in ins.operands)
-            acc = out.collectives[(kind, n)]
-            acc[0] += 1
-            acc[1] += b
-            acc[2] += ring_bytes(kind, n, b)
-            hbm = b + _result_bytes(kind, n, b)
+        if _collective_kind(op):
+            hbm = _count_collective(module, ins, out)
         elif op == "fusion":
             flops = _fused_flops(module, ins.called("calls")[0])
             hbm = _fusion_hbm(module, ins)
-            for sub in module.computations[ins.called("calls")[0]]:
-                if _collective_kind(sub.opcode):
-                    out.warnings.append(f"fusion %{ins.name} holds a {sub.opcode}: its ICI bytes are not counted")
-                    break
+            for sub in _fused_collectives(module, ins.called("calls")[0]):
+                channel = sub.attr("channel_id") or sub.name
+                if channel not in channels:
+                    channels.add(channel)
+                    _count_collective(module, sub, out)
         elif op == "convolution":
             flops = conv_flops(module, ins)
         elif op == "dot":
