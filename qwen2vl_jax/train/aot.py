@@ -38,12 +38,23 @@ from qwen2vl_jax.train.chips import CHIPS, Chip, GiB
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 _GENERATION = "(" + "|".join(list(CHIPS) + list(_ALIASES)) + ")"
 
-# TPU compiler flags for every generation (LIBTPU_INIT_ARGS), each measured with the estimate on the 2B
-# stage-2 step on v5p-64 before it became a default (docs/performance.md has the figures):
+# TPU compiler flags (LIBTPU_INIT_ARGS), one set for every generation (libtpu accepts each on v4, v5e, v5p
+# and v6e). Each group was measured with the estimate (launch.aot --estimate) on the 2B stage-2 step on
+# v5p-64 before it became a default; the figures, and the groups left out, are in docs/performance.md.
 TPU_COMPILER_FLAGS: tuple[str, ...] = (
-    # No windowed einsum: under FSDP the partitioner otherwise splits every weight all-gather + matmul into
-    # per-shard matmuls of contraction 80-96 accumulated through HBM.
+    # No windowed einsum: under FSDP the partitioner otherwise splits each weight all-gather + matmul into
+    # per-shard matmuls of contraction 80-96 accumulated through HBM (2.1x the step's HBM bytes).
     "--xla_jf_spmd_threshold_for_windowed_einsum_mib=1000000",
+    # Async collective fusion (MaxText's continuation fusion for all-gather and all-reduce): collectives
+    # run inside the compute fusions they overlap. On that step: the same FLOPs, ~1% more HBM bytes and
+    # 16% less compiled memory per device.
+    "--xla_tpu_enable_async_collective_fusion=true",
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_reduce=true",
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
+    "--xla_tpu_overlap_compute_collective_tc=true",
+    "--xla_enable_async_all_gather=true",
+    "--xla_enable_async_all_reduce=true",
 )
 
 
