@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from qwen2vl_jax.cloud import tpu
+from qwen2vl_jax.train import aot
 from qwen2vl_jax.cloud.tpu import REPO_ROOT, TpuVm
 
 VM = TpuVm(name="qv-pod", zone="us-east5-a", accelerator="v5p-128", project="my-proj", spot=True)
@@ -16,13 +17,14 @@ def test_dry_run_prints_exact_commands():
     out = subprocess.run(
         [sys.executable, "-m", "launch.tpu", "--experiment=stage2", "--model=7b", "--tpu=qv-pod",
          "--zone=us-east5-a", "--accelerator=v5p-128", "--project=my-proj", "--spot", "--dry_run",
-         "--set=optim.peak_lr=1e-4", "--set", "description=a b"],
+         "--set=optim.peak_lr=1e-4", "--set", "description=a b", "--libtpu_args=--xla_x=1"],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
     scope = "--zone=us-east5-a --project=my-proj"
     jax_version = tpu.pinned_jax_version()
     install = ("mkdir -p ~/qwen2vl_jax && tar xzf ~/qwen2vl_jax.tar.gz -C ~/qwen2vl_jax && cd ~/qwen2vl_jax"
                f" && python3 -m pip install -q -r requirements.txt 'jax[tpu]=={jax_version}'")
-    start = ("cd ~/qwen2vl_jax && mkdir -p logs && nohup python3 -m launch.pretrain --experiment=stage2"
+    env = f"LIBTPU_INIT_ARGS={shlex.quote(' '.join(aot.TPU_COMPILER_FLAGS + ('--xla_x=1',)))}"
+    start = (f"cd ~/qwen2vl_jax && mkdir -p logs && {env} nohup python3 -m launch.pretrain --experiment=stage2"
              " --model=7b --set=optim.peak_lr=1e-4 '--set=description=a b' > logs/stage2-qv-pod.log 2>&1"
              " < /dev/null &")
     expected = [
@@ -41,6 +43,13 @@ def test_dry_run_prints_exact_commands():
     i = toks.index("nohup") + 1
     assert toks[i:i + 7] == ["python3", "-m", "launch.pretrain", "--experiment=stage2", "--model=7b",
                              "--set=optim.peak_lr=1e-4", "--set=description=a b"]
+    # the job's environment: the compiler flags launch.aot compiles with, then the user's (libtpu takes a
+    # flag's last value); a shell takes the prefix as an assignment, not as a command
+    assignment = remote[remote.index("&& LIBTPU_INIT_ARGS=") + 3:remote.index(" nohup ")]
+    got = subprocess.run(["sh", "-c", f"{assignment} printenv LIBTPU_INIT_ARGS"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert got.split() == list(aot.TPU_COMPILER_FLAGS) + ["--xla_x=1"]
+    assert "--xla_jf_spmd_threshold_for_windowed_einsum_mib=1000000" in got.split()
 
 
 @pytest.mark.parametrize("flag, msg", [

@@ -7,9 +7,12 @@ Steps (each one command; `dry_run_script` renders them one per line as a runnabl
   3. copy: `tpu-vm scp TARBALL NAME:~ --worker=all`.
   4. install on every worker: untar into ~/qwen2vl_jax, `pip install -r requirements.txt jax[tpu]==<pinned>`
      (the jax version is read from requirements.txt, so the TPU hosts run the version the CPU tests ran).
-  5. start on every worker: `nohup python3 -m launch.pretrain ... > logs/RUN.log 2>&1 < /dev/null &`.
-     On a pod slice every worker runs the same command; `launch.pretrain` calls
-     `jax.distributed.initialize()`, which finds the coordinator from the TPU metadata.
+  5. start on every worker: `LIBTPU_INIT_ARGS=... nohup python3 -m launch.pretrain ... > logs/RUN.log 2>&1
+     < /dev/null &` (`start_command`). On a pod slice every worker runs the same command; `launch.pretrain`
+     calls `jax.distributed.initialize()`, which finds the coordinator from the TPU metadata.
+     LIBTPU_INIT_ARGS holds the TPU compiler flags launch.aot compiles with (qwen2vl_jax.train.aot
+     TPU_COMPILER_FLAGS), then `libtpu_args` if given (they win), so the job runs the program launch.aot
+     measured.
 
 `job_commands(...)` returns the command list of steps 2-5 for one run (one sweep point); a sweep
 launcher renders them with `render()` or runs them with `execute()`.
@@ -108,10 +111,21 @@ def pretrain_argv(experiment: str, model: str | None = None, overrides: Sequence
             + [f"--set={kv}" for kv in overrides] + list(extra_flags))
 
 
+def start_command(argv: Sequence[str], run_name: str, libtpu_args: str = "") -> str:
+    """Shell command a worker runs to start `argv` in the background, logging to logs/RUN_NAME.log, with the
+    TPU compiler flags in its environment (module docstring, step 5)."""
+    from qwen2vl_jax.train import aot
+    env = f"LIBTPU_INIT_ARGS={shlex.quote(aot.libtpu_init_args(libtpu_args))}"     # an assignment: name unquoted
+    return (f"cd {REMOTE_DIR} && mkdir -p logs && "
+            f"{env} nohup {shlex.join(argv)} > logs/{run_name}.log 2>&1 < /dev/null &")
+
+
 def job_commands(vm: TpuVm, experiment: str, *, model: str | None = None, overrides: Sequence[str] = (),
                  run_name: str | None = None, tarball: str = "/tmp/qwen2vl_jax.tar.gz",
-                 jax_version: str | None = None, extra_flags: Sequence[str] = ()) -> list[list[str]]:
+                 jax_version: str | None = None, extra_flags: Sequence[str] = (),
+                 libtpu_args: str = "") -> list[list[str]]:
     """Commands (argv lists) that ship the repo to every worker of `vm` and start one run there.
+    libtpu_args: extra TPU compiler flags, after (and overriding) the defaults.
 
     Used once per sweep point: the VM must already exist (see `launch()` for reuse/create)."""
     run_name = run_name or f"{experiment}-{vm.name}"
@@ -120,9 +134,7 @@ def job_commands(vm: TpuVm, experiment: str, *, model: str | None = None, overri
     jax_version = jax_version or pinned_jax_version()
     install = (f"mkdir -p {REMOTE_DIR} && tar xzf {REMOTE_TARBALL} -C {REMOTE_DIR} && cd {REMOTE_DIR} && "
                f"python3 -m pip install -q -r requirements.txt {shlex.quote(f'jax[tpu]=={jax_version}')}")
-    train = shlex.join(pretrain_argv(experiment, model, overrides, extra_flags))
-    start = (f"cd {REMOTE_DIR} && mkdir -p logs && "
-             f"nohup {train} > logs/{run_name}.log 2>&1 < /dev/null &")
+    start = start_command(pretrain_argv(experiment, model, overrides, extra_flags), run_name, libtpu_args)
     return [
         ["git", "-C", REPO_ROOT, "archive", "--format=tar.gz", f"--output={tarball}", "HEAD"],
         vm.scp(tarball, REMOTE_TARBALL),
