@@ -96,7 +96,7 @@ def make_row(cfg, seq_len: int, images: int, image_px: int, seed: int = 0) -> tu
             mask.append(np.zeros(len(block), np.float32))
     grid = np.array([[1, g, g]] * images, np.int64)
     sample = {"input_ids": np.concatenate(ids).astype(np.int32), "loss_mask": np.concatenate(mask),
-              "pixel_values": rng.standard_normal((images * g * g, v.patch_dim)).astype(np.float32),
+              "pixel_values": _random_patches(rng, images * g * g, v.patch_dim),
               "grid_thw": grid, "vision_kind": np.zeros(images, np.int8), "sample_type": "benchmark"}
     pack_cfg = packing.PackConfig.for_model(cfg, seq_len=seq_len, max_patches=images * g * g)
     packing.validate_sample(sample, cfg)
@@ -104,6 +104,16 @@ def make_row(cfg, seq_len: int, images: int, image_px: int, seed: int = 0) -> tu
     if prepared is None:
         raise ValueError(f"benchmark row rejected by the packer: {event}")
     return packing.assemble_row([prepared], pack_cfg, cfg.pad_token_id), grid
+
+
+def _random_patches(rng, n: int, patch_dim: int) -> np.ndarray:
+    """float32 [n, patch_dim]: the processor's normalised values of random uint8 pixels (the packer checks
+    that patch rows are; a patch row's columns are channel-major, docs/qwen2vl.md §2.1)."""
+    from qwen2vl_jax.data import media
+
+    table = media.normalization_table()                          # [3, 256]
+    channel = np.arange(patch_dim) // (patch_dim // 3)           # [patch_dim]
+    return table[channel[None, :], rng.integers(0, 256, (n, patch_dim))]
 
 
 def param_counts(cfg) -> tuple[int, int]:
