@@ -106,14 +106,19 @@ def make_row(cfg, seq_len: int, images: int, image_px: int, seed: int = 0) -> tu
     return packing.assemble_row([prepared], pack_cfg, cfg.pad_token_id), grid
 
 
-def _random_patches(rng, n: int, patch_dim: int) -> np.ndarray:
-    """float32 [n, patch_dim]: the processor's normalised values of random uint8 pixels (the packer checks
-    that patch rows are; a patch row's columns are channel-major, docs/qwen2vl.md §2.1)."""
+def _normalised(raw: np.ndarray) -> np.ndarray:
+    """uint8 [n, patch_dim] patch rows -> the processor's normalised float32 values (a patch row's columns
+    are channel-major, docs/qwen2vl.md §2.1)."""
     from qwen2vl_jax.data import media
 
     table = media.normalization_table()                          # [3, 256]
-    channel = np.arange(patch_dim) // (patch_dim // 3)           # [patch_dim]
-    return table[channel[None, :], rng.integers(0, 256, (n, patch_dim))]
+    channel = np.arange(raw.shape[-1]) // (raw.shape[-1] // 3)   # [patch_dim]
+    return table[channel[None, :], raw]
+
+
+def _random_patches(rng, n: int, patch_dim: int) -> np.ndarray:
+    """float32 [n, patch_dim]: normalised random pixels, as the processor hands them to the packer."""
+    return _normalised(rng.integers(0, 256, (n, patch_dim)))
 
 
 def param_counts(cfg) -> tuple[int, int]:
@@ -207,7 +212,8 @@ def torch_side(cfg, params_host, rows: dict, grid: np.ndarray, steps: int, warmu
     # ours: targets[s] (= ids[s+1]) supervised where loss_mask[s]; HF shifts labels by one itself
     sup = torch.from_numpy(rows["loss_mask"] > 0).to(dev)
     labels[:, 1:] = torch.where(sup[:, :-1], ids[:, 1:], labels[:, 1:])
-    pixels = torch.from_numpy(rows["pixel_values"].reshape(-1, rows["pixel_values"].shape[-1])).to(dev, torch.bfloat16)
+    raw = rows["pixel_values"].reshape(-1, rows["pixel_values"].shape[-1])       # uint8: packed rows are raw
+    pixels = torch.from_numpy(_normalised(raw)).to(dev, torch.bfloat16)
     thw = torch.from_numpy(np.concatenate([grid] * B)).to(dev)
     attn = torch.ones_like(ids)
     if dev.type == "cuda":
