@@ -47,7 +47,7 @@ def pipeline_samples(out, n):
                 pads = np.isin(ids, (CFG.image_token_id, CFG.video_token_id))
                 rows = 4 * int(pads.sum())
                 supervised = TOK.decode(b["targets"][seg == s][b["loss_mask"][seg == s] > 0])
-                seen[TOK.decode(ids[~pads])] = (b["pixel_values"][p0:p0 + rows], supervised)
+                seen[TOK.decode(ids[~pads])] = (normalised(b["pixel_values"][p0:p0 + rows]), supervised)
                 p0 += rows
             if len(seen) >= n:
                 break
@@ -55,6 +55,13 @@ def pipeline_samples(out, n):
         it.close()
     assert it.stats()["skipped"] == 0
     return seen
+
+
+def normalised(raw):
+    """Packed rows carry the uint8 patch values; the processor's normalised floats of them (its lookup table,
+    channel-major columns) compare with preprocess_* output."""
+    channel = np.arange(raw.shape[-1]) // (raw.shape[-1] // 3)
+    return media.normalization_table()[channel[None, :], raw]
 
 
 def image_pixels(*encoded):
