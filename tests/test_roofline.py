@@ -567,7 +567,8 @@ def test_test_model_train_step_matmul_flops_match_flops_py(tpu, remat):
     from experiments import registry
     from qwen2vl_jax.train import flops
 
-    exp = registry.get_experiment("stage2", "test", ["mesh.data=-1", f"model.remat_policy={remat}"])
+    # two loss chunks: with one, the compiler merges the backward's logits recompute into the forward's
+    exp = registry.get_experiment("stage2", "test", ["mesh.data=-1", f"model.remat_policy={remat}", "loss_chunk=64"])
     cfg = exp.model
     assert cfg.attention_impl == "xla"
     result = tpu.compile_train_step(cfg, exp.step_config(), exp.mesh, tpu.parse_topology("v5p:2x2x1"),
