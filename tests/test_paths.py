@@ -7,7 +7,6 @@ import urllib.request
 
 import pytest
 
-from gcs import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
 from qwen2vl_jax.train import paths
 
 
@@ -37,7 +36,7 @@ def test_local_paths(tmp_path):
     assert str(paths.path("~/x")).startswith("/") and not paths.is_remote(run)
 
 
-def test_bucket_paths(gcs_bucket, gcs_emulator):  # noqa: F811
+def test_bucket_paths(gcs_bucket, gcs_emulator):
     bucket, _ = gcs_bucket
     url, _ = gcs_emulator
     run = paths.join(bucket, "runs", "a")

@@ -7,6 +7,10 @@ the NamedShardings of the mesh over those devices, then compiled by the TPU comp
 the per-chip memory (`compiled.memory_analysis()`) and FLOPs (`compiled.cost_analysis()`);
 `check_fits` raises DoesNotFitError when the step does not fit in the chip's HBM.
 
+Multi-slice: `num_slices=N` asks libtpu for N copies of the slice (`get_topology_desc(..., num_slices=N)`:
+devices carry a `slice_index`) and the mesh gets `dcn=N` (sharding.make_mesh: jax's hybrid mesh, data
+parallel across slices); memory is per device as on one slice, FLOPs and chips count every slice.
+
 Accelerator names: `v5p-N` / `v4-N` count TensorCores (2 per chip: v5p-256 = 128 chips = 4x4x8);
 `v5litepod-N` / `v5e-N` / `v6e-N` count chips (1 core each). A topology string (`v5p:2x2x1`) is
 used as is. libtpu is found as the `libtpu` package, or through TPU_LIBRARY_PATH, or under
@@ -49,15 +53,26 @@ _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 @dataclasses.dataclass(frozen=True)
 class Topology:
     generation: str
-    shape: tuple[int, ...]   # chips per torus dimension
+    shape: tuple[int, ...]   # chips per torus dimension of one slice
+    num_slices: int = 1      # slices joined over the data-centre network (multi-slice)
+
+    def __post_init__(self):
+        if self.num_slices < 1:
+            raise ValueError(f"num_slices={self.num_slices} must be >= 1")
 
     @property
     def name(self) -> str:
+        """libtpu's name of one slice (v5p:4x8x8)."""
         return f"{GENERATIONS[self.generation].topology_prefix}:{'x'.join(map(str, self.shape))}"
 
     @property
+    def label(self) -> str:
+        return self.name if self.num_slices == 1 else f"{self.num_slices} x {self.name}"
+
+    @property
     def chips(self) -> int:
-        return math.prod(self.shape)
+        """Chips of all slices."""
+        return math.prod(self.shape) * self.num_slices
 
     @property
     def spec(self) -> Generation:
@@ -79,15 +94,15 @@ def _grow(chips: int, dims: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def parse_topology(name: str) -> Topology:
-    """'v5p-256' -> Topology('v5p', (4, 4, 8)); 'v5p:2x2x1' -> Topology('v5p', (2, 2, 1))."""
+def parse_topology(name: str, num_slices: int = 1) -> Topology:
+    """'v5p-256' -> Topology('v5p', (4, 4, 8)); 'v5p:2x2x1' -> Topology('v5p', (2, 2, 1)); `num_slices` of them."""
     m = re.fullmatch(r"(v5p|v4|v5e|v6e|v5litepod|v5lite):(\d+(?:x\d+)+)", name or "")
     if m:
         gen = _ALIASES.get(m.group(1), m.group(1))
         shape = tuple(int(x) for x in m.group(2).split("x"))
         if len(shape) != GENERATIONS[gen].dims or min(shape) < 1:
             raise ValueError(f"topology {name!r}: {gen} slices have {GENERATIONS[gen].dims} dimensions")
-        return Topology(gen, shape)
+        return Topology(gen, shape, num_slices)
     m = re.fullmatch(r"(v5p|v4|v5e|v6e|v5litepod|v5lite)-(\d+)", name or "")
     if not m:
         raise ValueError(f"topology {name!r}: expected an accelerator type (v5p-256, v4-64, v5litepod-16, "
@@ -96,7 +111,7 @@ def parse_topology(name: str) -> Topology:
     spec, cores = GENERATIONS[gen], int(m.group(2))
     if cores % spec.cores_per_chip:
         raise ValueError(f"{name}: {cores} is not a multiple of {spec.cores_per_chip} cores per {gen} chip")
-    return Topology(gen, _grow(cores // spec.cores_per_chip, spec.dims))
+    return Topology(gen, _grow(cores // spec.cores_per_chip, spec.dims), num_slices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +145,8 @@ def get_topology_devices(topo: Topology) -> list:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # several compiles may run at once
     from jax.experimental import topologies
-    return list(topologies.get_topology_desc(topo.name, "tpu").devices)
+    kwargs = {"num_slices": topo.num_slices} if topo.num_slices > 1 else {}
+    return list(topologies.get_topology_desc(topo.name, "tpu", **kwargs).devices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +207,7 @@ def compile_for_topology(lowerable: Any, args: tuple, topo: Topology, n_devices:
     except Exception as e:  # jax.errors.JaxRuntimeError; the TPU compiler refuses programs over HBM
         if "RESOURCE_EXHAUSTED" in str(e):
             raise DoesNotFitError(
-                f"does not fit: the TPU compiler ran out of memory for {topo.name} "
+                f"does not fit: the TPU compiler ran out of memory for {topo.label} "
                 f"({topo.spec.hbm_bytes * topo.chips // n_devices / GiB:.1f} GiB of HBM per device): "
                 f"{str(e).strip().splitlines()[0].rstrip('.')}. {_ADVICE}") from None
         raise
@@ -201,7 +217,7 @@ def compile_for_topology(lowerable: Any, args: tuple, topo: Topology, n_devices:
     if isinstance(cost, (list, tuple)):  # older jax returned one dict per computation
         cost = cost[0] if cost else {}
     per_dev_hbm = topo.spec.hbm_bytes * topo.chips // n_devices
-    return AotResult(topology=topo.name, n_devices=n_devices, chips=topo.chips,
+    return AotResult(topology=topo.label, n_devices=n_devices, chips=topo.chips,
                      argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
                      alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
                      code_bytes=int(mem.generated_code_size_in_bytes),
@@ -221,7 +237,11 @@ def check_fits(result: AotResult) -> None:
 
 def compile_train_step(cfg, step_cfg, mesh_cfg, topo: Topology, batch_size: int, seq_len: int,
                        max_patches: int) -> AotResult:
-    """AOT-compiles train_step.make_train_step for `topo` with the mesh `mesh_cfg` over its devices."""
+    """AOT-compiles train_step.make_train_step for `topo` with the mesh `mesh_cfg` over its devices (a
+    multi-slice topology needs mesh_cfg.dcn == topo.num_slices)."""
+    if mesh_cfg.dcn != topo.num_slices:
+        raise ValueError(f"mesh.dcn={mesh_cfg.dcn} but the topology has {topo.num_slices} slice(s): "
+                         f"set mesh.dcn={topo.num_slices}")
     devices = get_topology_devices(topo)
     mesh = sharding.make_mesh(mesh_cfg, devices)
     # Parameter shapes do not depend on the attention kernel; the model's init traces attention on tiny
