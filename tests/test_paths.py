@@ -65,3 +65,21 @@ def test_bucket_paths(gcs_bucket, gcs_emulator):
 def test_bad_paths(bad, msg):
     with pytest.raises(ValueError, match=msg):
         paths.path(bad)
+
+
+def test_bucket_data_sources_are_read_through_the_gcsfuse_mount(tmp_path, monkeypatch):
+    """arrayrecord:gs://BUCKET/... reads GCS_MOUNT_ROOT/BUCKET/... (where launch.tpu mounts the bucket); an
+    unmounted bucket is one error that says how to mount it."""
+    from qwen2vl_jax.data import sources
+    monkeypatch.setattr(sources, "GCS_MOUNT_ROOT", str(tmp_path))
+    with pytest.raises(ValueError, match=f"gcsfuse mount at {tmp_path}/corpus, which does not exist .*gcsfuse -o ro "
+                                         f"--implicit-dirs corpus {tmp_path}/corpus"):
+        sources.arrayrecord_files("gs://corpus/caption")
+    for split in ("train", "heldout"):
+        (tmp_path / "corpus" / "caption" / split).mkdir(parents=True)
+        (tmp_path / "corpus" / "caption" / split / "data-00000.array_record").write_bytes(b"")
+    assert sources.arrayrecord_files("gs://corpus/caption", "heldout") == [
+        f"{tmp_path}/corpus/caption/heldout/data-00000.array_record"]
+    assert sources.arrayrecord_files("gs://corpus/caption/{split}/*.array_record") == [
+        f"{tmp_path}/corpus/caption/train/data-00000.array_record"]
+    assert sources.gcs_bucket("/local/x") is None and sources.mounted_path("/local/x") == "/local/x"
