@@ -18,7 +18,6 @@ the repo, install, start) whose start command is `python3 -m launch.sweep --swee
 """
 from __future__ import annotations
 
-import os
 import shlex
 import time
 from typing import Sequence
@@ -30,7 +29,7 @@ from experiments import flags as cli
 from experiments import sweeps
 from qwen2vl_jax.cloud import tpu
 from qwen2vl_jax.eval import evaluation, scaling
-from qwen2vl_jax.train import sharding, trainer
+from qwen2vl_jax.train import paths, sharding, trainer
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_enum("sweep", None, list(sweeps.SWEEPS), "the sweep", flag_values=FLAGS)
@@ -55,7 +54,7 @@ def default_results(sweep: str) -> str:
 
 
 def done_keys(path: str) -> set[str]:
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return set()
     return {str(r.get("key")) for r in scaling.read_results(path)}
 
@@ -83,7 +82,6 @@ def run_point(point: sweeps.SweepPoint, results: str, root: str, eval_samples: i
     row = point.result_row(evaluation.kind_losses(losses), extra={
         "final_train_loss": float(last), "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s[0], 1)})
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
         scaling.append_result(results, row)
     log(f"[{point.run_name}] N={row['params']:,} D={row['tokens']:,} train loss {last:.4f} eval loss "
         f"{row['eval_loss_mean']:.4f} ({train_s:.0f}s train, {eval_s[0]:.0f}s eval)")

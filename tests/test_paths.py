@@ -83,3 +83,20 @@ def test_bucket_data_sources_are_read_through_the_gcsfuse_mount(tmp_path, monkey
     assert sources.arrayrecord_files("gs://corpus/caption/{split}/*.array_record") == [
         f"{tmp_path}/corpus/caption/train/data-00000.array_record"]
     assert sources.gcs_bucket("/local/x") is None and sources.mounted_path("/local/x") == "/local/x"
+
+
+def test_sweep_results_table_in_a_bucket(gcs_bucket, gcs_emulator):
+    """launch.sweep --results=gs://...: rows appended by rewriting the object; the CSV as a CSV reader sees it."""
+    import csv
+    import io
+
+    from qwen2vl_jax.eval import scaling
+    bucket, _ = gcs_bucket
+    url, _ = gcs_emulator
+    table = f"{bucket}/sweeps/s/results.csv"
+    scaling.append_result(table, {"key": "a", "params": 1.0, "eval_loss_mean": 2.5})
+    scaling.append_result(table, {"key": "b", "params": 2.0, "eval_loss_mean": 2.0})
+    rows = list(csv.DictReader(io.StringIO(_object(url, table).decode())))
+    assert rows == [{"key": "a", "params": "1.0", "eval_loss_mean": "2.5"},
+                    {"key": "b", "params": "2.0", "eval_loss_mean": "2.0"}]
+    assert [r["params"] for r in scaling.read_results(table)] == [1.0, 2.0]
