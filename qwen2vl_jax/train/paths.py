@@ -94,6 +94,26 @@ def write_text(p: PathLike, text: str) -> None:
         raise
 
 
+def staging_dir(remote: PathLike) -> str:
+    """A local folder that stands for `remote` (gs://B/P -> TMPDIR/qwen2vl_jax_staging/B/P): a dataset is written
+    there and uploaded, and a re-run finds it again."""
+    if not is_remote(remote):
+        raise ValueError(f"{os.fspath(remote)!r} is not a gs:// URL")
+    return os.path.join(tempfile.gettempdir(), "qwen2vl_jax_staging", os.fspath(remote).split("://", 1)[1])
+
+
+def upload_tree(local_dir: PathLike, remote_dir: PathLike) -> int:
+    """Copies every file under the local folder to the same relative path under `remote_dir` (streamed through
+    gcsfs, the backend epath uses for gs://). Returns the number of files."""
+    import fsspec
+    local_dir = os.fspath(local_dir)
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(local_dir) for f in fs)
+    gcs = fsspec.filesystem("gcs")
+    for f in files:
+        gcs.put_file(f, join(remote_dir, os.path.relpath(f, local_dir)))
+    return len(files)
+
+
 def read_json(p: PathLike) -> Any:
     return json.loads(read_text(p))
 
