@@ -36,10 +36,8 @@ from absl import flags  # noqa: E402
 
 from experiments import flags as cli  # noqa: E402
 from qwen2vl_jax.model.config import ATTENTION_IMPLS, REMAT_POLICIES  # noqa: E402
+from qwen2vl_jax.train import chips  # noqa: E402
 
-# dense bf16 peak per device, FLOP/s
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v6 lite": 918e12}
 # per-model default batch geometry: (seq_len, images, image_px)
 GEOMETRY = {"test": (256, 2, 112), "tiny": (512, 2, 224)}
 DEFAULT_GEOMETRY = (4096, 4, 448)
@@ -119,12 +117,7 @@ def param_counts(cfg) -> tuple[int, int]:
 
 
 def peak_for(kind: str, override: float | None) -> float | None:
-    if override:
-        return override * 1e12
-    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if name in kind:
-            return PEAK_FLOPS[name]
-    return None
+    return override * 1e12 if override else chips.peak_flops(kind)
 
 
 def _time(step: Callable[[], float], steps: int, warmup: int) -> tuple[float, float]:

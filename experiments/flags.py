@@ -5,13 +5,15 @@ one process (the tests) never collide, and its `main(argv)` parses its argv itse
 `main(["--x=1"])` exactly as a shell would. The shared flags:
 
     --experiment   a registry experiment (stage1, stage2, stage3)
-    --model        a model size preset (test, tiny, 2b, 7b, 72b)
+    --model        a model size preset (test, tiny, 2b, 7b, 72b); `model_choice` is None when not given, so
+                   a run that starts from a checkpoint takes that checkpoint's model
+    --data         training data: launch.prepare_data's output folder or an ArrayRecord glob (stages.data_source)
     --set          KEY=VALUE overrides, repeatable; dotted paths into a frozen config, parsed by the
                    field's type (registry.apply_overrides)
 
 Errors name the value and the valid choices: an unknown flag lists the flags, an enum lists its values.
-`python -m launch.X` goes through `run`: absl's app.run (logging set-up), a ValueError from main becomes one
-`ERROR: ...` line and exit status 2, an int returned by main is the exit status.
+`python -m launch.X` goes through `run`: absl's app.run (logging set-up), a ValueError or FileNotFoundError from
+main becomes one `ERROR: ...` line and exit status 2, an int returned by main is the exit status.
 """
 from __future__ import annotations
 
@@ -32,6 +34,17 @@ def define_experiment(fv: flags.FlagValues, default: str = "stage1") -> None:
 
 def define_model(fv: flags.FlagValues, default: str = "tiny", help: str = "model size preset") -> None:
     flags.DEFINE_enum("model", default, list(stages.MODELS), help, flag_values=fv)
+
+
+def model_choice(fv: flags.FlagValues) -> str | None:
+    """--model when given on the command line, else None (the default then depends on init_from)."""
+    return fv.model if fv["model"].present else None
+
+
+def define_data(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("data", None, "training data: launch.prepare_data's output folder (DIR/train, DIR/heldout), "
+                        "a folder of *.array_record shards, or a glob; replaces the experiment's data mixture",
+                        flag_values=fv)
 
 
 def define_set(fv: flags.FlagValues, what: str = "the experiment config") -> None:
@@ -94,11 +107,12 @@ def _usage_error(message: str):
 
 def run(main: Callable[[Sequence[str]], object]) -> None:
     """`python -m launch.X`: app.run(main) with main parsing its own flags (`parse`). main's int result is the
-    exit status (anything else: 0); a ValueError (bad configuration) prints `ERROR: ...` and exits 2."""
+    exit status (anything else: 0); a ValueError (bad configuration) or FileNotFoundError (a path that is not
+    there) prints `ERROR: ...` and exits 2."""
     def entry(argv):
         try:
             result = main(argv[1:])
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:
             print(f"ERROR: {e}", file=sys.stderr)
             return EXIT_USAGE
         return result if isinstance(result, int) else 0

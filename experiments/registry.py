@@ -1,6 +1,7 @@
 """Registry of named experiments, and the one `--set key=value` override parser.
 
     get_experiment("stage1", model="tiny", overrides=["optim.peak_lr=1e-3", "mesh.fsdp=2"])
+    get_experiment("stage3", overrides=["init_from=/ckpt/Qwen2-VL-2B-Instruct"], data="/data/prepared")
     apply_overrides(model_config, ["attention_impl=xla", "vision.depth=2"])
 
 An override is a dotted path into a (nested) frozen dataclass: for an `experiments.stages.Experiment`
@@ -14,11 +15,20 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
+import os
 from typing import Any, Callable, Iterable, TypeVar
 
+import jax
+
 from experiments import stages
+from qwen2vl_jax.data.tokenizer import tokenizer_json
+from qwen2vl_jax.model import hf
+from qwen2vl_jax.model.config import EXECUTION_FIELDS, ModelConfig, architecture_diff, get_config, matching_preset
+from qwen2vl_jax.train import checkpoint, trainer
 
 T = TypeVar("T")
+DEFAULT_MODEL = "tiny"
 
 EXPERIMENTS: dict[str, Callable[[str], stages.Experiment]] = {
     "stage1": lambda model: stages.stage_experiment(1, model),
@@ -31,10 +41,88 @@ def list_experiments(model: str = "tiny") -> list[tuple[str, str]]:
     return [(name, fn(model).description) for name, fn in EXPERIMENTS.items()]
 
 
-def get_experiment(name: str, model: str = "tiny", overrides: Iterable[str] = ()) -> stages.Experiment:
+def get_experiment(name: str, model: str | None = None, overrides: Iterable[str] = (),
+                   data: str | None = None) -> stages.Experiment:
+    """The experiment `name` at the size preset `model` with `overrides` applied; `data` (--data) replaces its
+    training data (stages.data_source).
+
+    When `init_from` names a checkpoint that carries a model config (a Hugging Face folder's config.json, a
+    run's or a converted checkpoint's model_config.json), the model is that config (with the preset's
+    execution settings: dtype, remat, attention) and the tokenizer that folder's tokenizer.json (unless
+    `tokenizer` is set). `model` None then picks the preset of the same architecture (e.g. "2b" for
+    Qwen2-VL-2B), else the one nearest in parameter count, for the recipe's sizes (sequence length, batch,
+    mesh); a given `model`, or a `model.<field>` override, that disagrees with the checkpoint is a ValueError
+    naming the differing fields. Without init_from, `model` None is DEFAULT_MODEL."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
-    return apply_overrides(EXPERIMENTS[name](model), overrides)
+    overrides = list(overrides)
+    exp = apply_overrides(EXPERIMENTS[name](model or DEFAULT_MODEL), overrides)
+    if exp.init_from:
+        exp = _from_checkpoint(name, model, overrides, exp)
+    if data is not None:
+        if "data.mixture" in _keys(overrides):
+            raise ValueError("--data and --set data.mixture both choose the training data; pass one of them")
+        exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, mixture=((stages.data_source(data), 1.0),)))
+    return exp
+
+
+def _keys(overrides: Iterable[str]) -> list[str]:
+    return [_split_item(item)[0] for item in overrides]
+
+
+def _param_count(cfg: ModelConfig) -> int:
+    return sum(math.prod(s) for s in jax.tree.leaves(hf.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)))
+
+
+def _preset_for(cfg: ModelConfig) -> str:
+    """The preset with `cfg`'s architecture, else the one nearest in parameter count (log scale)."""
+    n = _param_count(cfg)
+    return matching_preset(cfg) or min(stages.MODELS, key=lambda m: abs(math.log(_param_count(get_config(m)) / n)))
+
+
+def _from_checkpoint(name: str, model: str | None, overrides: list[str], exp: stages.Experiment) -> stages.Experiment:
+    """`exp` with init_from's model config and tokenizer (see get_experiment)."""
+    saved = trainer.read_model_config(exp.init_from)
+    if saved is None:                  # params without a config: their shapes are checked when they load
+        return exp
+    keys = _keys(overrides)
+    if model is None:
+        exp = apply_overrides(EXPERIMENTS[name](_preset_for(saved)), overrides)
+    chosen = [k for k in keys if k.startswith("model.") and k.split(".")[1] not in EXECUTION_FIELDS]
+    diff = architecture_diff(saved, exp.model)
+    if diff and (model is not None or chosen):
+        given = ", ".join(([f"--model={model}"] if model else []) + [f"--set {k}" for k in chosen])
+        raise ValueError(f"init_from {exp.init_from} holds another model than {given} (checkpoint vs requested): "
+                         + ", ".join(f"{k} {a} vs {b}" for k, a, b in diff))
+    execution = {f: getattr(exp.model, f) for f in EXECUTION_FIELDS}
+    if diff:                           # no preset has this architecture: keep the checkpoint's name
+        execution["name"] = saved.name
+    exp = dataclasses.replace(exp, model=saved.replace(**execution))
+    if "tokenizer" not in keys:
+        exp = dataclasses.replace(exp, tokenizer=_checkpoint_tokenizer(exp.init_from, exp.tokenizer))
+    return exp
+
+
+def _checkpoint_tokenizer(path: str, current: str) -> str:
+    """The tokenizer of a run that starts from the checkpoint at `path`: a Hugging Face folder's tokenizer.json
+    (ValueError when it has none); the tokenizer.json a run or converted checkpoint kept, when it is not
+    `current`'s (a chain of runs from one tokenizer keeps naming it as before, so a resume finds the same data
+    fingerprint whether or not the previous run had finished when the chain was configured); else `current`."""
+    folder = trainer.processor_dir(path)
+    if folder is None:
+        return current
+    from_hf = checkpoint.locate(path).kind == "hf"
+    kept = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(kept):
+        if not from_hf:
+            return current
+        raise ValueError(f"init_from {path} has no tokenizer.json (found {sorted(os.listdir(folder))}): save the "
+                         f"tokenizer there with transformers (AutoProcessor.from_pretrained(...).save_pretrained), "
+                         f"or --set tokenizer=PATH")
+    if from_hf:
+        return folder
+    with open(kept, encoding="utf-8") as f:
+        return current if f.read() == tokenizer_json(current) else folder
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -55,7 +143,10 @@ def parse_value(text: str, current: Any, key: str) -> Any:
         if isinstance(current, int):
             return int(text.replace("_", ""))
         if isinstance(current, float):
-            return float(text)
+            value = float(text)
+            if not math.isfinite(value):       # nan / inf would pass every range check downstream
+                raise ValueError("not a finite number")
+            return value
         if isinstance(current, str):
             return text
         if isinstance(current, tuple):

@@ -15,7 +15,8 @@ What the paper does not give and we chose (overridable with --set):
   data mixture     STAGE_MIXTURE: the paper names each stage's data kinds but no ratios; the weights are ours
 Data: the embedded synthetic sources (qwen2vl_jax.data) stand in for each category: caption (image-text
 pairs), ocr, count (classification-like), grounding / count (VQA, multitask), interleaved, video,
-chat (ChatML). Real corpora are `--set data.mixture="(('arrayrecord:/path/*.ar', 1.0), ...)"`.
+chat (ChatML). Real corpora: `--data=DIR` (launch.prepare_data's output, see `data_source`) or a weighted
+mixture `--set data.mixture="(('arrayrecord:/path/{split}/*.array_record', 1.0), ...)"`.
 `tiny` / `test` run the same recipe with CPU-sized lengths, batches, budgets and image sizes
 (tiny: 256 tokens x 8 rows, patch rows per row from CPU_PATCHES_PER_TOKEN, <= 16*28*28 pixels per image (48*28*28 per video),
 60/400/80 steps; the ViT and merger at 5x the learning rate).
@@ -23,14 +24,17 @@ chat (ChatML). Real corpora are `--set data.mixture="(('arrayrecord:/path/*.ar',
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
+import os
 
+from qwen2vl_jax.data import sources
 from qwen2vl_jax.data.pipeline import DataConfig
-from qwen2vl_jax.data.tokenizer import load_tokenizer
+from qwen2vl_jax.data import tokenizer as tokenizer_lib
 from qwen2vl_jax.eval.evaluation import HeldoutEvaluator
 from qwen2vl_jax.model.config import ModelConfig, get_config
 from qwen2vl_jax.train import optim, sharding
-from qwen2vl_jax.train.checkpoint import CheckpointConfig
+from qwen2vl_jax.train.checkpoint import RUN_CHECKPOINTS, CheckpointConfig
 from qwen2vl_jax.train.sharding import MeshConfig
 from qwen2vl_jax.train.train_step import StepConfig
 
@@ -55,20 +59,24 @@ class Experiment:
     z_loss: float = 0.0
     loss_chunk: int = 512
     max_consecutive_skips: int = 5
-    init_from: str = ""             # previous stage's checkpoint folder or converted HF checkpoint
+    init_from: str = ""             # params to start from: a run / its checkpoints, a converted or a HF folder
     workdir: str = ""               # checkpoints/ and tensorboard/ go here; "" = runs/<name>_<model>
     log_every: int = 10
     eval_every: int = 0             # held-out loss by source and by data kind every N steps (0 = off)
     eval_samples: int = 64          # held-out samples per mixture source
     eval_mixture: tuple[tuple[str, float], ...] = ()   # sources of the held-out loss; () = data.mixture
     seed: int = 0
-    tokenizer: str = "embedded"
+    tokenizer: str = ""             # "embedded", "qwen2" or a tokenizer.json; "" = the one `model` was built for
 
     def __post_init__(self):
+        if not self.tokenizer:
+            object.__setattr__(self, "tokenizer", tokenizer_lib.default_for(self.model))
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage={self.stage}; valid: 1, 2, 3")
         optim.split_params({"visual": {"patch_embed": 0, "blocks": 0, "merger": 0}, "decoder": 0},
                            self.trainable)  # validates part names
+        if not (math.isfinite(self.z_loss) and self.z_loss >= 0):
+            raise ValueError(f"z_loss={self.z_loss} must be a finite number >= 0")
         if self.eval_every < 0:
             raise ValueError(f"eval_every={self.eval_every} must be >= 0")
         for f in ("batch_size", "microbatches", "loss_chunk", "log_every", "max_consecutive_skips", "eval_samples"):
@@ -94,7 +102,7 @@ class Experiment:
 
     @property
     def checkpoint_dir(self) -> str:
-        return self.checkpoint.directory or f"{self.run_dir}/checkpoints"
+        return self.checkpoint.directory or f"{self.run_dir}/{RUN_CHECKPOINTS}"
 
     @property
     def eval_data(self) -> DataConfig:
@@ -115,7 +123,27 @@ class Experiment:
             return None
         return HeldoutEvaluator(self.model, self.eval_data, num_samples=self.eval_samples,
                                 batch_size=self.batch_size, mesh=sharding.make_mesh(self.mesh),
-                                step_cfg=self.step_config(), tokenizer=load_tokenizer(self.tokenizer))
+                                step_cfg=self.step_config(), tokenizer=tokenizer_lib.load_for(self.tokenizer, self.model))
+
+
+# ----------------------------------------------------------------------------------------------
+# --data
+
+def data_source(arg: str) -> str:
+    """The mixture source of `--data=DIR_OR_GLOB`: launch.prepare_data's output folder (DIR/train/ and
+    DIR/heldout/ shards: training reads train, the held-out loss heldout), a folder of shards (one split), or
+    a glob ("{split}" in it is replaced by the split name). ValueError when it names no shard."""
+    path = os.path.abspath(os.path.expanduser(arg))
+    shards = os.path.join(path, "*" + sources.SHARD_SUFFIX)
+    if os.path.isdir(path) and not os.path.isdir(os.path.join(path, "train")):
+        if not glob.glob(shards):
+            raise ValueError(f"--data={arg}: the folder has neither train/ (launch.prepare_data's output) nor "
+                             f"*{sources.SHARD_SUFFIX} shards (found {sorted(os.listdir(path))[:8]})")
+        path = shards
+    train = sources.split_pattern(path, "train")
+    if not glob.glob(train):
+        raise ValueError(f"--data={arg}: no file matches {train}")
+    return f"arrayrecord:{path}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,14 +2,33 @@
 
     python -m launch.aot --experiment=stage2 --model=72b --topology=v5p-256 [--set key=value ...]
     python -m launch.aot --experiment=stage1 --model=72b --topology=v5p-512 --num_slices=2    # multi-slice
+        [--estimate [--image_patches=1024 --doc_tokens=2048]] [--microbatches=auto] [--save_hlo=FILE]
 
 Prints the per-chip memory and FLOPs of the compiled step and exits with status 2 if it does not fit in
-the chip's HBM, 1 on a bad argument. `--num_slices=N` compiles for N slices of the topology joined over the
-data-centre network, with the mesh's `dcn` axis set to N (data parallel across slices). The compile itself is qwen2vl_jax.train.aot (topology names,
-libtpu discovery, the memory check).
+the chip's HBM, 1 on a bad argument. The compile itself is qwen2vl_jax.train.aot (topology names,
+libtpu discovery, the TPU compiler flags, the memory check).
+
+--num_slices=N compiles for N slices of the topology joined over the data-centre network, with the mesh's
+`dcn` axis set to N (data parallel across slices; every other axis within a slice).
+
+--estimate: the roofline step-time estimate of the compiled program per device per step
+(qwen2vl_jax/train/roofline.py: matmul FLOPs with loop trip counts, attention-kernel FLOPs of the blocks
+the kernel visits, HBM bytes, ICI bytes by collective, the compiler's own cycle estimate). MFU is against
+flops.py's useful FLOPs for rows packed with --image_patches-patch images and --doc_tokens-token
+documents. The last line is `estimate: step_s=<seconds> bound=<compute|hbm|ici> mfu=<fraction>`. With
+--num_slices > 1 the collectives that cross slices are costed at ICI bandwidth like the others (the
+data-centre network is slower), so the estimate is a lower bound on the step time.
+
+--microbatches=auto: compiles with microbatch counts that divide the batch into equal per-device batches
+(binary search; one line per try with its memory) and keeps the smallest whose step needs at most
+(1 - --hbm_headroom) of the chip's HBM (or of --hbm_gib) per device.
+
+TPU compiler flags (qwen2vl_jax.train.aot.TPU_COMPILER_FLAGS) are set in LIBTPU_INIT_ARGS before libtpu
+starts; flags in your own LIBTPU_INIT_ARGS come after them and win. --notpu_flags leaves them out.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -21,7 +40,7 @@ from absl import flags  # noqa: E402
 from experiments import flags as cli  # noqa: E402
 from experiments import registry  # noqa: E402
 from qwen2vl_jax.model.config import ATTENTION_IMPLS  # noqa: E402
-from qwen2vl_jax.train import aot, flops, sharding  # noqa: E402
+from qwen2vl_jax.train import aot, flops, roofline, sharding  # noqa: E402
 
 FLAGS = flags.FlagValues()
 cli.define_experiment(FLAGS, default="stage2")
@@ -32,17 +51,64 @@ flags.DEFINE_integer("num_slices", 1, "slices of --topology (multi-slice; sets m
                      flag_values=FLAGS)
 flags.DEFINE_enum("attention", None, ATTENTION_IMPLS,
                   "attention_impl for the TPU (default: the experiment's; auto -> splash)", flag_values=FLAGS)
+flags.DEFINE_bool("estimate", False, "print the roofline step-time estimate of the compiled step", flag_values=FLAGS)
+flags.DEFINE_integer("image_patches", aot.PackedLayout.image_patches,
+                     "patches per image the estimate assumes (the rows' patch budget is packed with such images)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("doc_tokens", aot.PackedLayout.doc_tokens,
+                     "tokens per document the estimate assumes (rows packed with such documents)", flag_values=FLAGS)
+flags.DEFINE_string("microbatches", None, "gradient-accumulation steps: a positive integer, or auto (the "
+                    "smallest that fits; default: the experiment's)", flag_values=FLAGS)
+flags.DEFINE_float("hbm_headroom", 0.1, "fraction of HBM --microbatches=auto leaves free (runtime buffers, "
+                   "fragmentation, what the compiler's count leaves out)", flag_values=FLAGS)
+flags.DEFINE_float("hbm_gib", None, "HBM per device to check against, GiB (default: the chip's)", flag_values=FLAGS)
+flags.DEFINE_string("save_hlo", None, "write the compiled program's HLO text here (for re-analysis: "
+                    "qwen2vl_jax.train.roofline.estimate takes it)", flag_values=FLAGS)
+flags.DEFINE_bool("tpu_flags", True, "set the TPU compiler flags of qwen2vl_jax.train.aot.TPU_COMPILER_FLAGS",
+                  flag_values=FLAGS)
+
+
+def _microbatches(text: str | None) -> int | str | None:
+    if text is None or text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--microbatches={text!r}; valid: a positive integer or auto")
+    return int(text)
 
 
 def run_experiment(experiment: str, model: str, topology: str, overrides=(), attention: str | None = None,
-                   num_slices: int = 1):
-    """AOT-compiles the experiment's train step for `num_slices` x `topology`. Returns (exp, cfg, AotResult)."""
+                   microbatches: int | str | None = None, hbm_headroom: float = 0.1, hbm_gib: float | None = None,
+                   compiler_flags: bool = True, progress=print, num_slices: int = 1):
+    """AOT-compiles the experiment's train step for `num_slices` x `topology`. Returns (exp, cfg, AotResult);
+    with microbatches="auto" exp.microbatches is the count found."""
     topo = aot.parse_topology(topology, num_slices)
     exp = registry.get_experiment(experiment, model, [f"mesh.dcn={num_slices}", *overrides])
+    if isinstance(microbatches, int):
+        exp = registry.apply_overrides(exp, [f"microbatches={microbatches}"])
+    if not 0 <= hbm_headroom < 1:
+        raise ValueError(f"--hbm_headroom={hbm_headroom}; valid: 0 <= headroom < 1")
+    if hbm_gib is not None and hbm_gib <= 0:
+        raise ValueError(f"--hbm_gib={hbm_gib}; valid: a positive number of GiB")
     cfg = exp.model.replace(attention_impl=aot.resolve_attention(attention or exp.model.attention_impl))
+    hbm = int(hbm_gib * aot.GiB) if hbm_gib else None
+
+    def compile_with(m: int) -> aot.AotResult:
+        step_cfg = dataclasses.replace(exp.step_config(), microbatches=m)
+        return aot.compile_train_step(cfg, step_cfg, exp.mesh, topo, exp.batch_size, exp.data.seq_len,
+                                      exp.data.max_patches, compiler_flags=compiler_flags, hbm_per_device=hbm)
     try:
-        result = aot.compile_train_step(cfg, exp.step_config(), exp.mesh, topo, exp.batch_size,
-                                        exp.data.seq_len, exp.data.max_patches)
+        if microbatches == "auto":
+            mesh = dict(zip(sharding.MESH_AXES, exp.mesh.shape(topo.chips)))
+            replicas = mesh["dcn"] * mesh["data"] * mesh["fsdp"]
+            candidates = aot.microbatch_candidates(exp.batch_size, replicas)
+            limit = (1 - hbm_headroom) * (hbm or topo.chip.hbm_bytes)
+            progress(f"--microbatches=auto: batch {exp.batch_size} over dcn x data x fsdp = {replicas} "
+                     f"devices; candidates {candidates}; limit {limit / aot.GiB:.2f} GiB per device "
+                     f"({100 * hbm_headroom:.0f}% headroom)")
+            m, result = aot.fit_microbatches(compile_with, candidates, limit, progress)
+            exp = registry.apply_overrides(exp, [f"microbatches={m}"])
+        else:
+            result = compile_with(exp.microbatches)
     except NotImplementedError as e:
         if "Mosaic kernels cannot be automatically partitioned" in str(e):
             raise RuntimeError(
@@ -56,8 +122,13 @@ def run_experiment(experiment: str, model: str, topology: str, overrides=(), att
 def main(argv) -> int:
     cli.parse(FLAGS, argv, __doc__)
     try:
+        layout = aot.PackedLayout(FLAGS.image_patches, FLAGS.doc_tokens)
         exp, cfg, result = run_experiment(FLAGS.experiment, FLAGS.model, FLAGS.topology, FLAGS.set,
-                                          FLAGS.attention, FLAGS.num_slices)
+                                          FLAGS.attention, _microbatches(FLAGS.microbatches), FLAGS.hbm_headroom,
+                                          FLAGS.hbm_gib, FLAGS.tpu_flags, num_slices=FLAGS.num_slices)
+        if FLAGS.estimate:
+            est = aot.estimate_train_step(result, cfg, exp.trainable, exp.batch_size, exp.data.seq_len,
+                                          exp.data.max_patches, layout)
     except aot.DoesNotFitError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
@@ -69,12 +140,22 @@ def main(argv) -> int:
           f"{exp.data.max_patches} patches/row, microbatches={exp.microbatches}, mesh({mesh}), "
           f"trainable={'+'.join(exp.trainable)}, dtype={cfg.dtype}/{cfg.param_dtype}, remat={cfg.remat_policy}, "
           f"attention={cfg.attention_impl}")
+    print(f"TPU compiler flags (LIBTPU_INIT_ARGS): {aot.libtpu_args_in_effect() or '(none)'}")
     print(result.format())
     # 6 x params x tokens per optimizer step, for comparison with XLA's count
     six = flops.six_nd(cfg, tokens=exp.batch_size * exp.data.seq_len,
                        patches=exp.batch_size * exp.data.max_patches)
     print(f"FLOPs per step (6 x params x tokens): {six:.4g} total, {six / result.n_devices:.4g} per device "
           f"(XLA's count takes a scanned layer stack once)")
+    if FLAGS.save_hlo:
+        with open(FLAGS.save_hlo, "w") as f:
+            f.write(roofline.hlo_text(result.compiled))
+        print(f"HLO text written to {FLAGS.save_hlo}")
+    if FLAGS.estimate:
+        useful = est.useful_flops * result.n_devices
+        print(f"useful FLOPs per step (flops.py; rows of {layout.describe()}): {useful:.6g} total, "
+              f"{est.useful_flops:.6g} per device")
+        print(roofline.format_estimate(est))
     try:
         aot.check_fits(result)
     except aot.DoesNotFitError as e:

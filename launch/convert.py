@@ -1,28 +1,36 @@
-"""Checkpoint conversion between a transformers Qwen2-VL folder and our orbax checkpoint.
+"""Checkpoint conversion between a transformers Qwen2-VL folder and our orbax checkpoints.
 
   python -m launch.convert --hf_to_jax SRC_HF_DIR DST_JAX_DIR [--param_dtype float32] [--overwrite]
-  python -m launch.convert --jax_to_hf SRC_JAX_DIR DST_HF_DIR [--dtype bfloat16] [--max_shard_size 5GB]
+  python -m launch.convert --jax_to_hf SRC DST_HF_DIR [--dtype bfloat16] [--max_shard_size 5GB]
 
-The orbax layout (DST_JAX_DIR/model_config.json + DST_JAX_DIR/params/) is documented in
-qwen2vl_jax/model/hf.py; training starts from it with `qwen2vl_jax.model.hf.load_jax_checkpoint`. The HF
-folder written by --jax_to_hf loads with `Qwen2VLForConditionalGeneration.from_pretrained`.
+--jax_to_hf reads a training run (RUN, RUN/checkpoints: its newest step that restores; RUN/checkpoints/STEP:
+that step; the model config from RUN/model_config.json) or a converted checkpoint (model_config.json +
+params/, the layout documented in qwen2vl_jax/model/hf.py). The folder it writes loads with
+`Qwen2VLForConditionalGeneration.from_pretrained`; the run's tokenizer.json and, for a run fine-tuned from a
+Hugging Face folder, that folder's processor files (tokenizer_config.json, preprocessor_config.json, chat
+template, ...) are copied beside the weights, so `AutoProcessor.from_pretrained(DST)` works as it did there.
+--hf_to_jax keeps the processor files in DST_JAX_DIR/processor/. A converted model config is named by its
+architecture (the matching preset, e.g. "2b", else "custom"), never by the folder.
+Training starts from either folder with `--set init_from=DIR` (launch.pretrain).
 """
 from __future__ import annotations
 
 import os
 import time
 
+import jax
 from absl import flags, logging
 
 from experiments import flags as cli
 from qwen2vl_jax.model import hf
 from qwen2vl_jax.model.config import DTYPES
+from qwen2vl_jax.train import checkpoint, trainer
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_bool("hf_to_jax", False, "SRC is a transformers folder, DST an orbax checkpoint folder",
                   flag_values=FLAGS)
-flags.DEFINE_bool("jax_to_hf", False, "SRC is an orbax checkpoint folder, DST a transformers folder",
-                  flag_values=FLAGS)
+flags.DEFINE_bool("jax_to_hf", False, "SRC is a training run (RUN, RUN/checkpoints, RUN/checkpoints/STEP) or a "
+                  "converted checkpoint, DST a transformers folder", flag_values=FLAGS)
 flags.DEFINE_enum("param_dtype", "float32", DTYPES, "--hf_to_jax: dtype of the stored params (master weights)",
                   flag_values=FLAGS)
 flags.DEFINE_enum("dtype", None, DTYPES, "--jax_to_hf: dtype of the safetensors (default: the params' dtype)",
@@ -43,11 +51,25 @@ def convert(hf_to_jax: bool, src: str, dst: str, param_dtype: str = "float32", d
         cfg, params = hf.load_pretrained(src, progress=_log, param_dtype=param_dtype)
         _log(f"writing orbax checkpoint {dst} (config {cfg.name!r}, param_dtype {cfg.param_dtype})")
         hf.save_jax_checkpoint(cfg, params, dst, overwrite=overwrite)
+        copied = hf.copy_processor_files(src, os.path.join(dst, trainer.PROCESSOR_DIR))
     else:
-        cfg, params = hf.load_jax_checkpoint(src)
+        loc = checkpoint.locate(src)
+        if loc.kind == "hf":
+            raise ValueError(f"{src} is already a Hugging Face folder (config.json); --jax_to_hf reads a training "
+                             "run or a converted checkpoint")
+        cfg = trainer.read_model_config(src)
+        if cfg is None:
+            raise ValueError(f"{src} has no {hf.MODEL_CONFIG_FILE} beside it (a run folder holds one): cannot tell "
+                             "which model its params are")
+        # on the host's CPU: a large model does not fit one accelerator, and the safetensors are written from host memory
+        params = trainer.load_params(cfg, src, device=jax.devices("cpu")[0])
         _log(f"read {src} (config {cfg.name!r}, param_dtype {cfg.param_dtype}); writing {dst}")
         files = hf.save_pretrained(cfg, params, dst, max_shard_size=max_shard_size, dtype=dtype, progress=_log)
+        processor = trainer.processor_dir(src)
+        copied = hf.copy_processor_files(processor, dst) if processor else []
         _log(f"wrote {', '.join(files)}")
+    if copied:
+        _log(f"copied {', '.join(copied)}")
     _log(f"done in {time.time() - start:.1f}s: {src} -> {dst}")
 
 

@@ -3,11 +3,12 @@
     python -m launch.evaluate --checkpoint DIR [--model=tiny] [--set key=value ...] [--num=64]
         [--kinds=caption,count,ocr,grounding] [--chat] [--loss] [--ablate_pixels] [--json OUT.json]
 
-DIR is a training checkpoint folder (its latest step's params) or a converted checkpoint (model_config.json +
-params/). The model config comes from DIR/model_config.json (or its parent's, written by the trainer) when
-present, else from the --model preset; --set overrides its fields (e.g. attention_impl=xla, vision.depth=2).
-Held-out images and videos are preprocessed at the pixel budgets of the run that wrote DIR
-(DIR/data_config.json or its parent's), else at formats.VisionOptions()'s defaults; the budget used is printed
+DIR is a training run (RUN, RUN/checkpoints: its newest step that restores; RUN/checkpoints/STEP: that step),
+a converted checkpoint (model_config.json + params/) or a Hugging Face folder. The model config comes from the
+run's model_config.json (the converted checkpoint's, the folder's config.json) when there is one, else from
+the --model preset; --set overrides its fields (e.g. attention_impl=xla, vision.depth=2).
+Held-out images and videos are preprocessed at the pixel budgets of the run that wrote DIR (its
+data_config.json), else at formats.VisionOptions()'s defaults; the budget used is printed
 (a model evaluated at another resolution than it trained at scores low).
 Prints one line per metric: accuracy and the chance level (permutation baseline) beside it.
 --loss also reports the held-out loss of every data kind in evaluation.LOSS_KINDS (eval.evaluation
@@ -35,7 +36,8 @@ from qwen2vl_jax.model.config import get_config
 from qwen2vl_jax.train import sharding, trainer
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("checkpoint", None, "training checkpoint folder or converted checkpoint", flag_values=FLAGS)
+flags.DEFINE_string("checkpoint", None, "RUN, RUN/checkpoints, RUN/checkpoints/STEP, a converted checkpoint or "
+                    "a Hugging Face folder", flag_values=FLAGS)
 flags.mark_flag_as_required("checkpoint", flag_values=FLAGS)
 cli.define_model(FLAGS, help="model preset when the checkpoint has no model_config.json")
 cli.define_set(FLAGS, "the model config")

@@ -4,15 +4,22 @@
     python -m launch.pretrain                                   # stage 1, tiny model, embedded data, CPU
     python -m launch.pretrain --experiment=stage2 --model=7b --set mesh.fsdp=16 --set init_from=runs/stage1_7b/checkpoints
     python -m launch.pretrain --model=test --show_config         # the resolved config, then exit
+    python -m launch.pretrain --experiment=stage3 --set init_from=/ckpt/Qwen2-VL-2B-Instruct --data=DATA \
+        --set workdir=runs/ft                                   # fine-tune a Hugging Face checkpoint on your data
 
 Trains the experiment with qwen2vl_jax.train.trainer (its docstring: the loop, checkpoints, preemption, the
 run directory). The run directory is `--set workdir=...` (default runs/<experiment>_<model>); a re-run of
-the same command resumes from its latest checkpoint. Every `eval_every` steps (tiny: on) the held-out loss
+the same command resumes from its newest checkpoint that restores, and a second run in the same directory
+stops at start. `--set init_from=DIR` starts from a checkpoint: a run (RUN, RUN/checkpoints,
+RUN/checkpoints/STEP), a converted checkpoint or a Hugging Face Qwen2-VL folder; the model config and the
+tokenizer then come from it (--model only chooses the recipe's sizes, and must agree with it). `--data`
+trains on launch.prepare_data's output (DIR/train; the held-out loss reads DIR/heldout). Every `eval_every` steps (tiny: on) the held-out loss
 by mixture source and by data kind is printed, written to TensorBoard (eval/...) and to heldout.jsonl.
 
 Exit status: 0 done (or preempted by SIGTERM, checkpoint saved), 1 the model does not fit the devices'
-memory, 2 a configuration error (one ERROR line naming the value and the valid choices), 3 too many
-non-finite steps in a row (checkpoint saved).
+memory, 2 a configuration error (one ERROR line naming the value and the valid choices; also: the run
+directory is in use, the checkpoint was trained with other settings), 3 too many non-finite steps in a row
+(checkpoint saved) or a non-finite state (not saved).
 Multi-host: pass --coordinator_address/--num_processes/--process_id, or let the environment decide
 (Cloud TPU pod slices, SLURM, Open MPI are detected by jax.distributed.initialize()).
 """
@@ -31,6 +38,7 @@ FLAGS = flags.FlagValues()
 cli.define_experiment(FLAGS)
 cli.define_model(FLAGS)
 cli.define_set(FLAGS)
+cli.define_data(FLAGS)
 flags.DEFINE_bool("list", False, "list the experiments and exit", flag_values=FLAGS)
 flags.DEFINE_bool("show_config", False, "print the resolved experiment config and exit", flag_values=FLAGS)
 flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0", flag_values=FLAGS)
@@ -46,7 +54,7 @@ def main(argv: Sequence[str]) -> int:
             print(f"{name:10s} {desc}")
         print(f"models: {', '.join(stages.MODELS)} (--model); override any field with --set key=value")
         return 0
-    exp = registry.get_experiment(FLAGS.experiment, FLAGS.model, FLAGS.set)
+    exp = registry.get_experiment(FLAGS.experiment, cli.model_choice(FLAGS), FLAGS.set, data=FLAGS.data)
     if FLAGS.show_config:
         print(registry.describe(exp))
         return 0

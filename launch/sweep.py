@@ -18,7 +18,6 @@ the repo, install, start) whose start command is `python3 -m launch.sweep --swee
 """
 from __future__ import annotations
 
-import shlex
 import time
 from typing import Sequence
 
@@ -108,18 +107,16 @@ def run_local(sweep: sweeps.Sweep, results: str, root: str, eval_samples: int, o
 def tpu_jobs(sweep: sweeps.Sweep, tpu_prefix: str, zone: str, accelerator: str, project: str | None = None,
              version: str | None = None, spot: bool = False, results: str | None = None,
              eval_samples: int = 16) -> list[tuple[object, list[list[str]]]]:
-    """[(TpuVm, commands)] per point; commands = tpu.job_commands with the start step replaced by
-    `launch.sweep --point=KEY --local`."""
+    """[(TpuVm, commands)] per point: tpu.make_job's commands with `launch.sweep --point=KEY --local` as the
+    run (its exit status in logs/RUN.exit like any job's)."""
     out = []
     for p in sweep.points():
         vm = tpu.TpuVm(name=f"{tpu_prefix}-{p.key}", zone=zone, accelerator=accelerator, project=project,
                        version=version, spot=spot)
-        cmds = tpu.job_commands(vm, p.experiment, model=p.base_model, run_name=p.run_name.replace("/", "_"))
         argv = ["python3", "-m", "launch.sweep", f"--sweep={sweep.name}", f"--point={p.key}", "--local",
                 f"--results={results or default_results(sweep.name)}", f"--eval_samples={eval_samples}"]
-        start = (f"cd {tpu.REMOTE_DIR} && mkdir -p logs && nohup {shlex.join(argv)} > "
-                 f"logs/{p.run_name}.log 2>&1 < /dev/null &")
-        out.append((vm, cmds[:-1] + [vm.ssh_all(start)]))
+        job = tpu.make_job(vm, p.experiment, model=p.base_model, run_name=p.run_name.replace("/", "_"), train=argv)
+        out.append((vm, job.commands))
     return out
 
 

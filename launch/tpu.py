@@ -1,12 +1,14 @@
 """Launch a pretraining run on Cloud TPU VM slices with `gcloud`, and keep it running through preemptions.
 
     python -m launch.tpu --experiment=stage1 --model=7b --tpu=my-v5p --zone=us-east5-a --accelerator=v5p-128 \\
-        --set workdir=gs://BUCKET/runs/stage1_7b [--spot] [--queued] [--num_slices=N] [--watch] [--dry_run]
+        --set workdir=gs://BUCKET/runs/stage1_7b [--spot] [--queued] [--num_slices=N] [--watch] [--dry_run] \\
+        [--project=P] [--version=RUNTIME] [--libtpu_args="--xla_flag=value ..."]
 
 Reuses the TPU VM NAME or creates it (`--queued`: through a queued resource, as every `--num_slices` > 1 job
 is; its slices are NAME-0 .. NAME-{N-1}), ships the repository's HEAD to every worker, installs it, mounts
 the buckets the data mixture reads (gcsfuse, read-only, at /mnt/gcs/BUCKET), and starts `launch.pretrain`
-there (the steps: qwen2vl_jax/cloud/tpu.py). `--num_slices=N` also sets `mesh.dcn=N` (data parallel across
+there (the steps: qwen2vl_jax/cloud/tpu.py) with the TPU compiler flags launch.aot compiles with in
+LIBTPU_INIT_ARGS (then --libtpu_args, which win). `--num_slices=N` also sets `mesh.dcn=N` (data parallel across
 slices) and the MEGASCALE variables that join the slices. `--dry_run` prints the commands, one per line, as a
 runnable shell script (with the `--watch` command last). The experiment and its `--set` overrides are checked
 here first (experiments/registry.py), so a typo fails before any TPU VM is created.
@@ -57,6 +59,8 @@ flags.DEFINE_float("poll_s", 60.0, "--watch: seconds between two looks at the sl
                    flag_values=FLAGS)
 flags.DEFINE_float("create_timeout_h", 6.0, "--watch: hours a (queued) slice may take to come up",
                    lower_bound=0.01, flag_values=FLAGS)
+flags.DEFINE_string("libtpu_args", "", "extra TPU compiler flags for the job's LIBTPU_INIT_ARGS, after the "
+                    "defaults of qwen2vl_jax.train.aot.TPU_COMPILER_FLAGS (yours win)", flag_values=FLAGS)
 flags.DEFINE_bool("dry_run", False, "print the commands, run nothing", flag_values=FLAGS)
 flags.mark_flags_as_required(["experiment", "tpu", "zone", "accelerator"], flag_values=FLAGS)
 
@@ -80,7 +84,7 @@ def main(argv) -> int:
     vm = tpu.TpuVm(name=F.tpu, zone=F.zone, accelerator=F.accelerator, project=F.project, version=F.version,
                    spot=F.spot, num_slices=F.num_slices, queued=F.queued)
     job = tpu.make_job(vm, F.experiment, model=F.model, overrides=overrides, run_name=F.run_name,
-                       buckets=data_buckets(exp))
+                       buckets=data_buckets(exp), libtpu_args=F.libtpu_args)
     watch_cfg = tpu.WatchConfig(poll_s=F.poll_s, max_retries=F.max_retries, create_timeout_s=F.create_timeout_h * 3600)
     if F.dry_run:
         print(tpu.dry_run_script(vm, job.commands, watch=tpu.watch_script(job, watch_cfg) if F.watch else None))

@@ -5,6 +5,9 @@ import os
 pytest_plugins = ("gcs",)
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# requirements-test.txt installs libtpu for the AOT TPU-compile tests; with it installed, a jax that may pick
+# any platform initialises libtpu on the CPU box (a TPU probe that prints warnings). The suite, and every
+# subprocess it starts (they inherit this environment), runs on CPU devices only.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwen2vl_jax.model.attention import attention, make_mask, mesh_context, resolve_impl
+from qwen2vl_jax.model.attention import attention, make_mask, packed_layout, resolve_impl
+from qwen2vl_jax.model.partitioning import activation_sharding
 
 
 def naive_attention(q, k, v, q_seg, kv_seg, causal, q_offset=0):
@@ -113,19 +114,21 @@ def test_splash_interpret_matches_xla():
     np.testing.assert_allclose(np.asarray(out), ref, atol=2e-4, rtol=1e-4)
 
 
-# (mesh data, fsdp, tensor), heads (Hq, Hkv), causal: kv heads sharded with the query heads (4/2 over
-# tensor 2); kv replicated, every shard's query heads in one kv group (4/2 over tensor 4); kv replicated,
-# a shard's 3 query heads straddle two kv groups (6/3 over tensor 2: per-head kv gather); vision-shaped
-# (non-causal, head_dim 80, all heads one kv head each).
-SHARDED_CASES = [((2, 2, 2), (4, 2), True), ((2, 1, 4), (4, 2), True), ((1, 4, 2), (6, 3), True),
-                 ((2, 1, 4), (4, 4), False)]
+# (impl, mesh (data, fsdp, tensor), heads (Hq, Hkv), causal): kv heads sharded with the query heads
+# (4/2 over tensor 2); kv replicated, every shard's query heads in one kv group (4/2 over tensor 4); kv
+# replicated, a shard's 3 query heads straddle two kv groups (6/3 over tensor 2: per-head kv gather);
+# vision-shaped (non-causal, head_dim 80, all heads one kv head each). block_sparse with kv heads split like
+# the query heads, non-causal and causal: tests/test_block_sparse_attention.py (the model on a 2x2x2 mesh).
+SHARDED_CASES = [("splash", (2, 2, 2), (4, 2), True), ("splash", (2, 1, 4), (4, 2), True),
+                 ("splash", (1, 4, 2), (6, 3), True), ("splash", (2, 1, 4), (4, 4), False),
+                 ("block_sparse", (2, 1, 4), (4, 2), True), ("block_sparse", (1, 4, 2), (6, 3), True)]
 
 
-@pytest.mark.parametrize("mesh_shape, heads, causal", SHARDED_CASES)
-def test_splash_shard_map_matches_naive(mesh_shape, heads, causal):
-    """With a mesh in context (mesh_context inside the trace, or jax.set_mesh around it) the splash kernel
-    runs in shard_map (batch over data/fsdp, heads over tensor) and equals the float64 loop, forward and
-    q/k/v gradients (vs the xla backend)."""
+@pytest.mark.parametrize("impl, mesh_shape, heads, causal", SHARDED_CASES)
+def test_kernel_shard_map_matches_naive(impl, mesh_shape, heads, causal):
+    """With a mesh in context (activation_sharding inside the trace, or jax.set_mesh around it) the Pallas
+    kernel runs in shard_map (batch over data/fsdp, heads over tensor) and equals the float64 loop,
+    forward and q/k/v gradients (vs the xla backend)."""
     _splash_or_skip()
     from qwen2vl_jax.train import sharding
 
@@ -146,19 +149,19 @@ def test_splash_shard_map_matches_naive(mesh_shape, heads, causal):
         return lambda q, k, v: jnp.sum(run(impl, q, k, v) * w)
 
     def fwd(q, k, v):                       # the mesh entered inside the traced function (train step)
-        with mesh_context(mesh):
-            return run("splash", q, k, v)
+        with activation_sharding(mesh):
+            return run(impl, q, k, v)
 
-    assert "shard_map" in str(jax.make_jaxpr(fwd)(q, k, v)), "splash must run under shard_map"
+    assert "shard_map" in str(jax.make_jaxpr(fwd)(q, k, v)), f"{impl} must run under shard_map"
     rep = NamedSharding(mesh, PartitionSpec())   # the jit must span the mesh's devices
     out = jax.jit(fwd, in_shardings=(rep, rep, rep))(q, k, v)
     with jax.set_mesh(mesh):                # or the whole trace under jax.set_mesh
-        g_splash = jax.jit(jax.grad(loss("splash"), argnums=(0, 1, 2)))(q, k, v)
+        g_kernel = jax.jit(jax.grad(loss(impl), argnums=(0, 1, 2)))(q, k, v)
     ref = naive_attention(q, k, v, seg, seg, causal)
     np.testing.assert_allclose(np.asarray(out), ref, atol=2e-4, rtol=1e-4)
     assert np.all(np.asarray(out)[seg == 0] == 0.0)
     g_xla = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
-    for name, a, b in zip("qkv", g_splash, g_xla):
+    for name, a, b in zip("qkv", g_kernel, g_xla):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-3, rtol=1e-3, err_msg=f"d{name}")
 
 
@@ -166,7 +169,7 @@ def test_splash_rejects_lengths_off_block_and_auto_falls_back():
     _splash_or_skip()
     q, k, v = _qkv(1, 96, 96, 2, 1, 128)
     seg = np.ones((1, 96), np.int32)
-    with pytest.raises(ValueError, match="multiples of 128; got 96"):
+    with pytest.raises(ValueError, match=r"T=96: no block size in \(512, 256, 128\) divides it"):
         attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl="splash", interpret=True)
     assert resolve_impl("auto", jnp.bfloat16, (96, 96)) == "xla"     # CPU: always xla
 
@@ -178,6 +181,44 @@ def test_cudnn_path_builds_mask_on_cpu():
     assert resolve_impl("auto", jnp.float32) == "xla"
     with pytest.raises(ValueError, match="attention impl 'flash'"):
         resolve_impl("flash", jnp.float32)
+
+
+def _mask_from_packed_layout(seqlens, offsets, L, causal):
+    """numpy: what cuDNN's packed attention computes: position i sees j iff both lie in one run
+    [offsets[m], offsets[m] + seqlens[m]) (and j <= i when causal); positions in no run see nothing."""
+    B, M = seqlens.shape
+    mask = np.zeros((B, L, L), bool)
+    for b in range(B):
+        for m in range(M):
+            if seqlens[b, m] < 0:
+                assert offsets[b, m] == -1 and (seqlens[b, m:] == -1).all() and (offsets[b, m:] == -1).all()
+                break
+            idx = np.arange(offsets[b, m], offsets[b, m] + seqlens[b, m])
+            mask[b, idx[:, None], idx[None, :]] = True
+        assert offsets[b, M] == -1
+    return mask & np.tril(np.ones((L, L), bool)) if causal else mask
+
+
+def test_cudnn_packed_layout_rebuilds_the_mask():
+    """The cuDNN packed path (vision tower on GPU) never builds a [P, P] mask: it hands cuDNN per-segment
+    offsets and lengths computed on device. Rebuilt into a mask in numpy they give exactly the masking
+    rule's mask (make_mask), non-causal and causal, for ragged runs, padding between and after runs,
+    one-row runs, a run filling the row and an all-padding row; a row with more runs than promised is
+    flagged. (The cuDNN call itself needs a Hopper GPU: not run here.)"""
+    L = 24
+    rows = [[1] * 5 + [2] * 3 + [0] * 2 + [3] + [4] * 9 + [0] * 4,
+            [7] * L,
+            [0] * L,
+            [1, 2, 3, 4, 5, 6] + [0] * 18,
+            [0] * 3 + [1] * 10 + [0] * 4 + [2] * 7]
+    seg = np.array(rows, np.int32)
+    for causal in (False, True):
+        seqlens, offsets, overflow = (np.asarray(x) for x in packed_layout(seg, max_segments=6))
+        assert seqlens.shape == (5, 6) and offsets.shape == (5, 7) and not overflow.any()
+        np.testing.assert_array_equal(_mask_from_packed_layout(seqlens, offsets, L, causal),
+                                      np.asarray(make_mask(seg, seg, causal=causal)))
+    np.testing.assert_array_equal(np.asarray(packed_layout(seg, max_segments=5)[2]),
+                                  [False, False, False, True, False])
 
 
 def test_shape_errors_name_values():

@@ -1,9 +1,13 @@
-"""attention(impl="splash") compiled for a real TPU topology (v5p:2x2x1, 4 chips) on this CPU machine:
+"""The Pallas attention kernels compiled for a real TPU topology (v5p:2x2x1, 4 chips) on this CPU machine:
 libtpu's compile-only devices (qwen2vl_jax.train.aot.get_topology_devices). A train-like step (projections
 -> splash attention -> output projection -> loss, gradients of the weights) on a mesh with data / fsdp /
 tensor axes must lower and compile, with the Mosaic kernel partitioned by the shard_map in
 qwen2vl_jax.model.attention; without a mesh in context, XLA cannot partition it (the contract train steps
-rely on: trace under `jax.set_mesh(mesh)`). Skipped when libtpu is not installed."""
+rely on: trace under the mesh). The real train step with attention_impl=block_sparse compiles with the
+block-sparse kernels in it, and "auto" resolves for the mesh's platform. Skipped when libtpu is not
+installed."""
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -85,3 +89,39 @@ def test_splash_train_step_compiles_for_v5p(tpu_devices, name, mesh_shape, B, T,
         with pytest.raises(Exception, match="Mosaic kernels cannot be automatically partitioned"), \
                 jax.default_matmul_precision("default"):
             step("splash").lower(params, x, seg).compile()
+
+
+def test_auto_resolves_for_the_mesh_platform(tpu_devices):
+    """On a CPU host, "auto" inside a TPU mesh context resolves for TPU (the AOT case): block_sparse when the
+    kernel can tile both lengths, xla otherwise; outside it, for the CPU."""
+    from qwen2vl_jax.model.attention import resolve_impl
+    from qwen2vl_jax.model.partitioning import activation_sharding
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1), tpu_devices)
+    with activation_sharding(mesh):
+        assert resolve_impl("auto", jnp.bfloat16, (256, 1024)) == "block_sparse"
+        assert resolve_impl("auto", jnp.bfloat16, (96, 128)) == "xla"
+    assert resolve_impl("auto", jnp.bfloat16, (256, 1024)) == "xla"
+
+
+def test_block_sparse_train_step_compiles_for_v5p(tpu_devices):
+    """The real train step (train_step.make_train_step, as train/aot.py compiles it) of the test model's
+    stage-2 experiment with attention_impl=block_sparse, compiled for v5p:2x2x1: the compiled program holds
+    the kernel's forward, dq and dk/dv Mosaic calls for the vision tower and the decoder."""
+    from experiments import registry
+    from qwen2vl_jax.train import train_step
+
+    exp = registry.get_experiment("stage2", "test", ["model.attention_impl=block_sparse"])
+    cfg, step_cfg = exp.model, exp.step_config()
+    mesh = sharding.make_mesh(exp.mesh, tpu_devices)
+    abs_state, st_sh = train_step.abstract_state(cfg.replace(attention_impl="xla"), step_cfg, mesh)
+    spec = train_step.batch_spec(cfg, exp.batch_size, exp.data.seq_len, exp.data.max_patches)
+    b_sh = sharding.batch_shardings(spec, mesh)
+    abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in spec.items()}
+    step = train_step.make_train_step(cfg, step_cfg, mesh, st_sh, b_sh)
+    with jax.default_matmul_precision("default"):
+        text = step.lower(abs_state, abs_batch).compile().as_text()
+    for kernel in ("block_sparse_fwd", "block_sparse_dq", "block_sparse_dkv"):
+        # one kernel per attention site (vision tower, decoder): the layer stacks are scanned
+        n = len(re.findall(rf'custom_call_target="tpu_custom_call"[^\n]*{kernel}', text))
+        assert n >= 2, (kernel, n)

@@ -1,7 +1,11 @@
-"""Checkpoints: bit-identical continuation, restore onto another mesh, keep-K, stage hand-off, kill -9 resume."""
+"""Checkpoints: bit-identical continuation, restore onto another mesh, keep-K, stage hand-off, kill -9 resume,
+no NaN state saved, damaged steps set aside with their reason, a mismatch refused."""
+import dataclasses
 import functools
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,7 +101,7 @@ def test_keep_last_k_and_stage_hand_off(tmp_path):
     hf.save_jax_checkpoint(CFG, jax.device_get(state.params), str(tmp_path / "hf"))
     p2 = checkpoint.load_params(str(tmp_path / "hf"), abstract.params)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), jax.device_get(p2), jax.device_get(state.params))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="nothing is not a folder"):
         checkpoint.load_params(str(tmp_path / "nothing"), abstract.params)
 
 
@@ -186,3 +190,138 @@ def test_restore_gives_back_every_field(tmp_path):
     resumed.set_state(meta["data_state"])
     assert_batches_equal(take(resumed, 2), take(data, 2))
     assert resumed.stats() == data.stats()
+
+
+# ----------------------------------------------------------------------------------------------
+# a checkpoint worth resuming from: no NaN state is saved; a damaged step is set aside, a mismatch is not
+
+def test_a_non_finite_update_never_reaches_a_saved_checkpoint(tmp_path):
+    """Adam with eps=0 (a finite, accepted setting) divides 0 by 0 for every embedding row the batch does not
+    use: loss and grad norm are finite, so the step applies the update, and the params hold NaN. The save
+    refuses that state; the newest checkpoint stays the finite one before it."""
+    step_cfg = train_step.StepConfig(loss_chunk=8, optim=dataclasses.replace(STEP.optim, eps=0.0))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    _, st_sh = train_step.abstract_state(CFG, step_cfg, mesh)
+    b_sh = sharding.batch_shardings(synthetic_batch(CFG), mesh)
+    step_fn = train_step.make_train_step(CFG, step_cfg, mesh, st_sh, b_sh)
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "c"), every=1))
+    state = train_step.init_state(CFG, step_cfg, jax.random.key(0), mesh)
+    state = state._replace(step=state.step + 4)
+    assert ckpt.save(state, {}, force=True)
+    state, m = step_fn(state, sharding.global_batch(synthetic_batch(CFG, seed=0), b_sh))
+    assert train_step.host_metrics(m)["finite"]                      # the step saw nothing wrong
+    assert np.isnan(jax.device_get(state.params["decoder"]["embed_tokens"]["embedding"])).any()
+    with pytest.raises(checkpoint.NonFiniteStateError, match=r"state at step 5 holds NaN.*newest checkpoint .* is step 4"):
+        ckpt.save(state, {})
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path / "c")) == ["4"]
+
+
+def _damage(step_dir, kind):
+    if kind == "truncated params":
+        files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "params")) for f in fs]
+        biggest = max(files, key=os.path.getsize)
+        with open(biggest, "r+b") as f:
+            f.truncate(os.path.getsize(biggest) // 2)
+    elif kind == "meta missing":
+        os.remove(os.path.join(step_dir, "meta", "metadata"))
+    elif kind == "meta {}":
+        with open(os.path.join(step_dir, "meta", "metadata"), "w") as f:
+            f.write("{}")
+    elif kind == "meta garbage":
+        with open(os.path.join(step_dir, "meta", "metadata"), "wb") as f:
+            f.write(b"\x00\x17garbage")
+    elif kind == "empty folder":
+        shutil.rmtree(step_dir, ignore_errors=True)
+        os.makedirs(step_dir)
+
+
+DAMAGE = {"truncated params": "params/opt_state: ValueError: OUT_OF_RANGE: Error reading",
+          "meta missing": "meta: FileNotFoundError: File",
+          "meta {}": "meta: lacks step, skipped_steps, consecutive_skips, data_state",
+          "meta garbage": "meta: JSONDecodeError: Expecting value: line 1 column 1 (char 0)",
+          "empty folder": "empty step folder"}
+
+
+def _at_step(state, step):
+    return state._replace(step=jax.device_put(np.int32(step), state.step.sharding))
+
+
+def test_damaged_steps_are_set_aside_with_their_reasons(tmp_path):
+    """Steps 3..7 damaged one way each (7: a new, empty folder): restoring falls back to step 2, one line per
+    set-aside step, newest first; a step asked for by number raises its reason and moves nothing."""
+    mesh, abstract, _, _, _ = _setup(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    directory = str(tmp_path / "c")
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=directory, every=1, keep=10))
+    state = train_step.init_state(CFG, STEP, jax.random.key(0), mesh)
+    for step in range(1, 7):
+        ckpt.save(_at_step(state, step), {"next_seed": step})
+    ckpt.close()
+    damaged = dict(sorted(zip((6, 5, 4, 3, 7), DAMAGE), reverse=True))   # step -> kind, newest first
+    for step, kind in damaged.items():
+        _damage(os.path.join(directory, str(step)), kind)
+    lines = []
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=directory, every=1, keep=10), log=lines.append)
+    for step, kind in damaged.items():
+        with pytest.raises(checkpoint.UnreadableCheckpointError, match=f"{directory}/{step}: {re.escape(DAMAGE[kind])}"):
+            ckpt.restore(abstract, step=step)
+    assert ckpt.all_steps() == list(range(1, 8)) and not lines
+    got, meta = ckpt.restore(abstract)
+    assert meta["step"] == 2 and int(got.step) == 2 and meta["data_state"] == {"next_seed": 2}
+    assert len(lines) == len(damaged)
+    for line, (step, kind) in zip(lines, damaged.items()):
+        assert line.startswith(f"checkpoint {directory}/{step} does not restore (") and DAMAGE[kind] in line
+        assert line.endswith(f"moved it to {directory}/{step}.unreadable and trying the next older step")
+    assert ckpt.all_steps() == [1, 2]
+    # the run saves step 3 again; a second failure of it keeps the first one's files
+    assert ckpt.save(_at_step(got, 3), {"next_seed": 3})
+    ckpt.wait()
+    _damage(os.path.join(directory, "3"), "meta garbage")
+    assert ckpt.restore(abstract)[1]["step"] == 2
+    assert lines[-1].endswith(f"moved it to {directory}/3.unreadable-2 and trying the next older step")
+    ckpt.close()
+    assert sorted(os.listdir(directory)) == ["1", "2", "3.unreadable", "3.unreadable-2", "4.unreadable",
+                                             "5.unreadable", "6.unreadable", "7.unreadable"]
+
+
+def test_a_checkpoint_of_other_settings_is_refused_not_set_aside(tmp_path):
+    """Not damage: a resume with another model, other trainable parts or a refused setting names the
+    difference and moves nothing."""
+    mesh, abstract, _, b_sh, step_fn = _setup(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    directory = str(tmp_path / "c")
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=directory, every=1))
+    _steps(step_fn, train_step.init_state(CFG, STEP, jax.random.key(0), mesh), b_sh, [0], ckpt)
+    ckpt.close()
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=directory))
+    other = CFG.replace(intermediate_size=96)
+    with pytest.raises(ValueError, match=r"1/params holds another model .*\['decoder'\]\['layers'\]\['mlp'\]"
+                                         r"\['down_proj'\]\['kernel'\] \(2, 128, 64\) vs \(2, 96, 64\)"):
+        ckpt.restore(train_step.abstract_state(other, STEP, mesh)[0])
+    frozen_vit = train_step.StepConfig(trainable=("merger", "llm"), optim=STEP.optim)
+    with pytest.raises(ValueError, match="1/opt_state holds another optimizer state"):
+        ckpt.restore(train_step.abstract_state(CFG, frozen_vit, mesh)[0])
+
+    def refuse(meta):
+        raise ValueError(f"refused step {meta['step']}")
+    with pytest.raises(ValueError, match="refused step 1"):
+        ckpt.restore(abstract, check=refuse)
+    ckpt.close()
+    assert sorted(os.listdir(directory)) == ["1"]
+
+
+def test_one_line_names_the_cause_not_the_wrapper():
+    try:
+        try:
+            raise OSError("Requested byte range [0, 9) is not valid for value of size 3")
+        except OSError as inner:
+            raise RuntimeError("Encountered error while reading array index: " + "x" * 5000) from inner
+    except RuntimeError as e:
+        assert checkpoint.one_line(e) == "OSError: Requested byte range [0, 9) is not valid for value of size 3"
+    try:
+        try:
+            raise StopIteration(0)                 # being handled, not the cause
+        except StopIteration:
+            raise ValueError("bad\nmeta " + "y" * 400)
+    except ValueError as e:
+        text = checkpoint.one_line(e)
+        assert text.startswith("ValueError: bad meta yyy") and len(text) == checkpoint.MAX_REASON and "\n" not in text

@@ -46,7 +46,7 @@ def test_cli_hf_to_jax_to_hf(hf_dir, tmp_path):
            "(2, 64, 4, 16)" in r.stdout
     assert sorted(os.listdir(jax_dir)) == ["model_config.json", "params"]
     ck_cfg, params = hf.load_jax_checkpoint(str(jax_dir))
-    assert ck_cfg == cfg.replace(name=src.name)
+    assert ck_cfg == cfg                       # named "test" by its architecture, not by the folder
     assert params["decoder"]["layers"]["mlp"]["gate_proj"]["kernel"].dtype == np.float32
     np.testing.assert_array_equal(params["lm_head"]["kernel"], want["lm_head.weight"].T)
 
@@ -91,5 +91,9 @@ def test_cli_errors(hf_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(ValueError, match="model_type 'llava' is not 'qwen2_vl'"):
         convert.convert(True, str(bad), str(tmp_path / "x"))
-    with pytest.raises(FileNotFoundError, match="not a qwen2vl_jax checkpoint"):
+    with pytest.raises(ValueError, match="is already a Hugging Face folder"):
         convert.convert(False, str(src), str(tmp_path / "x"))
+    (tmp_path / "empty").mkdir()
+    r = _run("--jax_to_hf", str(tmp_path / "empty"), str(tmp_path / "x"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "is not a checkpoint (found []); expected a run folder RUN, RUN/checkpoints, RUN/checkpoints/STEP" in r.stderr

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from qwen2vl_jax.train import flops
+from qwen2vl_jax.train import chips, flops
 from qwen2vl_jax.model.config import get_config
 
 CFG = get_config("test")  # D=64 I=128 L=2 Hq=4 Hkv=2 hd=16 V=2048; ViT E=32 M=128 depth 2
@@ -79,9 +79,12 @@ def test_six_nd_and_mfu():
     f = flops.step_flops(cfg, tokens=4096, patches=4 * 1024, text_pairs=0, patch_pairs=0)
     six = flops.six_nd(cfg, tokens=4096, patches=4 * 1024)
     assert abs(f.total - six) / six < 0.01
-    assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert flops.peak_flops("NVIDIA H200") == 989e12
-    assert flops.peak_flops("TPU v5p") == 459e12 and flops.peak_flops("TPU v5 lite") == 197e12
-    assert flops.peak_flops("TPU v4") == 275e12 and flops.peak_flops("cpu") is None
+    # device kinds as jax (and torch, for GPUs) print them -> the one accelerator table's dense bf16 peak
+    assert chips.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and chips.peak_flops("NVIDIA H200") == 989e12
+    assert chips.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and chips.peak_flops("NVIDIA L4") == 121e12
+    assert chips.peak_flops("NVIDIA L40S") is None                     # not an L4
+    assert chips.peak_flops("TPU v5") == 459e12 and chips.peak_flops("TPU v5 lite") == 197e12
+    assert chips.peak_flops("TPU v6 lite") == 918e12 and chips.peak_flops("TPU v4") == 275e12
+    assert chips.peak_flops("cpu") is None and chips.peak_flops("TPU v9") is None
     assert flops.mfu(1e12, 1.0, 1, "cpu") is None
     assert flops.mfu(989e12 * 0.5, 1.0, 2, "NVIDIA H100 80GB HBM3") == pytest.approx(0.25)

@@ -1,4 +1,6 @@
 """HF <-> qwen2vl_jax weight conversion, checked against transformers 4.57.6 (Qwen2VLForConditionalGeneration)."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,12 @@ from qwen2vl_jax.model.config import get_config, to_hf_config
 
 def _config(tied: bool):
     return get_config("test").replace(tie_word_embeddings=tied)
+
+
+def _loaded_name(cfg):
+    """A loaded config is named by its architecture, never by its folder: the untied test config is the "test"
+    preset's; tied, no preset has it."""
+    return "custom" if cfg.tie_word_embeddings else "test"
 
 
 def _hf_model(cfg, seed=0):
@@ -257,8 +265,11 @@ def test_save_pretrained_loads_in_transformers(hf_pair, tmp_path):
     _assert_hf_model_equals(model, cfg, sd)
     # and our own loader reads it back bit-exactly
     cfg2, params2 = hf.load_pretrained(str(tmp_path))
-    assert cfg2 == cfg.replace(name=tmp_path.name)
+    assert cfg2 == cfg.replace(name=_loaded_name(cfg))
     _assert_trees_equal(params, params2)
+    moved = tmp_path.parent / f"{tmp_path.name}-renamed"        # a copy or a rename changes nothing
+    shutil.copytree(tmp_path, moved)
+    assert hf.load_pretrained(str(moved))[0] == cfg2
 
 
 def test_sharded_save_with_index(tmp_path):
@@ -322,7 +333,7 @@ def test_load_folder_written_by_transformers(hf_pair, shard, tmp_path):
     model.save_pretrained(str(tmp_path), **kw)
     assert (tmp_path / ("model.safetensors.index.json" if shard else "model.safetensors")).exists()
     cfg2, params = hf.load_pretrained(str(tmp_path), attention_impl="cudnn")
-    assert cfg2 == cfg.replace(name=tmp_path.name, attention_impl="cudnn")
+    assert cfg2 == cfg.replace(name=_loaded_name(cfg), attention_impl="cudnn")
     back = hf.params_to_hf_state_dict(cfg2, params)
     disk = _disk_state_dict(cfg, sd)
     assert set(back) == set(disk)

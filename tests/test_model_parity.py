@@ -15,6 +15,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from hf_reference import build_inputs, hf_logits, hf_model, hf_rope_index, layout_tokens, state_dict_numpy  # noqa: E402
+from qwen2vl_jax.data import media, packing  # noqa: E402
 from qwen2vl_jax.model import hf, kv_cache  # noqa: E402
 from qwen2vl_jax.model import inputs as model_inputs  # noqa: E402
 from qwen2vl_jax.model import model as M  # noqa: E402
@@ -101,9 +102,32 @@ def test_vision_tower_alone(setup):
     assert max(diffs) <= TOL
 
 
+def _processor_pixels(rng, shape):
+    """float32 pixel rows as the processor makes them: random uint8 values normalised (channel-major columns)."""
+    table = media.normalization_table()
+    raw = rng.integers(0, 256, (shape[0], 3, shape[1] // 3))
+    return np.stack([table[c][raw[:, c]] for c in range(3)], axis=1).reshape(shape)
+
+
+def test_device_normalisation_of_uint8_pixels_equals_the_processor():
+    """The vision tower normalises raw uint8 patch values (the packed batch) on the device: every value of every
+    channel equals the processor's float32 arithmetic (media.normalization_table) to one fp32 ulp at the
+    values' scale, 2.4e-7."""
+    from qwen2vl_jax.model.vision_tower import normalize_pixels
+    per = 392
+    raw = np.stack([np.concatenate([(np.arange(per) + 97 * r + 31 * c) % 256 for c in range(3)])
+                    for r in range(3)]).astype(np.uint8)                      # all 256 values in each channel
+    got = np.asarray(jax.jit(normalize_pixels)(raw))
+    table = media.normalization_table()
+    want = np.stack([table[c][raw.reshape(3, 3, per)[:, c]] for c in range(3)], axis=1).reshape(raw.shape)
+    assert got.dtype == np.float32
+    assert float(np.abs(got - want).max()) <= 2.4e-7
+
+
 def test_packed_forward_hidden_matches_per_sample(setup):
     """Two samples packed in row 0 (image sample + text sample), one video sample in row 1, right padding:
-    each sample's logits equal transformers run on that sample alone."""
+    each sample's logits equal transformers run on that sample alone. The packed rows carry the raw uint8
+    pixel values the packer recovers from the processor's normalised ones (the model normalises them)."""
     cfg, model, params = setup
     if cfg.tie_word_embeddings:
         pytest.skip("covered by the untied run")
@@ -113,12 +137,15 @@ def test_packed_forward_hidden_matches_per_sample(setup):
     placement = [0, 0, 1]
     S, P = 40, 72
     batch = {"input_ids": np.zeros((2, S), np.int32), "segment_ids": np.zeros((2, S), np.int32),
-             "positions": np.zeros((2, 3, S), np.int32), "pixel_values": np.zeros((2, P, cfg.vision.patch_dim), np.float32),
+             "positions": np.zeros((2, 3, S), np.int32), "pixel_values": np.zeros((2, P, cfg.vision.patch_dim), np.uint8),
              "patch_segment_ids": np.zeros((2, P), np.int32), "patch_positions": np.zeros((2, P, 2), np.int32)}
     fill, pfill, nseg, pseg = [0, 0], [0, 0], [0, 0], [0, 0]
     spans, refs = [], []
     for lay, row in zip(samples, placement):
         inputs = build_inputs(cfg, lay, seed=int(rng.integers(1000)))
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs:
+                inputs[key] = _processor_pixels(rng, inputs[key].shape)
         refs.append(hf_logits(model, inputs)[0])
         ids = inputs["input_ids"][0]
         n, s0 = len(ids), fill[row]
@@ -133,7 +160,7 @@ def test_packed_forward_hidden_matches_per_sample(setup):
             if key in inputs:
                 px, seg, pos = model_inputs.vision_inputs(cfg, inputs[key], inputs[gkey], "image")
                 p0, m = pfill[row], px.shape[1]
-                batch["pixel_values"][row, p0:p0 + m] = px[0]
+                batch["pixel_values"][row, p0:p0 + m] = packing.raw_pixel_values(px[0])
                 batch["patch_segment_ids"][row, p0:p0 + m] = seg[0] + pseg[row]
                 batch["patch_positions"][row, p0:p0 + m] = pos[0]
                 pseg[row] += seg.max()

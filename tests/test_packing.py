@@ -6,11 +6,25 @@ import pytest
 
 from qwen2vl_jax.model import mrope, rope
 from qwen2vl_jax.model.config import get_config
-from qwen2vl_jax.data import packing
+from qwen2vl_jax.data import media, packing
 
 CFG = get_config("test")
 V = CFG.vision
 TEXT_VOCAB = CFG.special_token_base  # ids below are plain text
+
+
+TABLE = media.normalization_table()      # the processor's normalised value of each uint8, per channel
+
+
+def normalized(raw):
+    """uint8 [n, 1176] raw patch rows -> the processor's float32 values (channel-major columns)."""
+    x = raw.reshape(raw.shape[0], 3, raw.shape[1] // 3)
+    return np.stack([TABLE[c][x[:, c]] for c in range(3)], axis=1).reshape(raw.shape)
+
+
+def processor_pixels(rng, n):
+    """float32 [n, 1176] pixel rows as the processor makes them (random uint8 values, normalised)."""
+    return normalized(rng.integers(0, 256, (n, V.patch_dim), dtype=np.uint8))
 
 
 def random_sample(rng, n_text=(5, 60), items=((1, 0), (0, 1)), max_side=6, t_video=(2, 3)):
@@ -27,7 +41,7 @@ def random_sample(rng, n_text=(5, 60), items=((1, 0), (0, 1)), max_side=6, t_vid
             ids += list(rng.integers(0, TEXT_VOCAB, rng.integers(1, 20)))
             grids.append((t, h, w))
             kind_codes.append(code)
-            pixels.append(rng.standard_normal((t * h * w, V.patch_dim)).astype(np.float32))
+            pixels.append(processor_pixels(rng, t * h * w))
     ids = np.asarray(ids, np.int32)
     lm = (rng.random(len(ids)) < 0.7).astype(np.float32)
     lm[0] = 0
@@ -62,7 +76,7 @@ def check_row(row, pcfg):
               "pixel_values": (P, V.patch_dim), "patch_segment_ids": (P,), "patch_positions": (P, 2)}
     for k, shp in shapes.items():
         assert row[k].shape == shp, k
-    assert row["loss_mask"].dtype == np.float32 and row["pixel_values"].dtype == np.float32
+    assert row["loss_mask"].dtype == np.float32 and row["pixel_values"].dtype == np.uint8
     for k in ("input_ids", "targets", "segment_ids", "positions", "patch_segment_ids", "patch_positions"):
         assert row[k].dtype == np.int32, k
     n_real = int((row["segment_ids"] > 0).sum())
@@ -114,8 +128,8 @@ def unpack(rows):
                 t = len(slice_ids)
                 grids.append((t, hw))
                 n_patches += run * 4
-            pv = row["pixel_values"][p0:p0 + n_patches]
-            found.append({"ids": ids.copy(), "loss": row["loss_mask"][sl].copy(), "pixels": pv.copy(),
+            pv = normalized(row["pixel_values"][p0:p0 + n_patches])       # rows carry the raw uint8 values
+            found.append({"ids": ids.copy(), "loss": row["loss_mask"][sl].copy(), "pixels": pv,
                           "positions": row["positions"][:, sl].copy(),
                           "patch_positions": row["patch_positions"][p0:p0 + n_patches].copy(),
                           "slices": grids, "kinds": kinds})
@@ -174,7 +188,7 @@ def test_positions_worked_example_from_reference():
     ids = np.array([5, 6, CFG.vision_start_token_id] + [CFG.image_token_id] * 6 + [CFG.vision_end_token_id, 7, 8],
                    np.int32)
     img = {"input_ids": ids, "loss_mask": np.ones(len(ids), np.float32),
-           "pixel_values": np.ones((24, V.patch_dim), np.float32), "grid_thw": np.array([[1, 4, 6]], np.int32),
+           "pixel_values": processor_pixels(np.random.default_rng(2), 24), "grid_thw": np.array([[1, 4, 6]], np.int32),
            "vision_kind": np.array([0], np.int8), "sample_type": "x"}
     pcfg = packing.PackConfig.for_model(CFG, seq_len=32, max_patches=32, lookahead=1)
     rows, _ = packing.pack_samples([text_sample(4), img], pcfg, CFG)
@@ -293,7 +307,7 @@ def test_overflow_rules_are_counted():
     vis_tail = random_sample(rng, n_text=(70, 71), items=((1, 0),), max_side=2)
     # too many patches (an 8x10 image = 80 patch rows > 64)
     big = random_sample(rng, n_text=(2, 3), items=((1, 0),), max_side=2)
-    big["pixel_values"] = np.zeros((80, V.patch_dim), np.float32)
+    big["pixel_values"] = processor_pixels(rng, 80)
     big["grid_thw"] = np.array([[1, 8, 10]], np.int32)
     big["input_ids"] = np.concatenate([[CFG.vision_start_token_id], [CFG.image_token_id] * 20,
                                        [CFG.vision_end_token_id], [1, 2]]).astype(np.int32)
@@ -375,3 +389,33 @@ def test_packer_state_roundtrip_resumes_identically():
     rows += resumed.flush()
     assert rows == ref_rows
     assert sorted(k for r in rows for k in r) == list(range(len(sizes)))  # nothing lost, nothing twice
+
+
+def test_rows_carry_the_raw_uint8_pixels_the_processor_values_came_from():
+    """raw_pixel_values inverts the processor's normalisation exactly for every uint8 value of every channel
+    (media.normalization_table, the processor's arithmetic, is the reference); values that are no such level
+    are refused, and a sample holding them is invalid, not silently rounded."""
+    per = V.patch_dim // 3                                     # 392 columns per channel: every value 0..255
+    raw = np.stack([np.concatenate([(np.arange(per) + 97 * r + 31 * c) % 256 for c in range(3)])
+                    for r in range(3)]).astype(np.uint8)
+    got = packing.raw_pixel_values(normalized(raw))
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, raw)
+    for c in range(3):                                         # all 256 levels of each channel came back
+        cols = slice(c * V.patch_dim // 3, (c + 1) * V.patch_dim // 3)
+        assert len(np.unique(raw[:, cols])) == 256
+    x = normalized(raw)
+    between = x.copy()
+    between[0, 5] = (TABLE[0, 7] + TABLE[0, 8]) / 2            # half-way between two levels
+    off_by_one_ulp = x.copy()
+    off_by_one_ulp[2, 1000] = np.nextafter(x[2, 1000], np.float32(9))
+    nan = x.copy()
+    nan[1, 500] = np.nan
+    for bad in (between, off_by_one_ulp, nan, np.zeros_like(x), np.ones_like(x)):
+        with pytest.raises(ValueError, match="not the processor's normalised uint8 values"):
+            packing.raw_pixel_values(bad)
+    sample = random_sample(np.random.default_rng(5), items=((1, 0),))
+    pcfg = packing.PackConfig.for_model(CFG, seq_len=512, max_patches=512)
+    assert packing.prepare_sample(sample, pcfg, CFG)[0] is not None
+    sample["pixel_values"] = sample["pixel_values"] * 1.001
+    assert packing.prepare_sample(sample, pcfg, CFG) == (None, packing.DROP_INVALID)

@@ -40,7 +40,7 @@ def test_batch_contract_and_stats():
     S, P = 512, 1536
     want = {"input_ids": ((2, S), np.int32), "targets": ((2, S), np.int32), "loss_mask": ((2, S), np.float32),
             "segment_ids": ((2, S), np.int32), "positions": ((2, 3, S), np.int32),
-            "pixel_values": ((2, P, 1176), np.float32), "patch_segment_ids": ((2, P), np.int32),
+            "pixel_values": ((2, P, 1176), np.uint8), "patch_segment_ids": ((2, P), np.int32),
             "patch_positions": ((2, P, 2), np.int32)}
     real_t = real_p = 0
     for b in batches:

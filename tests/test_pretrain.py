@@ -1,5 +1,5 @@
-"""launch.pretrain CLI: list, bad flags and overrides, --show_config, too-large model, a finished run re-run,
-SIGTERM save-and-exit, non-finite stop."""
+"""launch.pretrain CLI: list, bad flags and overrides (a non-finite one too), --show_config, too-large model, a
+finished run re-run, a second run in one workdir, SIGTERM save-and-exit, non-finite stop."""
 import json
 import os
 import signal
@@ -33,6 +33,20 @@ def test_list_and_bad_override_messages():
     res = subprocess.run(_cli("--experiment=stage9"), env=_env(), cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 2 and "stage9" in res.stderr and "stage1|stage2|stage3" in res.stderr
+    res = subprocess.run(_cli("--set=optim.peak_lr=nan"), env=_env(), cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "--set optim.peak_lr='nan': cannot parse as float" in res.stderr and "not a finite number" in res.stderr
+
+
+def test_a_second_run_in_the_same_workdir_is_one_line(tmp_path):
+    from qwen2vl_jax.train import trainer
+
+    with trainer.RunLock(str(tmp_path)):
+        res = subprocess.run(_cli("--model=test", f"--set=workdir={tmp_path}"), env=_env(), cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+    assert f"ERROR: run directory {tmp_path} is in use by another run (pid {os.getpid()}" in res.stderr
 
 
 @pytest.mark.slow
@@ -105,7 +119,103 @@ def test_non_finite_steps_stop_with_checkpoint(tmp_path):
                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 3, res.stderr[-2000:]
     assert "non-finite steps in a row" in res.stderr and "checkpoint saved" in res.stderr
+    def strict(text):
+        raise ValueError(f"losses.jsonl is not JSON: {text}")
     with open(tmp_path / "losses.jsonl") as f:
-        rows = [json.loads(line) for line in f]
+        rows = [json.loads(line, parse_constant=strict) for line in f]
     assert rows[-1]["finite"] is False and rows[-2]["finite"] is False and len(rows) < 20
+    assert rows[-1]["loss"] is None or rows[-1]["grad_norm"] is None      # a non-finite value is null
     assert str(len(rows)) in os.listdir(tmp_path / "checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop reads metrics a step late and prefetches batches to the device: its records, its final state and
+# its non-finite stop are those of a plain loop that waits for every step (written out here)
+
+def _synchronous_loop(exp, stop_after_skips: int | None = None):
+    """[(losses.jsonl record, state after the step, data-iterator state after its batch)] of the experiment's
+    first steps, one step at a time."""
+    import jax
+    import numpy as np
+
+    from qwen2vl_jax.data.pipeline import make_iterator
+    from qwen2vl_jax.data.tokenizer import load_tokenizer
+    from qwen2vl_jax.train import sharding, train_step
+
+    step_cfg = exp.step_config()
+    mesh = sharding.make_mesh(exp.mesh)
+    _, st_sh = train_step.abstract_state(exp.model, step_cfg, mesh)
+    b_sh = sharding.batch_shardings(train_step.batch_spec(exp.model, exp.batch_size, exp.data.seq_len,
+                                                          exp.data.max_patches), mesh)
+    step_fn = train_step.make_train_step(exp.model, step_cfg, mesh, st_sh, b_sh)
+    state = train_step.init_state(exp.model, step_cfg, jax.random.key(exp.seed), mesh)
+    data = make_iterator(exp.data, exp.model, load_tokenizer(exp.tokenizer), batch_size=exp.batch_size)
+    out = []
+    for step in range(1, exp.num_steps + 1):
+        state, m = step_fn(state, sharding.global_batch(next(data), b_sh))
+        hm = train_step.host_metrics(m)
+        out.append(({"step": step, "loss": hm["loss"], "grad_norm": hm["grad_norm"], "finite": hm["finite"]},
+                    jax.tree.map(np.asarray, jax.device_get(state)), data.get_state()))
+        if stop_after_skips is not None and hm["consecutive_skips"] >= stop_after_skips:
+            break
+    data.close()
+    return out
+
+
+def _assert_same_tree(a, b):
+    import jax
+    import numpy as np
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def _records(run_dir):
+    with open(os.path.join(run_dir, "losses.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+OVERRIDES = ["batch_size=8", "checkpoint.every=3", "log_every=2", "data.seq_len=128"]
+
+
+@pytest.mark.slow
+def test_loop_equals_a_synchronous_loop(tmp_path):
+    from experiments import registry
+    from qwen2vl_jax.train import checkpoint, sharding, trainer, train_step
+
+    exp = registry.get_experiment("stage2", "test", OVERRIDES + [f"workdir={tmp_path}", "steps=5"])
+    summary = trainer.run(exp, stream=open(os.devnull, "w"))
+    ref = _synchronous_loop(exp)
+    assert _records(tmp_path) == [r for r, _, _ in ref]                   # exact floats, same steps
+    assert summary["losses"] == {r["step"]: r["loss"] for r, _, _ in ref}
+    abstract, _ = train_step.abstract_state(exp.model, exp.step_config(), sharding.make_mesh(exp.mesh))
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=exp.checkpoint_dir))
+    assert ckpt.all_steps() == [3, 5]
+    for step in (3, 5):
+        state, meta = ckpt.restore(abstract, step=step)
+        _assert_same_tree(state, ref[step - 1][1])
+        assert meta["data_state"] == ref[step - 1][2]
+    ckpt.close()
+
+
+@pytest.mark.slow
+def test_non_finite_stop_equals_a_synchronous_loop(tmp_path):
+    """An absurd learning rate blows the params up after the first update; with max_consecutive_skips=2 the
+    run stops at the step a plain loop stops at, with the same records and that step's state saved. Step 3
+    is not a checkpoint step, so the loop has dispatched step 4 when it reads step 3's metrics."""
+    from experiments import registry
+    from qwen2vl_jax.train import checkpoint, sharding, trainer, train_step
+
+    exp = registry.get_experiment("stage2", "test", OVERRIDES + [
+        f"workdir={tmp_path}", "steps=8", "checkpoint.every=5", "optim.peak_lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
+        "max_consecutive_skips=2"])
+    with pytest.raises(trainer.NonFiniteError, match="2 non-finite steps in a row at step 3"):
+        trainer.run(exp, stream=open(os.devnull, "w"))
+    ref = _synchronous_loop(exp, stop_after_skips=2)
+    assert len(ref) == 3 and [r["finite"] for r, _, _ in ref] == [True, False, False]
+    assert json.dumps(_records(tmp_path)) == json.dumps([r for r, _, _ in ref])   # NaN written alike
+    abstract, _ = train_step.abstract_state(exp.model, exp.step_config(), sharding.make_mesh(exp.mesh))
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=exp.checkpoint_dir))
+    assert ckpt.all_steps() == [3]
+    state, meta = ckpt.restore(abstract)
+    _assert_same_tree(state, ref[-1][1])
+    assert meta["step"] == 3 and meta["consecutive_skips"] == 2 and meta["data_state"] == ref[-1][2]
+    ckpt.close()

@@ -1,7 +1,9 @@
-"""Mesh construction and logical-axis rules (no compilation: fast)."""
+"""Mesh construction, logical-axis rules, and the activation constraints in the lowered train step."""
 import math
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -9,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from qwen2vl_jax.model import model
 from qwen2vl_jax.train import optim, sharding, train_step
 from qwen2vl_jax.model.config import get_config
+from test_train import _sdy_spec
 
 
 def test_mesh_shapes_and_errors():
@@ -104,3 +107,90 @@ def test_global_batch_assembles_process_rows():
 
 
 # 2 processes x 4 devices vs 1 x 8: tests/test_multihost.py (through launch.pretrain).
+
+
+# ---------------------------------------------------------------------------------------------
+# activation constraints (model/partitioning.constrain) in the real train step
+
+DP = ("data", "fsdp")
+# Hand-derived for the test model's stage-2 step (rows 4 x 128 tokens, 256 patches; decoder 64 wide,
+# 4 query / 2 kv heads of 16, mlp 128; tower 32 wide, 4 heads of 8, mlp 128) on data=2 x fsdp=2 x
+# tensor=2 from partitioning.LOGICAL_RULES: rows over data x fsdp, heads and mlp over tensor, the
+# embedding width and the sequence whole (the sequence axis has size 1); the token table, vocab 2048,
+# enters the lookup split over its rows only.
+EXPECTED_ACTIVATION_SPECS = {
+    "4x128x64": (DP, None, None),              # decoder hidden states ("batch", "length", "act_embed")
+    "4x128x4x16": (DP, None, "tensor", None),  # decoder q and attention output ("act_heads")
+    "4x128x2x16": (DP, None, "tensor", None),  # decoder k, v ("act_kv_heads")
+    "4x128x128": (DP, None, "tensor"),         # decoder SwiGLU activation ("act_mlp")
+    "4x256x32": (DP, None, None),              # vision hidden states ("batch", "patches", "act_embed")
+    "4x256x4x8": (DP, None, "tensor", None),   # vision attention output
+    "4x256x128": (DP, None, "tensor"),         # vision MLP activation
+    "2048x64": ("tensor", None),               # token table read by the lookup ("vocab", None)
+}
+
+
+def _random_batch(cfg, B, S, P, seed=0):
+    r = np.random.default_rng(seed)
+    seg = np.repeat([1, 2, 0], [S // 2, S // 2 - 8, 8])[None].repeat(B, 0).astype(np.int32)
+    pseg = np.repeat([1, 2, 0], [P // 2, P // 4, P // 4])[None].repeat(B, 0).astype(np.int32)
+    return {"input_ids": r.integers(0, cfg.special_token_base, (B, S)).astype(np.int32),
+            "targets": r.integers(0, cfg.special_token_base, (B, S)).astype(np.int32),
+            "loss_mask": (seg != 0).astype(np.float32), "segment_ids": seg,
+            "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (B, 3, S)).copy(),
+            "pixel_values": r.standard_normal((B, P, cfg.vision.patch_dim)).astype(np.float32),
+            "patch_segment_ids": pseg, "patch_positions": r.integers(0, 8, (B, P, 2)).astype(np.int32)}
+
+
+def _random_state(abstract, seed=0):
+    """A state with the abstract state's shapes and shardings: floats |normal| * 0.05 (Adam's nu must be
+    >= 0), integer counters 0. Placed directly: no init program to compile."""
+    r = np.random.default_rng(seed)
+
+    def leaf(a):
+        x = (np.abs(r.standard_normal(a.shape)) * 0.05 if np.issubdtype(a.dtype, np.floating)
+             else np.zeros(a.shape))
+        return jax.device_put(x.astype(a.dtype), a.sharding)
+    return jax.tree.map(leaf, abstract)
+
+
+def test_activation_constraints_are_in_the_lowered_train_step():
+    """The real test-model train step on the 8-device CPU mesh (data x fsdp x tensor = 2x2x2), lowered:
+    every activation constraint the model names by logical axes is in the program with the hand-derived
+    spec (decoder and vision hidden states, q/k/v and attention outputs, MLP activations, the token table
+    of the lookup), and each of them appears; traced without the mesh in context there are none. The
+    constrained step's loss equals the loss computed without any mesh in the trace (a constraint moves
+    data, never changes numerics)."""
+    from experiments import registry
+
+    exp = registry.get_experiment("stage2", "test", [])
+    cfg, step_cfg = exp.model, exp.step_config()
+    B, S, P = exp.batch_size, exp.data.seq_len, exp.data.max_patches
+    assert (B, S, P, cfg.vocab_size, cfg.attention_impl) == (4, 128, 256, 2048, "xla"), \
+        "EXPECTED_ACTIVATION_SPECS assume these"
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    abs_state, st_sh = train_step.abstract_state(cfg, step_cfg, mesh)
+    b_sh = sharding.batch_shardings(train_step.batch_spec(cfg, B, S, P), mesh)
+    state = _random_state(abs_state)
+    batch = sharding.global_batch(_random_batch(cfg, B, S, P), b_sh)
+
+    def constraints(step_mesh):   # {shape: {spec}} of the step traced with / without the mesh in context
+        lowered = jax.jit(train_step.train_step_fn(cfg, step_cfg, step_mesh),
+                          in_shardings=(st_sh, b_sh)).lower(state, batch)
+        found = {}
+        for dims, shape in re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, \[(.*?)\]> : tensor<([0-9x]+)x\w+>",
+                                      lowered.as_text()):
+            found.setdefault(shape, set()).add(_sdy_spec(dims))
+        return found, lowered
+
+    found, lowered = constraints(mesh)
+    assert found == {k: {v} for k, v in EXPECTED_ACTIVATION_SPECS.items()}, found
+    assert constraints(None)[0] == {}
+    loss = train_step.host_metrics(lowered.compile()(state, batch)[1])["loss"]
+
+    @jax.jit
+    def plain_loss(params, batch):              # no mesh in the trace: no constraint, no shard_map
+        _, (nll, _, n) = train_step.loss_terms(cfg, params, batch, step_cfg)
+        return nll / jnp.maximum(n, 1.0)
+    ref = float(plain_loss(state.params, batch))
+    assert loss == ref, (loss, ref)

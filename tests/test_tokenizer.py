@@ -167,3 +167,19 @@ def test_real_qwen2_decode_is_fast_and_matches_slow_tokenizer(qwen2, qwen2_slow)
     assert qwen2.decode([151656]) == "<|video_pad|>"      # the last id is still in range; one past it is not
     with pytest.raises(ValueError, match=r"outside the tokenizer's range \[0, 151657\)"):
         qwen2.decode([5, 151657])
+
+
+def test_each_preset_gets_the_tokenizer_its_special_ids_were_laid_out_for(qwen2):
+    """An experiment's default tokenizer follows its model: the image pads the tokenizer writes are the ids
+    the model looks for (a 2B run on the embedded tokenizer would drop every image sample as invalid)."""
+    from experiments import registry
+    from qwen2vl_jax.data import tokenizer as tokenizer_lib
+
+    for model, name, tok_ in (("tiny", "embedded", None), ("2b", "qwen2", qwen2)):
+        exp = registry.get_experiment("stage3", model)
+        assert exp.tokenizer == name
+        loaded = tok_ or tokenizer_lib.load_tokenizer(name)
+        assert loaded.encode("<|image_pad|>") == [exp.model.image_token_id]
+    exp = registry.get_experiment("stage3", "2b", ["tokenizer=embedded"])
+    with pytest.raises(ValueError, match=r"^tokenizer/model config mismatch \(2b\): cfg.special_token_base=151643"):
+        tokenizer_lib.load_for(exp.tokenizer, exp.model)

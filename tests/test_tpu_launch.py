@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from qwen2vl_jax.cloud import tpu
+from qwen2vl_jax.train import aot
 from qwen2vl_jax.cloud.tpu import REPO_ROOT, TpuVm
 
 VM = TpuVm(name="qv-pod", zone="us-east5-a", accelerator="v5p-128", project="my-proj", spot=True)
@@ -16,7 +17,7 @@ def test_dry_run_prints_exact_commands():
     out = subprocess.run(
         [sys.executable, "-m", "launch.tpu", "--experiment=stage2", "--model=7b", "--tpu=qv-pod",
          "--zone=us-east5-a", "--accelerator=v5p-128", "--project=my-proj", "--dry_run",
-         "--set=optim.peak_lr=1e-4", "--set", "description=a b"],
+         "--set=optim.peak_lr=1e-4", "--set", "description=a b", "--libtpu_args=--xla_x=1"],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
     scope = "--zone=us-east5-a --project=my-proj"
     jax_version = tpu.pinned_jax_version()
@@ -24,8 +25,9 @@ def test_dry_run_prints_exact_commands():
                f" && python3 -m pip install -q -r requirements.txt 'jax[tpu]=={jax_version}'")
     train = ("python3 -m launch.pretrain --experiment=stage2 --model=7b --set=optim.peak_lr=1e-4 "
              "'--set=description=a b'")
+    env = f"export LIBTPU_INIT_ARGS={shlex.quote(' '.join(aot.TPU_COMPILER_FLAGS + ('--xla_x=1',)))}; "
     start = ("cd ~/qwen2vl_jax && mkdir -p logs && { pkill -f '[l]aunch.pretrain' || true; } && rm -f "
-             f"logs/stage2-qv-pod.exit && nohup sh -c {shlex.quote(train + '; echo $? > logs/stage2-qv-pod.exit')}"
+             f"logs/stage2-qv-pod.exit && nohup sh -c {shlex.quote(env + train + '; echo $? > logs/stage2-qv-pod.exit')}"
              " > logs/stage2-qv-pod.log 2>&1 < /dev/null &")
     expected = [
         f"gcloud compute tpus tpu-vm describe qv-pod {scope} '--format=value(state)' > /dev/null 2>&1 || "
@@ -40,6 +42,11 @@ def test_dry_run_prints_exact_commands():
     assert _remote_train_argv(out.splitlines()[-1]) == [
         "python3", "-m", "launch.pretrain", "--experiment=stage2", "--model=7b", "--set=optim.peak_lr=1e-4",
         "--set=description=a b"]
+    # the job's environment: the compiler flags launch.aot compiles with, then the user's (libtpu takes a
+    # flag's last value), as the worker's shell sees it
+    got = _exports(out.splitlines()[-1])["LIBTPU_INIT_ARGS"]
+    assert got.split() == list(aot.TPU_COMPILER_FLAGS) + ["--xla_x=1"]
+    assert "--xla_jf_spmd_threshold_for_windowed_einsum_mib=1000000" in got.split()
 
 
 def _worker_words(line: str, coordinator: str) -> list[str]:
@@ -92,7 +99,8 @@ def test_dry_run_of_a_two_slice_spot_job_with_watch():
             "python3", "-m", "launch.pretrain", "--experiment=stage1", "--model=72b", "--set=mesh.dcn=2",
             "--set=workdir=gs://qv-runs/stage1_72b",
             "--set=data.mixture=(('arrayrecord:gs://qv-data/caption', 1.0),)"]
-        assert _exports(start) == {"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8080", "MEGASCALE_PORT": "8080",
+        assert _exports(start) == {"LIBTPU_INIT_ARGS": " ".join(aot.TPU_COMPILER_FLAGS),
+                                   "MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8080", "MEGASCALE_PORT": "8080",
                                    "MEGASCALE_NUM_SLICES": "2", "MEGASCALE_SLICE_ID": str(i)}
     watch = out[10:]
     assert watch[0].startswith("# watch:") and all(w.startswith("#") for w in watch)

@@ -44,7 +44,7 @@ def synthetic_batch(cfg, batch_size=8, seq_len=32, grid=(1, 2, 4), seed=0):
             out["segment_ids"][b, pos:pos + n] = sid
             out["positions"][b, :, pos:pos + n] = np.arange(n)
             pos += n
-        out["pixel_values"][b, :n_patch] = rng.standard_normal((n_patch, cfg.vision.patch_dim))
+        out["pixel_values"][b, :n_patch] = rng.integers(0, 256, (n_patch, cfg.vision.patch_dim))
         out["patch_segment_ids"][b, :n_patch] = 1
         hh, ww = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
         out["patch_positions"][b, :n_patch] = np.tile(np.stack([hh.ravel(), ww.ravel()], -1), (t, 1))
@@ -87,6 +87,72 @@ def test_chunked_loss_equals_full_logits_value_and_grads():
     # the chunked forward holds one [B, c, V] block: no [B, S, V] array appears in the jaxpr
     jaxpr = str(jax.make_jaxpr(jax.grad(chunked))(h, w))
     assert f"{B},{S},{V}]" not in jaxpr.replace(" ", "")
+
+
+def _hlo_computations(text: str) -> dict[str, list[str]]:
+    """Compiled HLO text -> {computation name: its instruction lines}."""
+    comps, current = {}, None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+        if head:
+            current = comps.setdefault(head.group(1), [])
+        elif line.startswith("}"):
+            current = None
+        elif current is not None and line.strip():
+            current.append(line)
+    return comps
+
+
+def _called(line: str, keys=("calls", "to_apply", "body", "condition", "branch_computations")) -> list[str]:
+    return [n for k in keys for v in re.findall(k + r"=(\{[^}]*\}|%[\w.\-]+)", line)
+            for n in re.findall(r"%([\w.\-]+)", v)]
+
+
+def test_loss_gathers_the_output_embedding_once_and_reduces_its_gradient_once():
+    """In the compiled step on fsdp=4 x tensor=2 (8 rows of 64 tokens, 8 loss chunks of 8), the chunk loops
+    hold no collective larger than one chunk's [rows/4, 8] logsumexp / target values (the vocab-shard
+    combination): the output embedding [64, 2048/2] is all-gathered once and its gradient reduce-scattered
+    once per step, outside every loop (hand count; XLA's partitioner alone gathers it in every chunk)."""
+    step_cfg = dataclasses.replace(STEP, loss_chunk=8)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2))
+    abs_state, st_sh = train_step.abstract_state(CFG, step_cfg, mesh)
+    spec = train_step.batch_spec(CFG, 8, 64, 8)
+    b_sh = sharding.batch_shardings(spec, mesh)
+    abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in spec.items()}
+    text = train_step.make_train_step(CFG, step_cfg, mesh, st_sh, b_sh).lower(abs_state, abs_batch).compile().as_text()
+    comps = _hlo_computations(text)
+
+    def closure(name, keys):
+        out, todo = set(), [name]
+        while todo:
+            c = todo.pop()
+            if c in out or c not in comps:
+                continue
+            out.add(c)
+            todo += [n for line in comps[c] for n in _called(line, keys)]
+        return out
+
+    bodies = {b for lines in comps.values() for line in lines if " while(" in line for b in _called(line, ("body",))}
+    chunk_loops = {b for b in bodies if any("bcd,dv->bcv" in line for c in closure(b, ("calls", "to_apply"))
+                                            for line in comps[c])}
+    assert len(chunk_loops) == 2                                     # the forward and the backward chunk scan
+    in_loops = set().union(*(closure(b, ("calls", "to_apply", "body", "condition")) for b in chunk_loops))
+    collective = re.compile(r"= (\(.*?\)|\S+) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)\(")
+    D, V = CFG.hidden_size, CFG.vocab_size
+    gathers, scatters = [], []
+    for c, lines in comps.items():
+        for line in lines:
+            m = collective.search(line)
+            if not m:
+                continue
+            dims = re.findall(r"\[([\d,]*)\]", m.group(1))           # one per array of a tuple result
+            if c in in_loops:
+                assert max(math.prod(int(x) for x in d.split(",") if x) for d in dims) <= 2 * 8, line.strip()[:200]
+            elif m.group(2) == "all-gather" and dims == [f"{D},{V // 2}"]:
+                gathers.append(line)
+            elif m.group(2) == "reduce-scatter" and dims == [f"{D // 4},{V // 2}"]:
+                scatters.append(line)
+    assert len(gathers) == 1 and len(scatters) == 1, (len(gathers), len(scatters))
 
 
 # (mesh, microbatches): the (2,2,2) mesh also accumulates gradients over 2 microbatches
@@ -172,14 +238,14 @@ def test_frozen_params_have_no_state_and_do_not_change(stage):
 
 
 def test_non_finite_batch_skips_update_and_counts():
-    # stage-3 step (same compiled step as the frozen test): a NaN pixel goes through the frozen tower
+    # stage-3 step (same compiled step as the frozen test): a NaN loss weight makes the loss non-finite
     step_cfg = dataclasses.replace(STEP, trainable=optim.STAGE_TRAINABLE[3])
     params = _params()
 
     def batch_fn(i):
         b = synthetic_batch(CFG, seed=i)
         if i in (1, 2):
-            b["pixel_values"][0, 0, 0] = np.nan
+            b["loss_mask"][0, 3] = np.nan
         return b
     state, metrics = _run_steps(step_cfg, 4, batch_fn, params=params)
     assert [m["finite"] for m in metrics] == [True, False, False, True]

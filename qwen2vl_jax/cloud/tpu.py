@@ -12,11 +12,14 @@ one command; `dry_run_script` renders them one per line as a runnable shell scri
      (the jax version is read from requirements.txt, so the TPU hosts run the version the CPU tests ran);
      mount each bucket the data mixture reads (`gs://B/...`) read-only at GCS_MOUNT_ROOT/B with gcsfuse
      (installed when missing), where data/sources.py looks for it.
-  5. start on every worker: stop a previous run of the job, then `nohup sh -c 'python3 -m launch.pretrain
-     ...; echo $? > logs/RUN.exit' > logs/RUN.log &`. Every worker runs the same command; launch.pretrain
-     calls jax.distributed.initialize(), which finds the coordinator from the TPU metadata
-     (train/distributed.py). Several slices also get MEGASCALE_COORDINATOR_ADDRESS (worker 0 of slice 0,
-     looked up with `describe` when the job starts), MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID, MEGASCALE_PORT.
+  5. start on every worker: stop a previous run of the job, then `nohup sh -c 'export LIBTPU_INIT_ARGS=...;
+     python3 -m launch.pretrain ...; echo $? > logs/RUN.exit' > logs/RUN.log &` (`start_command`). Every
+     worker runs the same command; launch.pretrain calls jax.distributed.initialize(), which finds the
+     coordinator from the TPU metadata (train/distributed.py). LIBTPU_INIT_ARGS holds the TPU compiler flags
+     launch.aot compiles with (qwen2vl_jax.train.aot TPU_COMPILER_FLAGS), then `libtpu_args` if given (they
+     win), so the job runs the program launch.aot measured. Several slices also get
+     MEGASCALE_COORDINATOR_ADDRESS (worker 0 of slice 0, looked up with `describe` when the job starts),
+     MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID, MEGASCALE_PORT.
 
 `Supervisor` (launch.tpu --watch) then polls the slice state and the job's status on worker 0 of slice 0,
 and on a preempted / failed slice deletes and recreates it and runs steps 3-5 again; on a failed run (or
@@ -206,7 +209,7 @@ def start_command(train: Sequence[str], run_name: str, env: dict[str, str] | Non
     """Shell for every worker: stop a previous run of this job, start `train` in the background, and write its
     exit status to logs/RUN.exit when it ends (the supervisor's `status_command` reads it)."""
     log, status = _run_files(run_name)
-    exports = "".join(f"export {k}={v}; " for k, v in (env or {}).items())
+    exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in (env or {}).items())
     inner = f"{exports}{shlex.join(train)}; echo $? > {status}"
     return (f"cd {REMOTE_DIR} && mkdir -p logs && {{ pkill -f '[l]aunch.pretrain' || true; }} && rm -f {status} "
             f"&& nohup sh -c {shlex.quote(inner)} > {log} 2>&1 < /dev/null &")
@@ -237,9 +240,10 @@ class Job:
 def make_job(vm: TpuVm, experiment: str, *, model: str | None = None, overrides: Sequence[str] = (),
              run_name: str | None = None, tarball: str = "/tmp/qwen2vl_jax.tar.gz",
              jax_version: str | None = None, extra_flags: Sequence[str] = (),
-             buckets: Sequence[str] = (), train: Sequence[str] | None = None) -> Job:
+             buckets: Sequence[str] = (), train: Sequence[str] | None = None, libtpu_args: str = "") -> Job:
     """The commands that ship the repo to every worker of `vm`, mount `buckets` and start one run there.
-    `train` replaces the launch.pretrain argv (a sweep point runs launch.sweep)."""
+    `train` replaces the launch.pretrain argv (a sweep point runs launch.sweep); `libtpu_args`: extra TPU
+    compiler flags, after (and overriding) the defaults."""
     run_name = run_name or f"{experiment}-{vm.name}"
     if not re.fullmatch(r"[A-Za-z0-9._=-]+", run_name):
         raise ValueError(f"run_name {run_name!r}: use letters, digits and ._=- only (it names the log file)")
@@ -251,11 +255,14 @@ def make_job(vm: TpuVm, experiment: str, *, model: str | None = None, overrides:
     setup = [("git", "-C", REPO_ROOT, "archive", "--format=tar.gz", f"--output={tarball}", "HEAD")]
     for node in vm.nodes:
         setup += [tuple(vm.scp(tarball, REMOTE_TARBALL, node)), tuple(vm.ssh(install, node))]
+    from qwen2vl_jax.train import aot
     start = []
     for i, node in enumerate(vm.nodes):
-        env = None if vm.num_slices == 1 else {
-            "MEGASCALE_COORDINATOR_ADDRESS": f"{COORDINATOR}:{MEGASCALE_PORT}", "MEGASCALE_PORT": str(MEGASCALE_PORT),
-            "MEGASCALE_NUM_SLICES": str(vm.num_slices), "MEGASCALE_SLICE_ID": str(i)}
+        env = {"LIBTPU_INIT_ARGS": aot.libtpu_init_args(libtpu_args)}
+        if vm.num_slices > 1:
+            env.update({"MEGASCALE_COORDINATOR_ADDRESS": f"{COORDINATOR}:{MEGASCALE_PORT}",
+                        "MEGASCALE_PORT": str(MEGASCALE_PORT), "MEGASCALE_NUM_SLICES": str(vm.num_slices),
+                        "MEGASCALE_SLICE_ID": str(i)})
         start.append(tuple(vm.ssh(start_command(train, run_name, env), node)))
     return Job(vm, run_name, tuple(setup), tuple(start))
 

@@ -47,11 +47,13 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from qwen2vl_jax.model import pixels
+
 # ----------------------------------------------------------------------------------------------------------
 # Constants (HF Qwen2VLImageProcessor / qwen-vl-utils 0.0.8)
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+OPENAI_CLIP_MEAN = pixels.IMAGE_MEAN      # the model normalises packed uint8 pixels with the same values
+OPENAI_CLIP_STD = pixels.IMAGE_STD
 PATCH_SIZE = 14
 MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
@@ -203,7 +205,7 @@ def resize_rgb_uint8(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
 def normalization_table(
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN,
     image_std: tuple[float, ...] = OPENAI_CLIP_STD,
-    rescale_factor: float = 1 / 255,
+    rescale_factor: float = pixels.RESCALE_FACTOR,
 ) -> np.ndarray:
     """float32 [3, 256]: table[c, v] is the reference's normalized value of uint8 v in channel c.
 

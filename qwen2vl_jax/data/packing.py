@@ -15,6 +15,11 @@ Three pure stages, each usable on its own:
    the "Packed training batch" contract (no batch axis); padding tokens and patch rows go after the real
    ones, so the k-th vision pad of a row takes patch rows 4k..4k+3.
 
+Pixels: a Tokenized sample holds the processor's normalised float32 patch values (what preprocess_images
+returns); rows hold the raw uint8 values they came from (a quarter of the bytes to copy to the device; the
+model normalises them, model/pixels.py). `raw_pixel_values` inverts the normalisation exactly and rejects
+values that are not the normalisation of a uint8 (such a sample is invalid).
+
 Overflow rule (`PackConfig.overflow`): a sample with more than `max_patches` patch rows is always dropped
 ("too_many_patches"): patches cannot be cut. A sample with more than `seq_len` tokens is dropped under
 "drop" ("too_many_tokens"); under "truncate" its tail is cut to `seq_len` tokens when the cut tail holds
@@ -30,6 +35,7 @@ from typing import Any, Hashable, Sequence
 
 import numpy as np
 
+from qwen2vl_jax.data import media
 from qwen2vl_jax.model import mrope, rope
 from qwen2vl_jax.model.config import ModelConfig
 from qwen2vl_jax.model.grid import check_grid
@@ -86,7 +92,7 @@ class PreparedSample:
     targets: np.ndarray          # int32 [n]   ids[j+1], 0 at the last token
     loss_mask: np.ndarray        # float32 [n] sample loss_mask[j+1], 0 at the last token
     positions: np.ndarray        # int32 [3, n] M-RoPE, from 0
-    pixel_values: np.ndarray     # float32 [p, patch_dim]
+    pixel_values: np.ndarray     # uint8 [p, patch_dim] raw patch values
     patch_positions: np.ndarray  # int32 [p, 2]
     slice_sizes: np.ndarray      # int32 [m]  patch rows of each (vision item, temporal slice), sum = p
 
@@ -102,8 +108,36 @@ class PreparedSample:
 # ----------------------------------------------------------------------------------------------
 # 1. per-sample preparation
 
-def validate_sample(sample: dict, model_cfg: ModelConfig) -> None:
-    """Raises ValueError naming the offending values if `sample` breaks the Tokenized-sample contract."""
+def raw_pixel_values(pixel_values: np.ndarray) -> np.ndarray:
+    """float32 [p, C*T*p*p] normalised patch rows (processor output) -> the uint8 values they were made from.
+
+    Exact: each value is rounded to the nearest level of media.normalization_table (levels are 0.014 apart,
+    the affine estimate is off by < 1e-5) and the level's table value must equal it bit for bit, else
+    ValueError. Per channel on contiguous planes (a strided gather is ~10x slower): a few ms per 1000
+    patch rows, about the cost of the patchify that made them."""
+    table = media.normalization_table()                                    # float32 [C, 256], increasing
+    x = np.asarray(pixel_values, np.float32)
+    x = x.reshape(x.shape[0], table.shape[0], x.shape[1] // table.shape[0])  # [p, C, T*p*p]: channel-major
+    raw = np.empty(x.shape, np.uint8)
+    for ch, levels in enumerate(table):
+        plane = np.ascontiguousarray(x[:, ch])
+        scale = np.float32(255 / (np.float64(levels[255]) - levels[0]))
+        level = plane * scale
+        level += np.float32(0.5 - levels[0] * scale)                       # + 0.5: the cast truncates
+        with np.errstate(invalid="ignore", over="ignore"):                 # NaN / out of range: caught below
+            raw_plane = level.astype(np.uint8)
+        back = np.take(levels, raw_plane, mode="wrap")
+        if not np.array_equal(back, plane):
+            bad = plane.ravel()[np.flatnonzero(back.ravel() != plane.ravel())[0]]
+            raise ValueError(f"pixel_values are not the processor's normalised uint8 values: {bad!r} in channel "
+                             f"{ch} is no level of media.normalization_table")
+        raw[:, ch] = raw_plane
+    return raw.reshape(np.asarray(pixel_values).shape)
+
+
+def validate_sample(sample: dict, model_cfg: ModelConfig) -> np.ndarray:
+    """Raises ValueError naming the offending values if `sample` breaks the Tokenized-sample contract; returns
+    its raw uint8 pixel values (`raw_pixel_values`)."""
     for key in ("input_ids", "loss_mask", "pixel_values", "grid_thw", "vision_kind"):
         if key not in sample:
             raise ValueError(f"sample lacks {key!r}; has {sorted(sample)}")
@@ -134,6 +168,7 @@ def validate_sample(sample: dict, model_cfg: ModelConfig) -> None:
         if pads != want:
             raise ValueError(f"{pads} <|{name}_pad|> tokens but the {name} grids need {want} "
                              f"(sum t*h*w / {v.merge_unit})")
+    return raw_pixel_values(pv)
 
 
 def _vision_token_mask(ids: np.ndarray, model_cfg: ModelConfig) -> np.ndarray:
@@ -169,7 +204,7 @@ def prepare_sample(sample: dict, pack_cfg: PackConfig, model_cfg: ModelConfig):
     not stop a run (the caller counts it). Use `validate_sample` to get the reason as a ValueError.
     """
     try:
-        validate_sample(sample, model_cfg)
+        raw = validate_sample(sample, model_cfg)
     except ValueError:
         return None, DROP_INVALID
     ids, lm, event = _fit(sample, pack_cfg, model_cfg)
@@ -190,8 +225,7 @@ def prepare_sample(sample: dict, pack_cfg: PackConfig, model_cfg: ModelConfig):
     slices = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0]).astype(np.int32)
     prepared = PreparedSample(
         input_ids=ids.astype(np.int32), targets=targets, loss_mask=loss, positions=pos.astype(np.int32),
-        pixel_values=np.asarray(sample["pixel_values"], np.float32),
-        patch_positions=rope.vision_position_ids(grid, m), slice_sizes=slices)
+        pixel_values=raw, patch_positions=rope.vision_position_ids(grid, m), slice_sizes=slices)
     return prepared, event
 
 
@@ -350,7 +384,7 @@ def empty_row(pack_cfg: PackConfig) -> dict[str, np.ndarray]:
         "loss_mask": np.zeros((S,), np.float32),
         "segment_ids": np.zeros((S,), np.int32),
         "positions": np.zeros((3, S), np.int32),
-        "pixel_values": np.zeros((P, pack_cfg.patch_dim), np.float32),
+        "pixel_values": np.zeros((P, pack_cfg.patch_dim), np.uint8),
         "patch_segment_ids": np.zeros((P,), np.int32),
         "patch_positions": np.zeros((P, 2), np.int32),
     }

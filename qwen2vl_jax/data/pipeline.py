@@ -10,7 +10,8 @@
     PackIterDataset                   packing.OnlinePacker -> batches of `batch_size` packed rows
     .mp_prefetch(num_workers)         optional worker processes, each packing its own slice
 
-Batches follow docs/architecture.md "Packed training batch" (numpy, leading batch axis). Every batch carries the
+Batches follow docs/architecture.md "Packed training batch" (numpy, leading batch axis; pixel_values are the
+raw uint8 patch values, normalised by the model on the device: packing.py). Every batch carries the
 counter increments since the previous one; `DataIterator` strips them and keeps running totals, so
 `stats()` and the checkpointed state agree with exactly what was yielded.
 

@@ -44,7 +44,7 @@ import numpy as np
 from qwen2vl_jax.data import importers, media, packing, sources
 from qwen2vl_jax.data.pipeline import DataConfig
 from qwen2vl_jax.data.sources import BadRecordError
-from qwen2vl_jax.data.tokenizer import load_tokenizer
+from qwen2vl_jax.data.tokenizer import default_for, load_for, load_tokenizer
 from qwen2vl_jax.model.config import ModelConfig
 
 LAYOUT_VERSION = 2                        # 1: shards directly in OUT, no splits
@@ -58,10 +58,15 @@ CHUNKS_IN_FLIGHT = 4                      # per worker: bounds memory while keep
 @dataclasses.dataclass(frozen=True)
 class Target:
     """What records are checked against: the training run's model (vision merge size), data settings (pixel
-    budgets, video sampling, row budgets) and tokenizer ("embedded", "qwen2" or a path)."""
+    budgets, video sampling, row budgets) and tokenizer ("embedded", "qwen2" or a path; "" = the one the
+    model was built for)."""
     model: ModelConfig
     data: DataConfig
-    tokenizer: str = "embedded"
+    tokenizer: str = ""
+
+    def __post_init__(self):
+        if not self.tokenizer:
+            object.__setattr__(self, "tokenizer", default_for(self.model))
 
 
 def shard_paths(folder: str, num_shards: int) -> list[str]:
@@ -141,6 +146,13 @@ def build_record(item: importers.Item, target: Target, tokenizer) -> Accepted:
     except media.BadMediaError as e:
         raise BadRecordError(f"{'video' if video is not None else 'image'}_{e.reason}", str(e)) from e
     _, event = packing.prepare_sample(sample, data.pack_config(target.model), target.model)
+    if event == packing.DROP_INVALID:
+        try:
+            packing.validate_sample(sample, target.model)
+            why = "its vision pads are not laid out as <|vision_start|> + t*h*w/4 pads per item"
+        except ValueError as e:
+            why = str(e)
+        raise BadRecordError(event, f"the packer drops this sample: {why}")
     if event in ALWAYS_DROPPED:
         raise BadRecordError(event, f"the packer drops this sample at any row size ({event})")
     return Accepted(item.origin, record, rec["type"], int(len(sample["input_ids"])),
@@ -374,6 +386,7 @@ def prepare(inputs: str | Sequence[str], out_dir: str, *, opts: importers.Import
         raise ValueError(f"workers={workers} must be >= 0 (0: one per core)")
     workers = workers or available_cores()
     files = importers.resolve_inputs(inputs, opts.format) if isinstance(inputs, str) else list(inputs)
+    load_for(target.tokenizer, target.model)      # a tokenizer the model cannot read: one line, before any work
     settings = settings_of(files, opts, target, heldout, num_shards)
     existing = check_out_dir(out_dir, settings, overwrite)
     if existing is not None:

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 import tokenizers
 
-from qwen2vl_jax.model.config import SPECIAL_TOKENS
+from qwen2vl_jax.model.config import SPECIAL_TOKENS, TINY_TEXT_VOCAB
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 EMBEDDED_PATH = os.path.join(ASSETS_DIR, "tokenizer.json")
@@ -153,22 +153,43 @@ def qwen2_tokenizer_json() -> str:
     return json.dumps(data, ensure_ascii=False)
 
 
+def tokenizer_json(name_or_path: str = "embedded") -> str:
+    """The tokenizer.json text that `load_tokenizer(name_or_path)` parses (a run keeps a copy of it)."""
+    if name_or_path == "qwen2":
+        return qwen2_tokenizer_json()
+    path = EMBEDDED_PATH if name_or_path == "embedded" else name_or_path
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+        folder = os.path.dirname(path)
+        found = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        hint = ("; that folder has vocab.json/merges.txt only: transformers writes tokenizer.json with "
+                "AutoTokenizer.from_pretrained(folder).save_pretrained(folder)"
+                if {"vocab.json", "merges.txt"} <= set(found) else "")
+        raise FileNotFoundError(f"no tokenizer.json at {path!r} (name_or_path={name_or_path!r}; "
+                                f"use 'embedded', 'qwen2' or a path){hint}")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def default_for(cfg) -> str:
+    """The tokenizer a ModelConfig's special ids were laid out for: "embedded" when its specials follow the
+    embedded BPE (the CPU presets "test"/"tiny"), else "qwen2" (the paper sizes)."""
+    return "embedded" if cfg.special_token_base == TINY_TEXT_VOCAB else "qwen2"
+
+
+def load_for(name_or_path: str, cfg) -> Tokenizer:
+    """load_tokenizer(name_or_path), checked against the ModelConfig `cfg` it will feed (ValueError naming
+    the mismatch: a model would otherwise look for image pads at ids the tokenizer never produces)."""
+    tok = load_tokenizer(name_or_path)
+    tok.check_model_config(cfg)
+    return tok
+
+
 def load_tokenizer(name_or_path: str = "embedded") -> Tokenizer:
     """"embedded" (the shipped 2046-id tokenizer), "qwen2" (the real one, 151657 ids) or a path to a
-    tokenizer.json / a directory containing one."""
-    if name_or_path == "embedded":
-        path = EMBEDDED_PATH
-    elif name_or_path == "qwen2":
-        tok = from_json_str(qwen2_tokenizer_json(), "qwen2")
-        if len(tok) != QWEN2_NUM_TOKENS:
-            raise ValueError(f"qwen2 tokenizer has {len(tok)} ids, expected {QWEN2_NUM_TOKENS}")
-        return tok
-    else:
-        path = name_or_path
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no tokenizer.json at {path!r} (name_or_path={name_or_path!r}; "
-                                "use 'embedded', 'qwen2' or a path)")
-    with open(path, encoding="utf-8") as f:
-        return from_json_str(f.read(), name_or_path)
+    tokenizer.json / a directory containing one (a Hugging Face model folder)."""
+    tok = from_json_str(tokenizer_json(name_or_path), name_or_path)
+    if name_or_path == "qwen2" and len(tok) != QWEN2_NUM_TOKENS:
+        raise ValueError(f"qwen2 tokenizer has {len(tok)} ids, expected {QWEN2_NUM_TOKENS}")
+    return tok

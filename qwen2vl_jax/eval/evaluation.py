@@ -159,8 +159,8 @@ class HeldoutEvaluator:
         sums: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])   # name -> [nll, tokens]
         for g in self.groups:
             for b in g.batches:
-                if zero_pixels:
-                    b = {**b, "pixel_values": np.zeros_like(b["pixel_values"])}
+                if zero_pixels:      # normalised zeros (the mean image) as floats; uint8 zeros would be black
+                    b = {**b, "pixel_values": np.zeros(b["pixel_values"].shape, np.float32)}
                 nll, n = (float(x) for x in self._loss_sums(params, self._place(b)))
                 for name in (f"source/{g.source}", f"kind/{g.kind}"):
                     sums[name][0] += nll

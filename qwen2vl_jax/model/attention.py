@@ -11,33 +11,49 @@ holds token i); it is 0 for self-attention over the same sequence.
 
 Backends:
   xla    einsum + fp32 softmax, GQA by grouping the query heads ([B,T,Hkv,G,D]); no K/V repeat.
-  cudnn  `jax.nn.dot_product_attention(implementation="cudnn")` (bf16/fp16 only). The public API takes no
-         segment ids, so: no segments -> plain causal (fastest); `single_segment=True` (each row one
-         sample followed by right padding) -> query/key lengths (cheap padding mask); otherwise an explicit
-         boolean mask (the slowest of the three forms, so it is the last resort).
-  splash Pallas TPU splash kernel with SegmentIds (interpret mode runs it on CPU for tests). A Mosaic
-         kernel cannot be partitioned by XLA, so when a mesh is active (`jax.set_mesh(mesh)` around the
-         jit trace, or `mesh_context(mesh)` inside it; read with `jax.sharding.get_abstract_mesh()`) the kernel runs under `shard_map`: batch
-         (and segment ids) split over the mesh axes the logical rules give "batch", query heads over
-         "act_heads", kv heads over "act_kv_heads" (rules: flax `nn.logical_axis_rules` if set, else
-         `sharding.LOGICAL_RULES`). Sequence axes are gathered (the kernel needs whole rows). When the kv
-         heads do not divide like the query heads (2B: 2 kv heads, tensor=4), k/v stay replicated over
-         the head axes and each shard slices the kv heads its query heads use. Sequence lengths must be
-         multiples of 128 (block sizes). Mosaic rejects 16-bit operands under a global
+  cudnn  cuDNN flash attention (bf16/fp16 only). Packed self-attention with `max_segments` (the vision
+         tower: one contiguous run per image) -> cuDNN's packed layout, segment offsets and lengths
+         computed on device (`packed_layout`; Hopper or later, else the masked form with a warning);
+         `single_segment=True` (each row one sample followed by right padding) -> query/key lengths
+         (cheap padding mask); otherwise an explicit boolean [B,1,T,S] mask (the slowest form, the last
+         resort). Through `jax.nn.dot_product_attention(implementation="cudnn")`, except the packed
+         layout, which only jax's private cuDNN module exposes.
+  block_sparse  Pallas TPU kernel (model/block_sparse_attention.py) that visits only the (query block,
+         key block) pairs whose segment-id ranges meet (and, causal, that are not above the diagonal):
+         a packed row of many images or documents costs the pairs inside its segments, not the whole
+         row squared. Forward and backward kernels; block sizes the largest of (512, 256, 128)
+         dividing each length.
+  splash jax's Pallas TPU splash kernel with SegmentIds: computes every block pair of the row (it
+         skips blocks by its static causal mask only) and masks by segment inside them.
+         Both Pallas kernels: on TPU, sequence lengths must be multiples of 128 (else a one-line
+         error). They run in Pallas interpret mode (slow; for tests) when the mesh in context has CPU
+         devices (`interpret=None`), so a model configured for them also runs on a CPU mesh; with no
+         mesh in context they are compiled for TPU. A Mosaic kernel cannot be partitioned by XLA, so
+         when a multi-device mesh is in context while tracing (`partitioning.activation_sharding(mesh)`
+         inside the jitted function, or `jax.set_mesh(mesh)` around the trace) the kernel runs under
+         `shard_map`, its specs from partitioning's resolver and active rules: batch (and segment ids)
+         over the mesh axes of "batch", query heads over "act_heads", kv heads over "act_kv_heads";
+         sequences whole. When the kv heads do not divide like the query heads (2B: 2 kv heads,
+         tensor=4), k/v stay replicated over the head axes and each shard slices the kv heads its query
+         heads use. Mosaic rejects 16-bit operands under a global
          jax_default_matmul_precision="highest" (fp32 contract precision: "Bad lhs type"); leave it
          at the default for bf16 TPU runs.
-  auto   cudnn on GPU with 16-bit inputs; on TPU splash when T and S are multiples of 128, else xla;
-         xla elsewhere.
-The KV-cache path (q_offset given) always uses xla: a decode step is memory-bound and cuDNN / splash
+  auto   on the target platform (the context mesh's devices, else jax's default backend: an AOT
+         compile for TPU on a CPU host resolves for TPU): cudnn on GPU with 16-bit inputs;
+         block_sparse on TPU when T and S are multiples of 128, else xla; xla elsewhere.
+The KV-cache path (q_offset given) always uses xla: a decode step is memory-bound and the kernels'
 causal masks are top-left aligned.
 """
 from __future__ import annotations
 
-import math
+import warnings
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from qwen2vl_jax.model import partitioning
+from qwen2vl_jax.model.block_sparse_attention import BLOCK_CHOICES, block_sizes, block_sparse_attention
 from qwen2vl_jax.model.config import ATTENTION_IMPLS
 
 
@@ -82,7 +98,52 @@ def _xla(q, k, v, mask, scale):
     return out.reshape(B, T, Hq, D).astype(q.dtype)
 
 
-def _cudnn(q, k, v, q_seg, kv_seg, causal, scale, single_segment):
+def packed_layout(segment_ids, max_segments: int):
+    """cuDNN's packed ("ragged") description of self-attention rows whose segments are contiguous runs.
+
+    segment_ids [B, L] int (0 = padding; each non-zero id one contiguous run, as the packer writes them)
+    -> seqlens [B, M] int32 (length of the m-th run of row b, -1 past the row's last run),
+       offsets [B, M + 1] int32 (its first position, -1 past the last run),
+       overflow [B] bool (the row has more than M = max_segments runs: the layout is incomplete).
+    The format of jax's cuDNN fused attention (`q_seqlen` / `q_offsets` of
+    jax._src.cudnn.fused_attention_stablehlo.dot_product_attention): each run attends only to itself."""
+    seg = jnp.asarray(segment_ids, jnp.int32)
+    B, L = seg.shape
+    M = max_segments
+    prev = jnp.pad(seg, ((0, 0), (1, 0)))[:, :-1]
+    start = (seg != 0) & (seg != prev)                                # first position of each run
+    run = jnp.cumsum(start, axis=1, dtype=jnp.int32) - 1              # run index (of the last run started)
+    count = jnp.sum(start, axis=1, dtype=jnp.int32)                   # [B]
+    rows = jnp.arange(B)[:, None]
+    pos = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    offsets = jnp.full((B, M + 1), -1, jnp.int32).at[rows, jnp.where(start, run, M + 1)].set(pos, mode="drop")
+    lengths = jnp.zeros((B, M), jnp.int32).at[rows, jnp.where(seg != 0, run, M)].add(1, mode="drop")
+    seqlens = jnp.where(jnp.arange(M) < count[:, None], lengths, -1)
+    return seqlens, offsets.at[:, M].set(-1), count > M
+
+
+def _cudnn_packed(q, k, v, seg, causal, scale, max_segments):
+    """cuDNN flash attention on the packed layout: each segment attends within itself, no [T, S] mask.
+    Runs only on a GPU (Hopper or later, cuDNN >= 9.6), which the test machines do not have: what is
+    tested on CPU is `packed_layout` (against the mask it must equal); this call itself is not.
+    The packed layout is not in jax.nn.dot_product_attention's public API, hence the private module."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    seqlens, offsets, overflow = packed_layout(seg, max_segments)
+    out = fused.dot_product_attention(q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets,
+                                      kv_offsets=offsets, scale=scale,
+                                      mask_type=fused.MaskType.CAUSAL if causal else fused.MaskType.NO_MASK)
+    # more runs than promised: the layout misses some, so NaN (the train step skips a non-finite step)
+    return jnp.where(overflow[:, None, None, None], jnp.nan, out)
+
+
+def _cudnn(q, k, v, q_seg, kv_seg, causal, scale, single_segment, max_segments):
+    if max_segments is not None:
+        try:
+            out = _cudnn_packed(q, k, v, q_seg, causal, scale, max_segments)
+            return jnp.where((q_seg != 0)[:, :, None, None], out, 0).astype(q.dtype)
+        except NotImplementedError as e:        # raised at trace time: GPU before Hopper, old cuDNN
+            warnings.warn(f"cuDNN packed attention unavailable ({e}); using the masked form", stacklevel=3)
     if single_segment:
         q_len = jnp.sum(q_seg != 0, axis=1).astype(jnp.int32)
         kv_len = jnp.sum(kv_seg != 0, axis=1).astype(jnp.int32)
@@ -95,13 +156,6 @@ def _cudnn(q, k, v, q_seg, kv_seg, causal, scale, single_segment):
     return jnp.where((q_seg != 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
-def _splash_block(n: int) -> int:
-    for b in (512, 256, 128):
-        if n % b == 0:
-            return b
-    raise ValueError(f"splash attention needs sequence lengths that are multiples of 128; got {n}")
-
-
 # Not cached: the kernel holds its mask-info arrays, which become tracers when it is built inside a
 # transformation (remat, scan); a cached kernel reused by a later trace leaks them. Building it is
 # host-side numpy work at trace time.
@@ -110,21 +164,16 @@ def _splash_kernel(T: int, S: int, groups: int, causal: bool, interpret: bool):
 
     base = sa.CausalMask((T, S)) if causal else sa.FullMask((T, S))
     mask = sa.MultiHeadMask([base] * groups)
-    bq, bkv = _splash_block(T), _splash_block(S)
+    bq, bkv = block_sizes(T, S)
     blocks = sa.BlockSizes(block_q=bq, block_kv_compute=bkv, block_kv=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                            block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
     return sa.make_splash_mqa_single_device(mask=mask, block_sizes=blocks, interpret=interpret)
 
 
-def _splash_local(q, k, v, q_seg, kv_seg, causal, scale, interpret, kv_head_index=None):
-    """Splash on one device's arrays. q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D].
-
-    kv_head_index: None (query head h uses kv head h // (Hq // Hkv)), or an int array [Hq] naming the kv
-    head of each query head (a shard whose query heads straddle kv groups unevenly)."""
+def _splash_local(q, k, v, q_seg, kv_seg, causal, scale, interpret):
+    """Splash on one device's arrays. q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D]."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    if kv_head_index is not None:                                  # one kv head per query head
-        k, v = jnp.take(k, kv_head_index, axis=2), jnp.take(v, kv_head_index, axis=2)
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -142,6 +191,15 @@ def _splash_local(q, k, v, q_seg, kv_seg, causal, scale, interpret, kv_head_inde
     return jnp.where((q_seg != 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
+def _block_sparse_local(q, k, v, q_seg, kv_seg, causal, scale, interpret):
+    """The block-sparse kernel on one device's arrays (block sizes: block_sparse_attention.block_sizes)."""
+    return block_sparse_attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal,
+                                  scale=scale, interpret=interpret)
+
+
+KERNELS = {"splash": _splash_local, "block_sparse": _block_sparse_local}
+
+
 def shard_map(f, mesh, in_specs, out_specs):
     """`jax.shard_map` (jax >= 0.7) or `jax.experimental.shard_map.shard_map` (older), replication
     checks off (the Pallas call has no replication rule)."""
@@ -152,135 +210,90 @@ def shard_map(f, mesh, in_specs, out_specs):
 
 
 def mesh_context(mesh):
-    """Context that makes `mesh` visible to attention() while tracing, usable inside a jitted function
-    (the train step: `with attention.mesh_context(mesh): ...` around the loss). Same effect as tracing
-    under `jax.set_mesh(mesh)`."""
-    return jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh))
+    """partitioning.activation_sharding(mesh): kept for the callers that still enter it by this name."""
+    return partitioning.activation_sharding(mesh)
 
 
-def active_mesh():
-    """The mesh of the enclosing `jax.set_mesh` (abstract inside jit), or None when there is none or it
-    has a single device / only manual axes (already inside a shard_map)."""
-    get = getattr(jax.sharding, "get_abstract_mesh", None)
-    mesh = get() if get is not None else None
-    if mesh is None or getattr(mesh, "empty", True) or mesh.size == 1:
-        return None
-    if not _free_axes(mesh):
-        return None
-    return mesh
-
-
-def _free_axes(mesh) -> tuple[str, ...]:
-    """Mesh axes of size > 1 that are not already manual (shard_map) axes."""
-    types = getattr(mesh, "axis_types", None) or (None,) * len(mesh.axis_names)
-    manual = getattr(getattr(jax.sharding, "AxisType", None), "Manual", object())
-    return tuple(a for a, t in zip(mesh.axis_names, types) if t != manual and mesh.shape[a] > 1)
-
-
-def _logical_rules() -> dict[str, tuple[str, ...]]:
-    """logical axis -> mesh axes: flax's active `nn.logical_axis_rules`, else sharding.LOGICAL_RULES."""
-    rules = ()
-    try:
-        import flax.linen as nn
-        rules = tuple(nn.get_logical_axis_rules() or ())
-    except ImportError:  # pragma: no cover
-        pass
-    if not rules:
-        from qwen2vl_jax.train.sharding import LOGICAL_RULES
-        rules = LOGICAL_RULES
-    out: dict[str, tuple[str, ...]] = {}
-    for name, axes in rules:
-        if name in out:                      # flax semantics: the first rule for a name wins
-            continue
-        out[name] = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return out
-
-
-def _dim_axes(logical: str, dim: int, mesh, rules, used: set[str]) -> tuple[str, ...]:
-    """Mesh axes for one array dimension: the rule's axes, in order, each kept only if it is a free axis
-    of the mesh, not used by an earlier dimension, and the product still divides `dim`."""
-    free = set(_free_axes(mesh))
-    chosen, size = [], 1
-    for ax in rules.get(logical, ()):
-        if ax not in free or ax in used or dim % (size * mesh.shape[ax]):
-            continue
-        chosen.append(ax)
-        size *= mesh.shape[ax]
-    used.update(chosen)
-    return tuple(chosen)
-
-
-def _spec_entry(axes: tuple[str, ...]):
-    return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
-def _splash(q, k, v, q_seg, kv_seg, causal, scale, interpret):
-    """Splash over the active mesh (shard_map), or on one device when no multi-device mesh is active."""
-    from jax.sharding import PartitionSpec as P
-
-    mesh = active_mesh()
+def _kernel(impl, q, k, v, q_seg, kv_seg, causal, scale, interpret):
+    """A Pallas kernel (KERNELS[impl]) over the active mesh (shard_map), or on one device when no
+    multi-device mesh is active. Specs from partitioning's resolver and active rules: batch over "batch",
+    query heads over "act_heads", kv heads over "act_kv_heads" when they split like the query heads
+    (else k/v stay replicated over those axes and each shard slices the kv heads its query heads use);
+    sequences whole."""
+    local_fn = KERNELS[impl]
+    mesh = partitioning.active_mesh()
     if mesh is None:
-        return _splash_local(q, k, v, q_seg, kv_seg, causal, scale, interpret)
-    B, T, Hq, D = q.shape
-    Hkv = k.shape[2]
+        return local_fn(q, k, v, q_seg, kv_seg, causal, scale, interpret)
+    Hq, Hkv = q.shape[2], k.shape[2]
     G = Hq // Hkv
-    rules = _logical_rules()
-    used: set[str] = set()
-    batch_ax = _dim_axes("batch", B, mesh, rules, used)
-    q_head_ax = _dim_axes("act_heads", Hq, mesh, rules, set(used))
-    n_q = math.prod(mesh.shape[a] for a in q_head_ax)             # query-head shards
-    kv_rule = tuple(a for a in rules.get("act_kv_heads", ()) if a in q_head_ax)
-    kv_head_ax = _dim_axes("act_kv_heads", Hkv, mesh, {"act_kv_heads": kv_rule}, set(used))
-    if kv_head_ax != q_head_ax:                                   # kv heads cannot follow the q split
-        kv_head_ax = ()
-    q_loc = Hq // n_q
-    b, qh, kvh = _spec_entry(batch_ax), _spec_entry(q_head_ax), _spec_entry(kv_head_ax)
+    rules = partitioning.active_rules()
+    q_spec = partitioning.logical_to_spec(("batch", None, "act_heads", None), q.shape, mesh, rules)
+    kv_spec = partitioning.logical_to_spec(("batch", None, "act_kv_heads", None), k.shape, mesh, rules)
+    b, qh = q_spec[0], q_spec[2]
+    kvh = kv_spec[2] if kv_spec[2] == qh else None                 # kv heads cannot follow the q split
+    q_loc = Hq // partitioning.spec_size(qh, mesh)
     q_spec, kv_spec, seg_spec = P(b, None, qh, None), P(b, None, kvh, None), P(b, None)
 
     def local(q, k, v, q_seg, kv_seg):
-        kv_index = None
-        if q_head_ax and not kv_head_ax:                          # k/v replicated: pick this shard's heads
-            # (whole kv groups per shard would mean Hkv divides like Hq, i.e. kv sharded: not this branch)
-            first = jax.lax.axis_index(q_head_ax) * q_loc         # global index of local query head 0
+        if qh is not None and kvh is None:                         # k/v replicated: pick this shard's heads
+            first = jax.lax.axis_index(qh) * q_loc                # global index of local query head 0
             if G % q_loc == 0:                                    # all local heads share one kv head
                 k = jax.lax.dynamic_slice_in_dim(k, first // G, 1, axis=2)
                 v = jax.lax.dynamic_slice_in_dim(v, first // G, 1, axis=2)
             else:                                                 # uneven straddle: one kv head per q head
                 kv_index = (first + jnp.arange(q_loc)) // G
-        return _splash_local(q, k, v, q_seg, kv_seg, causal, scale, interpret, kv_index)
+                k, v = jnp.take(k, kv_index, axis=2), jnp.take(v, kv_index, axis=2)
+        return local_fn(q, k, v, q_seg, kv_seg, causal, scale, interpret)
 
     fn = shard_map(local, mesh, (q_spec, kv_spec, kv_spec, seg_spec, seg_spec), q_spec)
     return fn(q, k, v, q_seg, kv_seg)
 
 
-def splash_supported(T: int, S: int) -> bool:
-    """Splash block sizes need both sequence lengths to be multiples of 128."""
-    return T % 128 == 0 and S % 128 == 0
+def kernel_supported(T: int, S: int) -> bool:
+    """The TPU kernels (splash, block_sparse) tile both sequence lengths with BLOCK_CHOICES blocks."""
+    return T % BLOCK_CHOICES[-1] == 0 and S % BLOCK_CHOICES[-1] == 0
+
+
+def mesh_platform() -> str | None:
+    """Platform of the context mesh's devices (a TPU mesh when compiling ahead of time on a CPU host), or
+    None with no mesh in context."""
+    device = getattr(partitioning.context_mesh(), "abstract_device", None)
+    return getattr(device, "platform", None)
+
+
+def target_platform() -> str:
+    """The platform the trace is for: the context mesh's, else jax's default backend."""
+    return mesh_platform() or jax.default_backend()
 
 
 def resolve_impl(impl: str, dtype, lengths: tuple[int, int] | None = None) -> str:
-    """Concrete backend for `impl` on the default jax backend ("auto" -> cudnn | splash | xla).
-    lengths (T, S): with "auto" on TPU, sequences splash cannot tile fall back to xla."""
+    """Concrete backend for `impl` on the target platform ("auto" -> cudnn | block_sparse | xla).
+    lengths (T, S): with "auto" on TPU, sequences the kernel cannot tile fall back to xla."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r}; valid: {', '.join(ATTENTION_IMPLS)}")
     if impl != "auto":
         return impl
-    platform = jax.default_backend()
+    platform = target_platform()
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return "cudnn"
     if platform == "tpu":
-        return "splash" if lengths is None or splash_supported(*lengths) else "xla"
+        return "block_sparse" if lengths is None or kernel_supported(*lengths) else "xla"
     return "xla"
 
 
 def attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, impl: str = "xla", q_offset=None,
-              scale: float | None = None, single_segment: bool = False, interpret: bool = False):
+              scale: float | None = None, single_segment: bool = False, max_segments: int | None = None,
+              interpret: bool | None = None):
     """Masked attention (rule in the module docstring). q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D] in q.dtype.
 
     q_segment_ids [B,T], kv_segment_ids [B,S]: int, 0 = padding. q_offset: None (self-attention, T == S
     aligned) or int / [B] int array, the key index of query 0 (KV-cache decoding; forces the xla backend).
     single_segment: promise that every row is one sample plus right padding (lets cudnn use lengths).
-    interpret: run the splash kernel in Pallas interpret mode (CPU tests).
+    max_segments: self-attention only (kv_segment_ids equal to q_segment_ids): promise that every non-zero
+    segment id is one contiguous run and a row holds at most max_segments runs (lets cudnn use its packed
+    layout instead of a [T, S] mask; a row with more runs gives NaN, never a wrong value).
+    interpret: run the Pallas kernels (splash, block_sparse) in interpret mode; None: iff a mesh in
+    context has non-TPU devices (`mesh_platform`: a CPU run or test).
     """
     q_segment_ids = jnp.asarray(q_segment_ids)
     kv_segment_ids = jnp.asarray(kv_segment_ids)
@@ -291,6 +304,10 @@ def attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, impl: str
         mask = make_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
         return _xla(q, k, v, mask, scale)
     if impl == "cudnn":
-        return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, scale, single_segment)
-    return _splash(q, k, v, q_segment_ids, kv_segment_ids, causal, scale, interpret)
+        if max_segments is not None and q.shape[1] != k.shape[1]:
+            raise ValueError(f"max_segments is for self-attention; got T={q.shape[1]} != S={k.shape[1]}")
+        return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, scale, single_segment, max_segments)
+    if interpret is None:               # compiled for TPU unless a mesh in context says otherwise
+        interpret = mesh_platform() not in (None, "tpu")
+    return _kernel(impl, q, k, v, q_segment_ids, kv_segment_ids, causal, scale, interpret)
 

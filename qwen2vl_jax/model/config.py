@@ -27,7 +27,7 @@ SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 
-ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "block_sparse", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -211,6 +211,35 @@ def get_config(name: str, **overrides) -> ModelConfig:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(PRESETS)}")
     cfg = PRESETS[name]()
     return cfg.replace(**overrides) if overrides else cfg
+
+
+# Fields that say how a model runs, not what it is: two configs that differ only here hold the same parameters.
+EXECUTION_FIELDS = ("name", "dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers")
+
+
+# Generation settings: a base and an instruct checkpoint of one architecture differ here (which id ends a turn).
+GENERATION_FIELDS = ("bos_token_id", "eos_token_id")
+
+
+def architecture_diff(a: ModelConfig, b: ModelConfig) -> list[tuple[str, Any, Any]]:
+    """[(field, a's value, b's value)] of the architecture fields (vision.* included; not the execution or
+    generation fields) where a and b differ."""
+    out = []
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in EXECUTION_FIELDS + GENERATION_FIELDS:
+            continue
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "vision":
+            out += [(f"vision.{g.name}", getattr(va, g.name), getattr(vb, g.name))
+                    for g in dataclasses.fields(VisionConfig) if getattr(va, g.name) != getattr(vb, g.name)]
+        elif va != vb:
+            out.append((f.name, va, vb))
+    return out
+
+
+def matching_preset(cfg: ModelConfig) -> str | None:
+    """The preset with `cfg`'s architecture (e.g. "2b" for Qwen2-VL-2B's config.json), else None."""
+    return next((name for name, make in PRESETS.items() if not architecture_diff(cfg, make())), None)
 
 
 # ----------------------------------------------------------------------------------------------

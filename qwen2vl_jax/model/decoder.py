@@ -21,8 +21,8 @@ import jax.numpy as jnp
 
 from qwen2vl_jax.model.attention import attention
 from qwen2vl_jax.model.config import ModelConfig
-from qwen2vl_jax.model.layers import (INIT_STD, Linear, RMSNorm, checkpoint_name, constrain, dtype_of,
-                                      stack_layers)
+from qwen2vl_jax.model.layers import INIT_STD, Linear, RMSNorm, checkpoint_name, dtype_of, stack_layers
+from qwen2vl_jax.model.partitioning import constrain
 from qwen2vl_jax.model.rope import apply_rotary, mrope_cos_sin
 
 # ----------------------------------------------------------------------------------------------
@@ -145,4 +145,9 @@ class Embed(nn.Module):
                                     (self.num, self.features), self.param_dtype)
 
     def __call__(self, ids):
-        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+        """ids [B,T] -> [B,T,D]. The lookup reads the table split over "vocab" only (its FSDP split of
+        "embed" gathered first, as for any FSDP weight): from a table split on its width the rows would come
+        out split on D, and XLA can only move them to the activations' batch split by replicating the
+        whole [B,T,D] on every device ("involuntary full rematerialization")."""
+        table = constrain(self.embedding, ("vocab", None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)

@@ -42,13 +42,14 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 from typing import Any, Callable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
 
-from qwen2vl_jax.model.config import ModelConfig, VisionConfig, from_hf_config, to_hf_config
+from qwen2vl_jax.model.config import ModelConfig, VisionConfig, from_hf_config, matching_preset, to_hf_config
 
 Progress = Callable[[str], None] | None
 
@@ -473,16 +474,44 @@ def read_hf_config(path: str) -> dict:
     return hf
 
 
+def is_hf_folder(path: str) -> bool:
+    """A folder as transformers' save_pretrained writes it (config.json, no qwen2vl_jax model_config.json)."""
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and not os.path.exists(os.path.join(path, MODEL_CONFIG_FILE))
+
+
+def read_model_config(path: str, **execution_overrides) -> ModelConfig:
+    """The ModelConfig of a transformers Qwen2-VL folder's config.json, named by its content (the preset with
+    its architecture, e.g. "2b", else "custom"; never the folder's name, which a copy or a rename changes)."""
+    cfg = from_hf_config(read_hf_config(path), **execution_overrides)
+    return cfg.replace(name=matching_preset(cfg) or "custom")
+
+
 def load_pretrained(path: str, progress: Progress = None, **execution_overrides) -> tuple[ModelConfig, dict]:
     """A transformers Qwen2-VL folder (config.json + model.safetensors, or sharded shards + index;
     f32/bf16/f16) -> (cfg, numpy params in cfg.param_dtype). Execution fields (dtype, param_dtype,
     attention_impl, ...) come from `execution_overrides`, else the ModelConfig defaults.
     Tensors are read one at a time."""
-    hf_cfg = read_hf_config(path)
-    name = os.path.basename(os.path.normpath(path)) or "hf"
-    cfg = from_hf_config(hf_cfg, name=name, **execution_overrides)
+    cfg = read_model_config(path, **execution_overrides)
     reader = SafetensorsReader(_weight_files(path))
     return cfg, params_from_hf_state_dict(cfg, reader, progress=progress)
+
+
+# What a Qwen2-VL folder holds besides the model (tokenizer, image/video processor, chat template): carried
+# from a fine-tune's starting folder through the run to the converted result, so that folder loads with
+# AutoProcessor as the original did.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja")
+
+
+def copy_processor_files(src: str, dst: str) -> list[str]:
+    """Copies the PROCESSOR_FILES present in `src` into `dst` (created); returns their names."""
+    names = [n for n in PROCESSOR_FILES if os.path.isfile(os.path.join(src, n))]
+    if names:
+        os.makedirs(dst, exist_ok=True)
+    for n in names:
+        shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
+    return names
 
 
 def _generation_config(cfg: ModelConfig) -> dict:

@@ -1,5 +1,6 @@
 """Building blocks shared by the vision tower and the decoder: Linear, RMSNorm, LayerNorm, remat policies
-and layer stacking (nn.scan or a python loop over one stacked parameter tree)."""
+and layer stacking (nn.scan or a python loop over one stacked parameter tree). Activation sharding
+constraints: partitioning.constrain."""
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
@@ -16,11 +17,6 @@ INIT_STD = 0.02   # transformers `initializer_range`
 
 def dtype_of(name: str):
     return jnp.dtype(name)
-
-
-def constrain(x, axes):
-    """Logical activation sharding constraint; a no-op when no axis rules / mesh are active."""
-    return nn.with_logical_constraint(x, axes)
 
 
 class Linear(nn.Module):

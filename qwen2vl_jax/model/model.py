@@ -6,7 +6,7 @@
           video_grid_thw, position_ids) -> logits [B,S,V] fp32      (transformers input layouts, prepared
           on the host by inputs.prepare_inputs)
   encode_vision(cfg, params, pixel_values [B,P,1176], patch_segment_ids [B,P], patch_positions [B,P,2])
-          -> [B,P/4,D]
+          -> [B,P/4,D]     pixel_values uint8 raw (normalised on device) or normalised float
   forward_hidden(cfg, params, batch) -> [B,S,D]   packed training batch, final norm applied (jittable)
   output_embedding(cfg, params) -> [D,V]
   embed_with_vision / lm_logits / apply_method       building blocks shared with kv_cache.py
@@ -170,7 +170,8 @@ def lm_logits(cfg: ModelConfig, params: dict, hidden):
 # training / packed path (jittable)
 
 def encode_vision(cfg: ModelConfig, params: dict, pixel_values, patch_segment_ids, patch_positions):
-    """pixel_values [B,P,patch_dim], patch_segment_ids [B,P] (0 pad), patch_positions [B,P,2] -> [B,P/4,D]."""
+    """pixel_values [B,P,patch_dim] (uint8 raw patch values, normalised on device, or the processor's normalised
+    floats), patch_segment_ids [B,P] (0 pad), patch_positions [B,P,2] -> [B,P/4,D]."""
     return apply_method(cfg, params, Qwen2VL.encode_vision, jnp.asarray(pixel_values),
                         jnp.asarray(patch_segment_ids), jnp.asarray(patch_positions))
 
@@ -178,8 +179,9 @@ def encode_vision(cfg: ModelConfig, params: dict, pixel_values, patch_segment_id
 def forward_hidden(cfg: ModelConfig, params: dict, batch: dict):
     """Packed batch (docs/architecture.md) -> hidden [B,S,D] after the final norm.
 
-    Uses input_ids, segment_ids, positions [B,3,S]; with pixel_values [B,P,1176] also patch_segment_ids and
-    patch_positions: the k-th image/video pad of row b takes merged vision token k of row b.
+    Uses input_ids, segment_ids, positions [B,3,S]; with pixel_values [B,P,1176] (uint8 raw patch values, as
+    the packer writes them) also patch_segment_ids and patch_positions: the k-th image/video pad of row b
+    takes merged vision token k of row b.
     """
     vision = None
     if batch.get("pixel_values") is not None:

@@ -1,7 +1,8 @@
 """Qwen2-VL vision tower (ViT with 2-D RoPE + 2x2 PatchMerger), Flax linen, batched over packed rows.
 
-Input per row b: pixel_values [B,P,1176] (processor patch rows), patch_segment_ids [B,P] (one id per image /
-per temporal slice of a video, 0 = padding), patch_positions [B,P,2] (h, w) 2-D RoPE ids.
+Input per row b: pixel_values [B,P,1176] (processor patch rows: uint8 raw values, normalised here in fp32 as
+the processor does (pixels.py), or float values the processor already normalised), patch_segment_ids [B,P]
+(one id per image / per temporal slice of a video, 0 = padding), patch_positions [B,P,2] (h, w) 2-D RoPE ids.
   x = pixel_values @ patch_embed.kernel                          [B,P,E]   (Conv3d with stride = kernel)
   cos/sin = vision_rope(patch_positions, hd)                    [B,P,hd]  fp32
   L x block:  x += proj(attn(rope(q), rope(k), v))  with q,k,v = qkv(LayerNorm1(x)), block-diagonal non-causal
@@ -13,11 +14,27 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from qwen2vl_jax.model.attention import attention
 from qwen2vl_jax.model.config import ModelConfig
-from qwen2vl_jax.model.layers import LayerNorm, Linear, checkpoint_name, constrain, dtype_of, stack_layers
+from qwen2vl_jax.model import pixels
+from qwen2vl_jax.model.layers import LayerNorm, Linear, checkpoint_name, dtype_of, stack_layers
+from qwen2vl_jax.model.partitioning import constrain
 from qwen2vl_jax.model.rope import apply_rotary, vision_rope
+
+
+def normalize_pixels(raw):
+    """uint8 [..., C*T*p*p] raw patch values (channel-major columns) -> float32 [..., C*T*p*p], the processor's
+    (v / 255 - mean[c]) / std[c] as one fp32 multiply-add with constants derived in float64. It equals the
+    processor's float32 arithmetic to fp32 rounding (|difference| <= 2.4e-7 = one ulp at the values' scale,
+    |x| < 2.2); the division form is no closer, since XLA turns a division by a broadcast into a multiply."""
+    mean, std = np.asarray(pixels.IMAGE_MEAN, np.float64), np.asarray(pixels.IMAGE_STD, np.float64)
+    scale = (pixels.RESCALE_FACTOR / std).astype(np.float32)[:, None]     # [C, 1]
+    shift = (-mean / std).astype(np.float32)[:, None]
+    x = raw.astype(jnp.float32).reshape(*raw.shape[:-1], len(mean), raw.shape[-1] // len(mean))   # [..., C, T*p*p]
+    return (x * scale + shift).reshape(raw.shape)
 
 
 def quick_gelu(x):
@@ -39,7 +56,9 @@ class VisionAttention(nn.Module):
         cos, sin = ctx["cos"][:, :, None, :], ctx["sin"][:, :, None, :]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         seg = ctx["segment_ids"]
-        a = attention(q, k, val, q_segment_ids=seg, kv_segment_ids=seg, causal=False, impl=self.cfg.attention_impl)
+        # every image (video slice) is one contiguous run of whole 2x2 merge windows: at most P / 4 runs
+        a = attention(q, k, val, q_segment_ids=seg, kv_segment_ids=seg, causal=False, impl=self.cfg.attention_impl,
+                      max_segments=seg.shape[1] // v.merge_unit)
         a = checkpoint_name(constrain(a, ("batch", "patches", "act_heads", None)), "attn_out")
         return Linear("bphd,hde->bpe", (H, hd, E), ("vision_heads", "head_dim", "vision_embed"), (E,),
                       ("vision_embed",), **lin, name="proj")(a)
@@ -105,6 +124,11 @@ class VisionTower(nn.Module):
             raise ValueError(f"pixel_values rows have {C} values; expected patch_dim {v.patch_dim}")
         if P % v.merge_unit:
             raise ValueError(f"patches per row P={P} must be a multiple of {v.merge_unit} (spatial merge)")
+        if pixel_values.dtype == jnp.uint8:
+            pixel_values = normalize_pixels(pixel_values)
+        elif not jnp.issubdtype(pixel_values.dtype, jnp.floating):
+            raise ValueError(f"pixel_values dtype {pixel_values.dtype}: expected uint8 (raw patch values) or a "
+                             "float dtype (values the processor normalised)")
         dt = dtype_of(cfg.dtype)
         x = Linear("bpc,ce->bpe", (C, v.embed_dim), ("patch", "vision_embed"), dtype=dt,
                    param_dtype=dtype_of(cfg.param_dtype), name="patch_embed")(pixel_values)

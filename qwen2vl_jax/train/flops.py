@@ -33,16 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from qwen2vl_jax.model.config import ModelConfig
-
-# dense bf16 peak per chip, FLOP/s
-PEAK_FLOPS = {
-    "h100": 989e12,
-    "h200": 989e12,
-    "v5p": 459e12,
-    "v5e": 197e12,
-    "v4": 275e12,
-}
-
+from qwen2vl_jax.train import chips
 
 @dataclasses.dataclass(frozen=True)
 class StepFlops:
@@ -138,26 +129,9 @@ def six_nd(cfg: ModelConfig, tokens: float, patches: float) -> float:
     return 6.0 * (n["vision_tower"] * patches + n["merger"] * patches / cfg.vision.merge_unit + dec * tokens)
 
 
-def peak_flops(device_kind: str) -> float | None:
-    """bf16 dense peak of one chip from its jax `device_kind`; None for CPUs and unknown chips."""
-    k = device_kind.lower()
-    if "h200" in k:
-        return PEAK_FLOPS["h200"]
-    if "h100" in k:
-        return PEAK_FLOPS["h100"]
-    if "tpu" in k:
-        if "v5p" in k or k.strip() == "tpu v5":
-            return PEAK_FLOPS["v5p"]
-        if "v5e" in k or "v5 lite" in k or "v5litepod" in k:
-            return PEAK_FLOPS["v5e"]
-        if "v4" in k:
-            return PEAK_FLOPS["v4"]
-    return None
-
-
 def mfu(flops_per_step: float, seconds_per_step: float, n_devices: int, device_kind: str) -> float | None:
     """Model FLOPs utilisation, or None where the chip's peak is unknown (CPU: n/a)."""
-    peak = peak_flops(device_kind)
+    peak = chips.peak_flops(device_kind)
     if peak is None or seconds_per_step <= 0:
         return None
     return flops_per_step / seconds_per_step / (peak * n_devices)

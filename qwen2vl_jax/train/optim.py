@@ -19,6 +19,7 @@ reports the norm and checks it is finite).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import jax
@@ -52,12 +53,19 @@ class OptimConfig:
     lr_scale: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
+        # NaN passes every comparison below as False, so a NaN would reach the update (and every param)
+        for name in ("peak_lr", "min_lr_ratio", "weight_decay", "b1", "b2", "eps", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be a finite number")
         if self.peak_lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"peak_lr={self.peak_lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1) or self.eps < 0 or self.weight_decay < 0:
+            raise ValueError(f"b1={self.b1} and b2={self.b2} must be in [0, 1), eps={self.eps} and "
+                             f"weight_decay={self.weight_decay} >= 0")
         for item in self.lr_scale:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and item[0] in PARTS
-                    and isinstance(item[1], (int, float)) and item[1] > 0):
-                raise ValueError(f"lr_scale entry {item!r}: expected (part, multiplier > 0) with part one of "
+                    and isinstance(item[1], (int, float)) and math.isfinite(item[1]) and item[1] > 0):
+                raise ValueError(f"lr_scale entry {item!r}: expected (part, finite multiplier > 0) with part one of "
                                  f"{', '.join(PARTS)}")
         names = [n for n, _ in self.lr_scale]
         if len(set(names)) != len(names):

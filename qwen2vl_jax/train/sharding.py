@@ -8,9 +8,10 @@ but ``dcn`` stays within a slice (the ICI). The mesh spans every device of every
 parallelism is a change of ``MeshConfig`` only.
 
 Every array names its dimensions with *logical* axes (the param tree in docs/architecture.md, and
-``BATCH_AXES`` for the packed batch). ``LOGICAL_RULES`` maps each logical axis to mesh axes; a mesh axis
-that does not divide the dimension, or that an earlier dimension of the same array already uses, is
-dropped (that dimension is replicated over it) so every rule set is valid for every model size.
+``BATCH_AXES`` for the packed batch). The rules (``LOGICAL_RULES``) and the one resolver
+(``logical_to_spec``: a mesh axis that does not divide the dimension, or that an earlier dimension of
+the same array already uses, is dropped) live on the model floor, qwen2vl_jax/model/partitioning.py,
+because the model resolves its activation constraints and attention shard_maps with them while tracing.
 """
 from __future__ import annotations
 
@@ -22,36 +23,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("dcn", "data", "fsdp", "tensor", "sequence")
+from qwen2vl_jax.model.partitioning import LOGICAL_RULES, logical_to_spec  # noqa: F401 (re-exported)
 
-# logical axis -> mesh axes (tuple; tried in order, each kept only if it divides the dim)
-LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    # parameters
-    ("vocab", ("tensor",)),
-    ("embed", ("fsdp",)),
-    ("mlp", ("tensor",)),
-    ("heads", ("tensor",)),
-    ("kv_heads", ("tensor",)),
-    ("head_dim", ()),
-    ("layers", ()),
-    ("norm", ()),
-    ("patch", ()),
-    ("vision_embed", ("fsdp",)),
-    ("vision_mlp", ("tensor",)),
-    ("vision_heads", ("tensor",)),
-    ("qkv", ()),
-    # the paper's TP does not split the merger; we shard it like any FSDP weight
-    ("merger_in", ("fsdp",)),
-    ("merger_mlp", ("tensor",)),
-    # activations / batch
-    ("batch", ("dcn", "data", "fsdp")),
-    ("length", ("sequence",)),
-    ("patches", ("sequence",)),
-    ("act_embed", ()),
-    ("act_heads", ("tensor",)),
-    ("act_kv_heads", ("tensor",)),
-    ("act_mlp", ("tensor",)),
-)
+MESH_AXES = ("dcn", "data", "fsdp", "tensor", "sequence")
 
 # logical axes of each packed-batch array (docs/architecture.md "Packed training batch")
 BATCH_AXES: dict[str, tuple[str | None, ...]] = {
@@ -118,32 +92,6 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | No
     except Exception:  # topology-unaware fallback (e.g. CPU device subsets)
         arr = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(arr, MESH_AXES)
-
-
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_RULES) -> P:
-    """PartitionSpec for an array of `shape` whose dims are named by logical `axes`."""
-    if len(axes) != len(shape):
-        raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
-    table = dict(rules)
-    used: set[str] = set()
-    spec = []
-    for name, dim in zip(axes, shape):
-        if name is None:
-            spec.append(None)
-            continue
-        if name not in table:
-            raise ValueError(f"no sharding rule for logical axis {name!r}; known: {', '.join(table)}")
-        chosen, size = [], 1
-        for ax in table[name]:
-            n = mesh.shape[ax]
-            if ax in used or n == 1 or dim % (size * n):
-                continue
-            chosen.append(ax)
-            size *= n
-        used.update(chosen)
-        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
-    return P(*spec)
 
 
 def _is_axes(x) -> bool:

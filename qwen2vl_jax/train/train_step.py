@@ -5,16 +5,23 @@ segment-aware: the packer never asks a token to predict the next sample), averag
 tokens of the whole global batch, plus optional z-loss ``z_loss * mean(logsumexp^2)``.
 The [B, S, V] logits never exist: the sequence is cut into chunks of ``loss_chunk`` positions and a
 ``lax.scan`` computes, per chunk, logits [B, c, V] (fp32 accumulation), their logsumexp and the
-target logit; the chunk body is ``jax.checkpoint``-ed so the backward recomputes one chunk's logits
-at a time instead of keeping them. Peak extra memory: about 3 x B x c x V x 4 bytes.
+target logit; a custom VJP keeps only the logsumexp [B, S] and recomputes one chunk's logits at a time
+in the backward. Peak extra memory: about 3 x B x c x V x 4 bytes, plus (on a mesh) the gathered output
+embedding [D, V/tensor] in the compute dtype and its fp32 gradient: the loss runs under shard_map so the
+embedding is gathered once per (micro)batch and its gradient reduced once, not once per chunk.
 
 Precision: master weights stay in ``cfg.param_dtype`` (fp32); the loss casts floating params to
 ``cfg.dtype`` (bf16 for real runs) before the forward, so gradients come back in fp32 through the cast.
+The loss's backward casts dlogits to that compute dtype for its two matmuls (fp32 accumulation), like
+every other matmul's backward in the model.
 
 Step: grads w.r.t. the trainable params only (`optim.split_params`), accumulated over
 ``microbatches`` with a scan, then global-norm clipped; if the loss or the grad norm is not finite the
 update is skipped (params and optimizer state unchanged) and counted in ``skipped_steps`` /
-``consecutive_skips``. ``make_train_step`` returns ``jax.jit(step, in_shardings, out_shardings,
+``consecutive_skips``. A state that already has ``max_consecutive_skips`` skips in a row is halted: the
+step returns it unchanged (its step counter too), so a training loop that dispatches the next step before
+it reads the previous step's metrics still holds, after that next step, exactly the state it must save
+when it stops. ``make_train_step`` returns ``jax.jit(step, in_shardings, out_shardings,
 donate_argnums=0)``; it works with concrete arrays and with abstract ShapeDtypeStruct inputs
 (``.lower(abstract_state, abstract_batch)`` for AOT compilation).
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -41,7 +49,7 @@ class StepConfig:
     microbatches: int = 1           # gradient accumulation steps per optimizer step
     z_loss: float = 0.0             # weight of mean(logsumexp^2)
     loss_chunk: int = 512           # sequence positions per loss chunk (largest divisor of S <= this)
-    max_consecutive_skips: int = 5  # checked by the training loop
+    max_consecutive_skips: int = 5  # the loop stops there; the step halts (leaves the state unchanged)
     optim: optim.OptimConfig = optim.OptimConfig()
 
 
@@ -67,31 +75,140 @@ def _chunk_size(seq_len: int, target: int) -> int:
     return c
 
 
-def chunked_cross_entropy(hidden: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array,
-                          chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """hidden [B,S,D], w [D,V], targets int [B,S], mask [B,S] ->
-    (sum of masked NLL, sum of masked logsumexp^2, number of supervised tokens), all fp32 scalars."""
-    b, s, d = hidden.shape
-    c = _chunk_size(s, chunk)
-    nc = s // c
-    h = hidden.reshape(b, nc, c, d).swapaxes(0, 1)                 # [nc, B, c, D]
-    t = targets.reshape(b, nc, c).swapaxes(0, 1)                   # [nc, B, c]
-    m = mask.astype(jnp.float32).reshape(b, nc, c).swapaxes(0, 1)  # [nc, B, c]
+@dataclasses.dataclass(frozen=True)
+class LossAxes:
+    """Mesh axes the loss's arrays are split over inside its shard_map (empty: one device)."""
+    tokens: tuple[str, ...] = ()   # rows and sequence positions of hidden / targets / mask
+    embed: tuple[str, ...] = ()    # the output embedding's D dimension (gathered once, its gradient scattered)
+    vocab: tuple[str, ...] = ()    # the output embedding's V dimension (each shard holds V/n logits)
 
-    @jax.checkpoint
-    def chunk_terms(h_c, t_c, m_c, w):
-        logits = jnp.einsum("bcd,dv->bcv", h_c, w, preferred_element_type=jnp.float32)  # [B, c, V]
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, t_c[..., None].astype(jnp.int32), axis=-1)[..., 0]
-        return jnp.sum((lse - tgt) * m_c), jnp.sum(jnp.square(lse) * m_c)
+    @classmethod
+    def for_mesh(cls, mesh: Mesh, hidden_shape, w_shape,
+                 rules=sharding.LOGICAL_RULES) -> tuple["LossAxes", P, P, P]:
+        """(axes, hidden spec, w spec, targets/mask spec) from the logical rules."""
+        def flat(entry):
+            return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        h_spec = sharding.logical_to_spec(("batch", "length", None), hidden_shape, mesh, rules)
+        w_spec = sharding.logical_to_spec(("embed", "vocab"), w_shape, mesh, rules)
+        return (cls(tokens=flat(h_spec[0]) + flat(h_spec[1]), embed=flat(w_spec[0]), vocab=flat(w_spec[1])),
+                h_spec, w_spec, P(h_spec[0], h_spec[1]))
+
+
+def chunked_cross_entropy(hidden: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int,
+                          mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """hidden [B,S,D], w [D,V] (any float dtype: the matmuls run in hidden's dtype, w's gradient comes back
+    in w's dtype), targets int [B,S], mask [B,S] -> (sum of masked NLL, sum of masked logsumexp^2,
+    number of supervised tokens), all fp32 scalars.
+
+    With a multi-device `mesh` the loss runs under shard_map: each device takes its rows (and sequence
+    shard) of hidden / targets / mask and its shard of w; w's D shards are gathered ONCE (not once per
+    chunk, which is what XLA's partitioner does with a sharded w inside the chunk loop), its gradient is
+    accumulated in fp32 over the chunks and reduce-scattered once, and a vocab-sharded w ("tensor") gives
+    each device V/n logits per chunk, with the logsumexp and the target logit combined across the vocab
+    shards ([B, c] values per chunk)."""
+    if mesh is None or mesh.size == 1:
+        return _local_cross_entropy(hidden, w, targets, mask, chunk, LossAxes())
+    axes, h_spec, w_spec, t_spec = LossAxes.for_mesh(mesh, hidden.shape, w.shape)
+    fn = jax.shard_map(functools.partial(_local_cross_entropy, chunk=chunk, axes=axes), mesh=mesh,
+                       in_specs=(h_spec, w_spec, t_spec, t_spec), out_specs=(P(), P(), P()),
+                       # replication checks off: the custom VJP below states its own collectives; shard_map's
+                       # transpose then sums each input's cotangent over the axes its spec does not name
+                       # (w: the pure data-parallel axes; hidden: the vocab axes)
+                       check_vma=False)
+    return fn(hidden, w, targets, mask)
+
+
+def _local_cross_entropy(h, w, t, m, chunk: int, axes: LossAxes):
+    m = m.astype(jnp.float32)
+    nll, z = _ce_sums(h, w, t, m, chunk, axes)
+    n = jnp.sum(m)
+    if axes.tokens:
+        nll, z, n = jax.lax.psum((nll, z, n), axes.tokens)
+    return nll, z, n
+
+
+def _chunked(x: jax.Array, chunk: int) -> jax.Array:
+    """[B, S, ...] -> [S/c, B, c, ...] with c = _chunk_size(S, chunk)."""
+    b, s = x.shape[:2]
+    c = _chunk_size(s, chunk)
+    return x.reshape(b, s // c, c, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _vocab_offset(v_local: int, axes: LossAxes):
+    """Global vocab index of this device's first logit."""
+    return jax.lax.axis_index(axes.vocab) * v_local if axes.vocab else 0
+
+
+def _logsumexp(logits: jax.Array, axes: LossAxes) -> jax.Array:
+    """[B, c, V_local] fp32 -> [B, c] logsumexp over the whole vocab (max-shifted, as jax.nn.logsumexp)."""
+    mx = jnp.max(logits, axis=-1)
+    if axes.vocab:
+        mx = jax.lax.pmax(mx, axes.vocab)
+    s = jnp.sum(jnp.exp(logits - mx[..., None]), axis=-1)
+    if axes.vocab:
+        s = jax.lax.psum(s, axes.vocab)
+    return mx + jnp.log(s)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ce_sums(h, w, t, m, chunk: int, axes: LossAxes):
+    """This device's (sum of masked NLL, sum of masked lse^2) over its rows; w gathered over axes.embed."""
+    return _ce_fwd(h, w, t, m, chunk, axes)[0]
+
+
+def _ce_fwd(h, w, t, m, chunk, axes):
+    wf = w.astype(h.dtype)
+    if axes.embed:
+        wf = jax.lax.all_gather(wf, axes.embed, axis=0, tiled=True)          # [D, V_local], once
+    v0 = _vocab_offset(wf.shape[1], axes)
 
     def body(carry, xs):
-        nll, z = chunk_terms(*xs, w)
-        return (carry[0] + nll, carry[1] + z), None
+        h_c, t_c, m_c = xs                                                   # [B, c, D], [B, c], [B, c]
+        logits = jnp.einsum("bcd,dv->bcv", h_c, wf, preferred_element_type=jnp.float32)   # [B, c, V_local]
+        lse = _logsumexp(logits, axes)
+        local = t_c.astype(jnp.int32) - v0
+        mine = (local >= 0) & (local < logits.shape[-1])
+        tgt = jnp.take_along_axis(logits, jnp.clip(local, 0, logits.shape[-1] - 1)[..., None], axis=-1)[..., 0]
+        tgt = jnp.where(mine, tgt, 0.0)
+        if axes.vocab:
+            tgt = jax.lax.psum(tgt, axes.vocab)
+        return (carry[0] + jnp.sum((lse - tgt) * m_c), carry[1] + jnp.sum(jnp.square(lse) * m_c)), lse
 
     zero = jnp.zeros((), jnp.float32)
-    (nll_sum, z_sum), _ = jax.lax.scan(body, (zero, zero), (h, t, m))
-    return nll_sum, z_sum, jnp.sum(m)
+    (nll, z), lse = jax.lax.scan(body, (zero, zero), (_chunked(h, chunk), _chunked(t, chunk), _chunked(m, chunk)))
+    return (nll, z), (h, wf, t, m, lse, jnp.zeros((), w.dtype))
+
+
+def _ce_bwd(chunk, axes, res, g):
+    """Recomputes each chunk's logits: dlogits = m * (softmax * (g_nll + 2 g_z lse) - g_nll * onehot(target)),
+    cast to the compute dtype for the two matmuls (dh, dW) with fp32 accumulation; dW summed over the
+    chunks in an fp32 carry and reduce-scattered over axes.embed once."""
+    h, wf, t, m, lse, w_like = res
+    g_nll, g_z = g
+    if axes.vocab:      # every vocab shard's sums depend on this shard's logits (through the lse / target psums)
+        g_nll, g_z = jax.lax.psum((g_nll, g_z), axes.vocab)
+    v0 = _vocab_offset(wf.shape[1], axes)
+
+    def body(dw, xs):
+        h_c, t_c, m_c, lse_c = xs
+        logits = jnp.einsum("bcd,dv->bcv", h_c, wf, preferred_element_type=jnp.float32)
+        p = jnp.exp(logits - lse_c[..., None])
+        local = t_c.astype(jnp.int32) - v0
+        onehot = jnp.arange(logits.shape[-1], dtype=jnp.int32) == local[..., None]
+        dl = p * ((g_nll + 2.0 * g_z * lse_c) * m_c)[..., None] - jnp.where(onehot, (g_nll * m_c)[..., None], 0.0)
+        dl = dl.astype(h.dtype)
+        dh_c = jnp.einsum("bcv,dv->bcd", dl, wf, preferred_element_type=jnp.float32).astype(h.dtype)
+        return dw + jnp.einsum("bcd,bcv->dv", h_c, dl, preferred_element_type=jnp.float32), dh_c
+
+    dw0 = jnp.zeros(wf.shape, jnp.float32)
+    dw, dh = jax.lax.scan(body, dw0, (_chunked(h, chunk), _chunked(t, chunk), _chunked(m, chunk), lse))
+    dh = dh.swapaxes(0, 1).reshape(h.shape)
+    if axes.embed:
+        dw = jax.lax.psum_scatter(dw, axes.embed, scatter_dimension=0, tiled=True)
+    return dh, dw.astype(w_like.dtype), None, None
+
+
+_ce_sums.defvjp(_ce_fwd, _ce_bwd)
 
 
 def _cast_floats(tree: Any, dtype) -> Any:
@@ -99,12 +216,15 @@ def _cast_floats(tree: Any, dtype) -> Any:
 
 
 def loss_terms(cfg: ModelConfig, params: dict, batch: Mapping[str, jax.Array], step_cfg: StepConfig,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-    """(objective sum to differentiate, (nll_sum, z_sum, n_tokens)) for one (micro)batch."""
+               mesh: Mesh | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """(objective sum to differentiate, (nll_sum, z_sum, n_tokens)) for one (micro)batch; the loss runs
+    under shard_map on `mesh` (chunked_cross_entropy)."""
     p = _cast_floats(params, jnp.dtype(cfg.dtype))
     hidden = model.forward_hidden(cfg, p, dict(batch))            # [B, S, D]
-    w = model.output_embedding(cfg, p)                             # [D, V]
-    nll, z, n = chunked_cross_entropy(hidden, w, batch["targets"], batch["loss_mask"], step_cfg.loss_chunk)
+    # the master (fp32) output embedding: the loss casts it to the compute dtype before gathering it, and
+    # reduces its gradient across devices in fp32
+    w = model.output_embedding(cfg, params)                        # [D, V]
+    nll, z, n = chunked_cross_entropy(hidden, w, batch["targets"], batch["loss_mask"], step_cfg.loss_chunk, mesh)
     return nll + step_cfg.z_loss * z, (nll, z, n)
 
 
@@ -130,7 +250,7 @@ def loss_and_grads(cfg: ModelConfig, params: dict, batch: Mapping[str, jax.Array
     frozen = jax.lax.stop_gradient(frozen)
 
     def objective(tr, mb):
-        return loss_terms(cfg, optim.merge_params(tr, frozen), mb, step_cfg)
+        return loss_terms(cfg, optim.merge_params(tr, frozen), mb, step_cfg, mesh)
 
     grad_fn = jax.grad(objective, has_aux=True)
     m = step_cfg.microbatches
@@ -214,7 +334,7 @@ def batch_spec(cfg: ModelConfig, batch_size: int, seq_len: int, max_patches: int
         "loss_mask": jax.ShapeDtypeStruct((b, s), f32),
         "segment_ids": jax.ShapeDtypeStruct((b, s), i32),
         "positions": jax.ShapeDtypeStruct((b, 3, s), i32),
-        "pixel_values": jax.ShapeDtypeStruct((b, p, cfg.vision.patch_dim), f32),
+        "pixel_values": jax.ShapeDtypeStruct((b, p, cfg.vision.patch_dim), jnp.uint8),   # raw: normalised on device
         "patch_segment_ids": jax.ShapeDtypeStruct((b, p), i32),
         "patch_positions": jax.ShapeDtypeStruct((b, p, 2), i32),
     }
@@ -235,6 +355,8 @@ def train_step_fn(cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = No
             metrics, grads = loss_and_grads(cfg, state.params, batch, step_cfg, mesh)
         gnorm = _global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["z_loss"]) & jnp.isfinite(gnorm)
+        halted = state.consecutive_skips >= step_cfg.max_consecutive_skips
+        apply = finite & ~halted
         clip = step_cfg.optim.grad_clip
         if clip > 0:
             scale = jnp.minimum(1.0, clip / jnp.maximum(gnorm, 1e-12))
@@ -243,17 +365,18 @@ def train_step_fn(cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = No
         trainable, frozen = optim.split_params(state.params, step_cfg.trainable)
         updates, new_opt = optimizer.update(grads, state.opt_state, trainable)
         new_tr = optax.apply_updates(trainable, updates)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
         new_tr = jax.tree.map(keep, new_tr, trainable)
         new_opt = jax.tree.map(keep, new_opt, state.opt_state)
         applied = state.step - state.skipped_steps           # optimizer updates applied so far
-        skipped = (~finite).astype(jnp.int32)
+        counted = (~halted).astype(jnp.int32)                 # a halted step counts nothing
         new_state = TrainState(
-            step=state.step + 1,
+            step=state.step + counted,
             params=optim.merge_params(new_tr, frozen),
             opt_state=new_opt,
-            skipped_steps=state.skipped_steps + skipped,
-            consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1).astype(jnp.int32))
+            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32) * counted,
+            consecutive_skips=jnp.where(halted, state.consecutive_skips,
+                                        jnp.where(finite, 0, state.consecutive_skips + 1)).astype(jnp.int32))
         metrics = {**metrics, "grad_norm": gnorm, "lr": lr_fn(applied), "finite": finite,
                    "skipped_steps": new_state.skipped_steps, "consecutive_skips": new_state.consecutive_skips}
         return new_state, metrics

@@ -3,14 +3,24 @@
     summary = trainer.run(exp, evaluate=hook)
 
 Per step: each process reads its own shard of the data (batch_size / process_count rows), the rows of all
-processes form one global batch (sharding.global_batch), the jitted step updates the sharded state; the next
-batch is read while the device works. Around the loop:
+processes form one global batch (sharding.global_batch), the jitted step updates the sharded state. The host
+stays a step ahead: the next batch is read and copied to the devices while the device works, and a step's
+metrics are read after the next step is dispatched (at evaluation, checkpoint and last steps the loop waits
+for the step instead); the records and the stops are those of a loop that waits every step. Around the loop:
   - before anything is allocated, the per-device memory of the step is estimated (train.memory) and a
     model that does not fit stops with what it needs and what the machine has;
-  - a restart resumes from the latest complete checkpoint (params, optimizer, step, data-iterator state);
-    a fresh run starts from `init_from` (a previous stage or a converted checkpoint) or from the seed;
+  - one run per run directory: RUN/run.lock (RunLock) stops a second run in the same folder at start; the
+    lock of a run that was killed (kill -9 included) is taken over, saying so;
+  - a restart resumes from the newest checkpoint that restores (params, optimizer, step, data-iterator
+    state), setting aside a damaged newer one with its reason (checkpoint.Checkpointer.restore), and keeps
+    the learning-rate schedule it was saved with when `steps` changed (other optimizer settings, or an
+    explicit optim.total_steps, that differ from the checkpoint's are refused); losses.jsonl and
+    heldout.jsonl are cut back to the resumed step, so each step appears once;
+    a fresh run starts from `init_from` (a previous stage, a converted checkpoint or a Hugging Face folder;
+    checkpoint.locate) or from the seed;
   - every `checkpoint.every` steps, at the end, on SIGTERM (preemption: save at the next step boundary and
-    return) and on a non-finite stop, a checkpoint is saved;
+    return) and on a non-finite stop, a checkpoint is saved; a state holding NaN/inf is never saved (the run
+    stops with NonFiniteError instead);
   - `max_consecutive_skips` non-finite steps in a row save a checkpoint and raise NonFiniteError;
   - every `eval_every` steps and at the last step, `evaluate(params)` (a hook the caller builds, e.g.
     eval.evaluation.HeldoutEvaluator; train/ does not import eval/) is logged and appended to heldout.jsonl.
@@ -18,8 +28,13 @@ batch is read while the device works. Around the loop:
 The run directory (exp.run_dir) holds
   checkpoints/        orbax steps (async, every `checkpoint.every`, keep `checkpoint.keep`)
   tensorboard/        event files: train/<metric>, data/<counter>, eval/<name>
-  losses.jsonl        {"step", "loss", "grad_norm", "finite"} per step (process 0)
+  losses.jsonl        {"step", "loss", "grad_norm", "finite"} per step (process 0); strict JSON: a
+                      non-finite value is null
   heldout.jsonl       {"step", <name>: value, ...} per evaluation (process 0)
+  run.lock            the running run's pid, host and start time (empty after a clean exit)
+  processor/          tokenizer.json of the run's tokenizer, and the other tokenizer / image-processor files
+                      of a Hugging Face `init_from` folder: launch.convert --jax_to_hf copies them beside the
+                      converted weights
   model_config.json, data_config.json   the run's model and data configs (process 0), read back by
                       `read_model_config` / `read_data_config` (launch.evaluate rebuilds the model and
                       preprocesses held-out media at the pixel budgets the run trained with)
@@ -30,20 +45,26 @@ slices, SLURM, Open MPI are detected by jax.distributed.initialize()).
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import errno
+import fcntl
 import json
+import math
 import os
+import shutil
 import signal
+import socket
 import sys
 import time
-from typing import Any, Callable, Protocol, TextIO
+from typing import Any, Callable, NamedTuple, Protocol, TextIO
 
 import jax
 import numpy as np
 
 from qwen2vl_jax.data.pipeline import DataConfig, make_iterator
-from qwen2vl_jax.data.tokenizer import load_tokenizer
+from qwen2vl_jax.data.tokenizer import load_for, tokenizer_json
 from qwen2vl_jax.model import hf
-from qwen2vl_jax.model.config import ModelConfig
+from qwen2vl_jax.model.config import ModelConfig, architecture_diff
 from qwen2vl_jax.train import checkpoint, flops, memory, metrics, sharding, train_step
 
 EXIT_NON_FINITE = 3                      # exit status of a CLI whose run stopped on non-finite steps
@@ -51,12 +72,19 @@ MODEL_CONFIG_FILE = hf.MODEL_CONFIG_FILE
 DATA_CONFIG_FILE = "data_config.json"
 LOSSES_FILE = "losses.jsonl"
 HELDOUT_FILE = "heldout.jsonl"
+LOCK_FILE = "run.lock"
+PROCESSOR_DIR = "processor"
 
 EvalHook = Callable[[Any], dict]         # params -> {name: value}
 
 
 class NonFiniteError(RuntimeError):
-    """Too many non-finite steps in a row (a checkpoint of the last state was saved)."""
+    """Too many non-finite steps in a row (a checkpoint of the last finite state was saved), or a state
+    holding NaN/inf reached a checkpoint save (not saved)."""
+
+
+class WorkdirInUseError(ValueError):
+    """Another run holds the run directory."""
 
 
 class TrainSpec(Protocol):
@@ -90,27 +118,45 @@ def run(exp: TrainSpec, evaluate: EvalHook | None = None, stream: TextIO | None 
 
     Returns {"step": the last step, "start_step": the step this call started from (== step when there
     was nothing left to train), "num_steps", "losses": {step: loss} of the steps this call trained,
-    "eval": {step: evaluate(params)}, "preempted", "skipped_steps", "checkpoint_dir"}."""
+    "eval": {step: evaluate(params)}, "preempted", "skipped_steps", "checkpoint_dir"}.
+    Raises WorkdirInUseError when another run holds exp.run_dir."""
     stream = stream or sys.stdout
     os.makedirs(exp.run_dir, exist_ok=True)
+    if jax.process_index() != 0:              # process 0 holds the lock for the whole job
+        return _run(exp, evaluate, stream)
+    with RunLock(exp.run_dir, log=lambda text: print(text, file=stream, flush=True)):
+        return _run(exp, evaluate, stream)
+
+
+def _run(exp: TrainSpec, evaluate: EvalHook | None, stream: TextIO) -> dict:
     cfg, step_cfg, n_steps = exp.model, exp.step_config(), exp.num_steps
     mesh = sharding.make_mesh(exp.mesh)
     check_memory(exp, mesh)
     pc, pi = jax.process_count(), jax.process_index()
     if exp.batch_size % pc:
         raise ValueError(f"batch_size={exp.batch_size} not divisible by {pc} processes")
-    if pi == 0:
-        write_run_configs(exp)
 
     abstract, st_sh = train_step.abstract_state(cfg, step_cfg, mesh)
     b_sh = sharding.batch_shardings(train_step.batch_spec(cfg, exp.batch_size, exp.data.seq_len,
                                                           exp.data.max_patches), mesh)
-    data = make_iterator(exp.data, cfg, load_tokenizer(exp.tokenizer), batch_size=exp.batch_size // pc,
+    tokenizer = load_for(exp.tokenizer, cfg)
+    if pi == 0:
+        write_run_configs(exp)
+    data = make_iterator(exp.data, cfg, tokenizer, batch_size=exp.batch_size // pc,
                          process_index=pi, process_count=pc, split="train")
-    ckpt = checkpoint.Checkpointer(dataclasses.replace(exp.checkpoint, directory=exp.checkpoint_dir))
     log = metrics.MetricsLogger(os.path.join(exp.run_dir, "tensorboard"), stream)
-    state = _initial_state(exp, ckpt, data, abstract, st_sh, mesh, log)
+    ckpt = checkpoint.Checkpointer(dataclasses.replace(exp.checkpoint, directory=exp.checkpoint_dir), log=log.message)
+    try:
+        state, step_cfg = _initial_state(exp, ckpt, data, abstract, st_sh, mesh, log)
+    except BaseException:                          # a refused resume or init_from: release what was opened
+        ckpt.close()
+        data.close()
+        log.close()
+        raise
     start = step = int(jax.device_get(state.step))
+    if pi == 0:
+        for name in (LOSSES_FILE, HELDOUT_FILE):
+            truncate_jsonl(os.path.join(exp.run_dir, name), start, log.message)
     step_fn = train_step.make_train_step(cfg, step_cfg, mesh, st_sh, b_sh)
 
     preempted = {"flag": False}
@@ -121,45 +167,75 @@ def run(exp: TrainSpec, evaluate: EvalHook | None = None, stream: TextIO | None 
     losses: dict[int, float] = {}
     evals: dict[int, dict] = {}
     window = _Window()
+    ckpt_every, log_every = exp.checkpoint.every, exp.log_every    # the Checkpointer saves on ckpt_every
+
+    def fetch():
+        """The next local batch, the iterator state just after it, and the batch placed on the devices (the
+        host-to-device copy runs while the device works on the step before)."""
+        local = next(data)
+        return local, data.get_state(), sharding.global_batch(local, b_sh)
+
+    def finish(rec: _Dispatched) -> None:
+        """Reads a dispatched step's metrics (blocks until it is done) and does what the step calls for:
+        losses.jsonl, the non-finite stop, the log line."""
+        hm = train_step.host_metrics(rec.metrics)
+        window.add(rec.tokens, rec.flops)
+        losses[rec.step] = hm["loss"]
+        _append_jsonl(loss_file, {"step": rec.step, "loss": hm["loss"], "grad_norm": hm["grad_norm"],
+                                  "finite": hm["finite"]})
+        if hm["consecutive_skips"] >= step_cfg.max_consecutive_skips:
+            # `state` is this step's result: a step dispatched after it found the state halted and left it as is
+            ckpt.save(state, rec.data_state, force=True)
+            ckpt.wait()
+            raise NonFiniteError(
+                f"{hm['consecutive_skips']} non-finite steps in a row at step {rec.step} (limit "
+                f"max_consecutive_skips={step_cfg.max_consecutive_skips}; last loss {hm['loss']}, grad norm "
+                f"{hm['grad_norm']}); checkpoint saved to {ckpt.directory} step {rec.step}")
+        if rec.stats is not None:
+            tokens_per_s, flops_per_s = window.rates()
+            log.log_train(rec.step, n_steps, {
+                **hm, "tokens_per_s": tokens_per_s, "mfu": flops.mfu(flops_per_s, 1.0, n_dev, device_kind),
+                "packing_efficiency": rec.stats.get("token_efficiency", 0.0),
+                "skipped_samples": rec.stats.get("skipped", 0.0)}, rec.stats)
+
     try:
-        pending, data_state = None, data.get_state()
+        # Step t+1 is dispatched before step t's metrics are read, so the host never waits for the device
+        # between steps; it syncs only where it acts on the state (evaluation, checkpoint, last step, SIGTERM).
+        data_state = data.get_state()
+        upcoming = fetch() if step < n_steps else None
+        lagging: _Dispatched | None = None
         while step < n_steps and not preempted["flag"]:
-            local = pending if pending is not None else next(data)
-            data_state = data.get_state()          # = the batches consumed up to and including `local`
-            state, m = step_fn(state, sharding.global_batch(local, b_sh))   # dispatched asynchronously
-            window.add(tokens=float(np.asarray(local["segment_ids"] > 0).sum()) * pc,
-                       flops=flops.batch_flops(cfg, local, exp.trainable).total * pc)
-            pending = next(data) if step + 1 < n_steps else None             # overlaps the device step
-            hm = train_step.host_metrics(m)
+            local, data_state, placed = upcoming
+            state, m = step_fn(state, placed)                                  # dispatched asynchronously
             step += 1
-            losses[step] = hm["loss"]
-            _append_jsonl(loss_file, {"step": step, "loss": hm["loss"], "grad_norm": hm["grad_norm"],
-                                      "finite": hm["finite"]})
-            if hm["consecutive_skips"] >= step_cfg.max_consecutive_skips:
-                ckpt.save(state, data_state, force=True)
-                ckpt.wait()
-                raise NonFiniteError(
-                    f"{hm['consecutive_skips']} non-finite steps in a row at step {step} (limit "
-                    f"max_consecutive_skips={step_cfg.max_consecutive_skips}; last loss {hm['loss']}, grad norm "
-                    f"{hm['grad_norm']}); checkpoint saved to {ckpt.directory} step {step}")
-            if step % exp.log_every == 0 or step == n_steps:
-                stats = data.stats()
-                tokens_per_s, flops_per_s = window.rates()
-                log.log_train(step, n_steps, {
-                    **hm, "tokens_per_s": tokens_per_s, "mfu": flops.mfu(flops_per_s, 1.0, n_dev, device_kind),
-                    "packing_efficiency": stats.get("token_efficiency", 0.0),
-                    "skipped_samples": stats.get("skipped", 0.0)}, stats)
-            if evaluate is not None and (step % exp.eval_every == 0 or step == n_steps):
+            rec = _Dispatched(step, m, data_state, float(np.asarray(local["segment_ids"] > 0).sum()) * pc,
+                              flops.batch_flops(cfg, local, exp.trainable).total * pc)
+            upcoming = fetch() if step < n_steps else None                     # overlaps the device step
+            if step % log_every == 0 or step == n_steps:
+                rec = rec._replace(stats=data.stats())
+            if lagging is not None:
+                finish(lagging)
+            lagging = rec
+            evaluating = evaluate is not None and (step % exp.eval_every == 0 or step == n_steps)
+            if not (evaluating or step % ckpt_every == 0 or step == n_steps or preempted["flag"]):
+                continue
+            finish(lagging)
+            lagging = None
+            if evaluating:
                 t = time.perf_counter()
                 evals[step] = evaluate(state.params)
                 window.exclude(time.perf_counter() - t)      # throughput counts training time only
                 log.log_eval(step, evals[step])
                 _append_jsonl(eval_file, {"step": step, **evals[step]})
             ckpt.save(state, data_state)
+        if lagging is not None:                  # SIGTERM arrived after the step's own check
+            finish(lagging)
         if step > start and (step >= n_steps or preempted["flag"]):
             ckpt.save(state, data_state, force=True)
         if preempted["flag"]:
             log.message(f"SIGTERM: saved checkpoint at step {step} to {ckpt.directory}; exiting")
+    except checkpoint.NonFiniteStateError as e:
+        raise NonFiniteError(str(e)) from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         ckpt.close()
@@ -173,19 +249,75 @@ def run(exp: TrainSpec, evaluate: EvalHook | None = None, stream: TextIO | None 
             "checkpoint_dir": ckpt.directory}
 
 
-def _initial_state(exp: TrainSpec, ckpt: checkpoint.Checkpointer, data, abstract, st_sh, mesh, log):
-    """The latest checkpoint (restoring the data iterator too), else `init_from`'s params, else the seed."""
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(abstract)
-        data.set_state(meta["data_state"])
-        log.message(f"resumed from {ckpt.directory} step {meta['step']}")
-        return state
+def _initial_state(exp: TrainSpec, ckpt: checkpoint.Checkpointer, data, abstract, st_sh, mesh, log
+                   ) -> tuple[train_step.TrainState, train_step.StepConfig]:
+    """(state, the step config to train it with): the newest checkpoint that restores (the data iterator too;
+    the step config with the checkpoint's schedule), else `init_from`'s params, else the seed."""
     step_cfg = exp.step_config()
-    if exp.init_from:
-        params = checkpoint.load_params(exp.init_from, abstract.params)
+    if ckpt.all_steps():
+        state, meta = ckpt.restore(abstract, check=lambda meta: _check_resumable(exp, step_cfg, meta, ckpt.directory))
+        data.set_state(meta["data_state"])
+        step_cfg = _keep_saved_schedule(exp, step_cfg, meta, log.message)
+        log.message(f"resumed from {ckpt.directory} step {meta['step']}")
+    elif exp.init_from:
+        saved = read_model_config(exp.init_from)
+        diff = architecture_diff(saved, exp.model) if saved is not None else []
+        if diff:
+            raise ValueError(f"init_from {exp.init_from} is another model than the experiment's {exp.model.name!r}: "
+                             + ", ".join(f"{k} {a} vs {b}" for k, a, b in diff))
+        params = checkpoint.load_params(exp.init_from, abstract.params, log=log.message)
         log.message(f"initialised params from {exp.init_from}")
-        return train_step.place_params(params, step_cfg, st_sh)
-    return train_step.init_state(exp.model, step_cfg, jax.random.key(exp.seed), mesh)
+        state = train_step.place_params(params, step_cfg, st_sh)
+    else:
+        state = train_step.init_state(exp.model, step_cfg, jax.random.key(exp.seed), mesh)
+    ckpt.run_meta = {"optim": _jsonable(step_cfg.optim), "trainable": list(step_cfg.trainable)}
+    return state, step_cfg
+
+
+def _jsonable(config) -> dict:
+    """A frozen config as the JSON a checkpoint's meta holds (tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _check_resumable(exp: TrainSpec, step_cfg: train_step.StepConfig, meta: dict, where: str) -> None:
+    """ValueError when the checkpoint was trained with other trainable parts or optimizer settings than
+    `step_cfg`'s, an explicit optim.total_steps included; a schedule length that differs because `steps`
+    changed is not refused but kept (_keep_saved_schedule). A checkpoint without these settings (written
+    before they were saved) is not checked."""
+    now = {"trainable": list(step_cfg.trainable), **{f"optim.{k}": v for k, v in _jsonable(step_cfg.optim).items()}}
+    saved = {"trainable": meta.get("trainable"), **{f"optim.{k}": v for k, v in meta.get("optim", {}).items()}}
+    diff = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] is not None and saved[k] != v}
+    if step_cfg.optim.total_steps == exp.num_steps:     # the length follows `steps`, not an explicit total_steps
+        diff.pop("optim.total_steps", None)
+    if diff:
+        raise ValueError(
+            f"cannot resume {where} step {meta['step']} with other settings than it was trained with: "
+            + ", ".join(f"{k} {a!r} (checkpoint) vs {b!r} (now)" for k, (a, b) in sorted(diff.items()))
+            + f"; resume with the checkpoint's values, or start a new run from its params (another workdir and "
+            f"--set init_from={where})")
+
+
+def _keep_saved_schedule(exp: TrainSpec, step_cfg: train_step.StepConfig, meta: dict, log) -> train_step.StepConfig:
+    """`step_cfg` with the checkpoint's schedule length when `steps` changed since it was saved (one line)."""
+    saved = meta.get("optim", {}).get("total_steps")
+    if saved is None or saved == step_cfg.optim.total_steps:
+        return step_cfg
+    o = step_cfg.optim
+    log(f"steps={exp.num_steps} but the checkpoint's learning-rate schedule (warmup {o.warmup_steps} steps, cosine "
+        f"to {o.min_lr_ratio:g} x {o.peak_lr:g}) ends at step {saved}: keeping it (past step {saved} the rate stays at "
+        f"its minimum); to decay over {step_cfg.optim.total_steps} steps instead, start a new run from this "
+        f"checkpoint's params (another workdir and --set init_from=...)")
+    return dataclasses.replace(step_cfg, optim=dataclasses.replace(o, total_steps=saved))
+
+
+class _Dispatched(NamedTuple):
+    """A step whose metrics have not been read yet."""
+    step: int                 # its number (1-based: the state's step after it)
+    metrics: dict             # device arrays
+    data_state: Any           # the data iterator's state after its batch
+    tokens: float             # real tokens of its global batch
+    flops: float              # useful FLOPs of its global batch
+    stats: dict | None = None  # the data counters, on a log step
 
 
 class _Window:
@@ -207,12 +339,6 @@ class _Window:
         out = (self.tokens / dt, self.flops / dt)
         self.__init__()
         return out
-
-
-def _append_jsonl(f, record: dict) -> None:
-    if f is not None:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,29 +381,68 @@ def check_memory(exp: TrainSpec, mesh) -> None:
 # the run directory: what a run writes, and reading it back
 
 def write_run_configs(exp: TrainSpec) -> None:
-    """RUN_DIR/model_config.json and RUN_DIR/data_config.json."""
+    """RUN_DIR/model_config.json, RUN_DIR/data_config.json and, once, RUN_DIR/processor/ (the processor files
+    of a Hugging Face `init_from` folder or run, and tokenizer.json of the run's tokenizer)."""
     for name, payload in ((MODEL_CONFIG_FILE, hf.model_config_to_dict(exp.model)),
                           (DATA_CONFIG_FILE, exp.data.to_dict())):
         with open(os.path.join(exp.run_dir, name), "w") as f:
             json.dump(payload, f, indent=1)
+    out = os.path.join(exp.run_dir, PROCESSOR_DIR)
+    if os.path.isdir(out):                        # a resumed run keeps what its first start wrote
+        return
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    origin = processor_dir(exp.init_from) if exp.init_from else None
+    if origin:
+        hf.copy_processor_files(origin, tmp)
+    with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(tokenizer_json(exp.tokenizer))      # the run's tokenizer, whatever init_from's was
+    os.replace(tmp, out)
 
 
-def _run_file(checkpoint_dir: str, name: str) -> str | None:
-    """`name` in the checkpoint folder (a converted checkpoint) or its parent (a run's checkpoints/)."""
-    for d in (checkpoint_dir, os.path.dirname(os.path.abspath(checkpoint_dir))):
-        path = os.path.join(d, name)
-        if os.path.exists(path):
-            return path
+def _locate(path: str) -> checkpoint.Located | None:
+    try:
+        return checkpoint.locate(path)
+    except ValueError:
+        return None
+
+
+def _run_file(path: str, name: str) -> str | None:
+    """`name` beside the checkpoint at `path` (its run folder, or the converted folder itself), else in `path`
+    or its parent (a run folder whose checkpoints/ is still empty)."""
+    loc = _locate(path)
+    beside = (loc.run_dir if loc.kind == "training" else loc.path) if loc else None
+    for d in ([beside] if beside else []) + [path, os.path.dirname(os.path.abspath(path))]:
+        if os.path.exists(os.path.join(d, name)):
+            return os.path.join(d, name)
     return None
 
 
-def read_model_config(checkpoint_dir: str) -> ModelConfig | None:
-    """The model config beside a checkpoint (model_config.json there or in its parent), else None."""
-    path = _run_file(checkpoint_dir, MODEL_CONFIG_FILE)
-    if path is None:
+def read_model_config(path: str) -> ModelConfig | None:
+    """The model config of the checkpoint at `path` (any form `checkpoint.locate` accepts: the run's
+    model_config.json, a converted checkpoint's, a Hugging Face folder's config.json), else None."""
+    loc = _locate(path)
+    if loc is not None and loc.kind == "hf":
+        return hf.read_model_config(loc.path)
+    found = _run_file(path, MODEL_CONFIG_FILE)
+    if found is None:
         return None
-    with open(path) as f:
+    with open(found) as f:
         return hf.model_config_from_dict(json.load(f))
+
+
+def processor_dir(path: str) -> str | None:
+    """The folder of tokenizer / processor files that goes with the checkpoint at `path`: a Hugging Face
+    folder itself, else the processor/ folder of its run (or converted checkpoint) when that exists."""
+    loc = _locate(path)
+    if loc is None:
+        return None
+    if loc.kind == "hf":
+        return loc.path
+    base = loc.run_dir if loc.kind == "training" else loc.path
+    d = os.path.join(base, PROCESSOR_DIR) if base else None
+    return d if d and os.path.isdir(d) else None
 
 
 def read_data_config(checkpoint_dir: str) -> tuple[DataConfig | None, str | None]:
@@ -295,15 +460,17 @@ def read_data_config(checkpoint_dir: str) -> tuple[DataConfig | None, str | None
     return DataConfig(**data), path                 # the inverse of DataConfig.to_dict
 
 
-def load_params(model_cfg: ModelConfig, checkpoint_dir: str, mesh: jax.sharding.Mesh | None = None) -> dict:
-    """The params of a training checkpoint folder (latest step) or a converted checkpoint, placed by the
-    training param shardings on `mesh`, or on the first device when mesh is None."""
+def load_params(model_cfg: ModelConfig, checkpoint_dir: str, mesh: jax.sharding.Mesh | None = None,
+                device: jax.Device | None = None) -> dict:
+    """The params of any checkpoint `checkpoint.locate` accepts (a run, its checkpoints or one step, a
+    converted or a Hugging Face folder), placed by the training param shardings on `mesh`, or on `device`
+    (default: the first device) when mesh is None."""
     if not os.path.isdir(checkpoint_dir):
         raise ValueError(f"checkpoint {checkpoint_dir!r} is not a directory")
     shapes = memory.abstract_params(model_cfg)
     if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, shapes)
+        single = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+        shardings = jax.tree.map(lambda _: single, shapes)
     else:
         shardings = train_step.param_shardings(model_cfg, mesh)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
@@ -311,10 +478,136 @@ def load_params(model_cfg: ModelConfig, checkpoint_dir: str, mesh: jax.sharding.
 
 
 def read_jsonl(run_dir: str, name: str) -> dict[int, dict]:
-    """{step: record} of RUN_DIR/<name> (losses.jsonl, heldout.jsonl); the last record of a step wins (a
-    step re-run after a kill -9 is logged twice). {} when the file does not exist."""
+    """{step: record} of RUN_DIR/<name> (losses.jsonl, heldout.jsonl); the last record of a step wins.
+    {} when the file does not exist."""
     path = os.path.join(run_dir, name)
     if not os.path.exists(path):
         return {}
     with open(path) as f:
         return {int(r["step"]): r for r in map(json.loads, filter(str.strip, f))}
+
+
+def truncate_jsonl(path: str, step: int, log=None) -> None:
+    """Keeps the records of `path` up to `step` (a resumed run re-trains the steps after its checkpoint, so
+    they would appear twice); a line cut short by a kill is dropped too. Rewrites atomically."""
+    if not os.path.exists(path):
+        return
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in filter(str.strip, f):
+            try:
+                keep = int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if not dropped:
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    if log:
+        log(f"{os.path.basename(path)}: dropped {dropped} records after step {step} (re-trained from here)")
+
+
+def _strict(value):
+    """JSON has no NaN or Infinity: a non-finite float is written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _append_jsonl(f, record: dict) -> None:
+    if f is not None:
+        f.write(json.dumps({k: _strict(v) for k, v in record.items()}, allow_nan=False) + "\n")
+        f.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# one run per run directory
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of process `pid` (clock ticks since boot; Linux), None if unknown or gone:
+    with the pid it identifies a process, as a pid alone is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the process a lock record names still runs (on another host: assumed, it cannot be checked)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = int(holder.get("pid", 0))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    recorded, now = holder.get("start_ticks"), _start_time(pid)
+    return recorded is None or now is None or recorded == now
+
+
+class RunLock:
+    """Exclusive use of a run directory by one run, through RUN/run.lock.
+
+    The claim is an flock on the file: the kernel releases it when the holder exits, kill -9 included, so a
+    killed run never blocks the next one. The file records the holder (pid, host, process start time, start
+    date) for the refusal message and is emptied on a clean exit: a run that gets the lock and finds a record
+    says it takes over from a run that did not exit cleanly. Where the file system has no flock (some network
+    mounts), the record alone decides: a holder on this host whose process is gone (pid not running, or
+    reused by a younger process) is stale and taken over; any other is refused."""
+
+    def __init__(self, run_dir: str, log=print):
+        self.path = os.path.join(run_dir, LOCK_FILE)
+        self.log = log
+        self.fd: int | None = None
+
+    def _read(self) -> dict:
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        text = os.read(self.fd, 1 << 16).decode(errors="replace").strip()
+        try:
+            holder = json.loads(text) if text else {}
+        except ValueError:
+            holder = {"unparsable": text[:80]}
+        return holder if isinstance(holder, dict) else {"unparsable": text[:80]}
+
+    def _refuse(self, holder: dict):
+        os.close(self.fd)
+        self.fd = None
+        who = (f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
+               if "pid" in holder else f"record {holder}")
+        raise WorkdirInUseError(
+            f"run directory {os.path.dirname(self.path)} is in use by another run ({who}): two runs in one "
+            f"directory would mix their checkpoints and losses.jsonl; wait for it or stop it, or use another "
+            f"--set workdir (if that run is gone and this persists, delete {self.path})")
+
+    def __enter__(self) -> "RunLock":
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._refuse(self._read())
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            holder = self._read()                     # no flock here: the record decides
+            if holder and _alive(holder):
+                self._refuse(holder)
+        holder = self._read()
+        if holder:
+            self.log(f"{self.path}: taking over from a run that did not exit cleanly ({holder})")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "start_ticks": _start_time(os.getpid()),
+                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, (json.dumps(record) + "\n").encode(), 0)
+        os.fsync(self.fd)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)                             # releases the flock
+        self.fd = None

@@ -1,0 +1,188 @@
+"""Runs you can trust: a damaged newest checkpoint costs only the steps since an intact one (same losses as an
+uninterrupted run), a resume keeps the schedule it was saved with or refuses other settings, one run per run
+directory (a killed run's lock is taken over), losses.jsonl is strict JSON with each step once, and a
+non-finite hyperparameter never starts a run."""
+import errno
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from experiments import registry
+from qwen2vl_jax.train import optim, trainer
+from test_checkpoint import DAMAGE, _damage
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+
+
+def _exp(workdir, *more):
+    return registry.get_experiment("stage3", "test", [f"workdir={workdir}", f"steps={STEPS}", "batch_size=8",
+                                                      "checkpoint.every=1", "checkpoint.keep=10", "log_every=1", *more])
+
+
+def _records(run_dir):
+    with open(os.path.join(run_dir, trainer.LOSSES_FILE)) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A 6-step run with a checkpoint after every step: its losses are the reference."""
+    run = str(tmp_path_factory.mktemp("trust") / "run")
+    summary = trainer.run(_exp(run), stream=io.StringIO())
+    assert sorted(summary["losses"]) == list(range(1, STEPS + 1))
+    return run, summary["losses"]
+
+
+def _copy(run, tmp_path):
+    dst = str(tmp_path / "run")
+    shutil.copytree(run, dst)
+    return dst
+
+
+def test_damaged_newest_checkpoints_resume_bit_identical(uninterrupted, tmp_path):
+    """The five ways a newest step can be damaged (steps 3..6 and a new empty 7): the run sets each aside in
+    one line, resumes from step 2 and re-trains 3..6 to the uninterrupted run's losses, bit for bit;
+    losses.jsonl then holds steps 1..6 once each."""
+    ref_run, ref = uninterrupted
+    run = _copy(ref_run, tmp_path)
+    ckdir = os.path.abspath(os.path.join(run, "checkpoints"))
+    damaged = dict(zip((6, 5, 4, 3, 7), DAMAGE))
+    for step, kind in damaged.items():
+        _damage(os.path.join(ckdir, str(step)), kind)
+    out = io.StringIO()
+    summary = trainer.run(_exp(run), stream=out)
+    lines = out.getvalue().splitlines()
+    for step, kind in damaged.items():
+        [line] = [x for x in lines if x.startswith(f"checkpoint {ckdir}/{step} does not restore")]
+        assert DAMAGE[kind] in line, line
+        assert os.path.isdir(os.path.join(ckdir, f"{step}.unreadable"))
+    assert f"resumed from {ckdir} step 2" in lines
+    assert summary["start_step"] == 2 and summary["losses"] == {s: ref[s] for s in range(3, STEPS + 1)}
+    assert [(r["step"], r["loss"]) for r in _records(run)] == sorted(ref.items())
+
+
+def test_resume_keeps_the_saved_schedule_or_refuses_other_settings(uninterrupted, tmp_path):
+    run = _copy(uninterrupted[0], tmp_path)
+    before = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    for more, why in ((["optim.peak_lr=1e-3"], "optim.peak_lr 0.0005 (checkpoint) vs 0.001 (now)"),
+                      (["optim.total_steps=12"], "optim.total_steps 6 (checkpoint) vs 12 (now)"),
+                      (["trainable=('merger',)"], "trainable ['merger', 'llm'] (checkpoint) vs ['merger'] (now)")):
+        with pytest.raises(ValueError) as e:
+            trainer.run(_exp(run, *more))
+        assert why in str(e.value) and "start a new run from its params" in str(e.value) and "\n" not in str(e.value)
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == before       # refused, nothing set aside
+    # steps 6 -> 7: the schedule saved with the checkpoint (cosine to step 6) goes on at its end value,
+    # min_lr_ratio x peak_lr = 0.1 x 5e-4, where a new 7-step schedule would still be decaying
+    out = io.StringIO()
+    summary = trainer.run(_exp(run, "steps=7"), stream=out)
+    assert summary["start_step"] == 6 and summary["step"] == 7
+    text = out.getvalue()
+    assert "steps=7 but the checkpoint's learning-rate schedule" in text and "ends at step 6: keeping it" in text
+    assert [x for x in text.splitlines() if x.startswith("step 7/7")][0].split(" | ")[2] == "lr 5.00e-05"
+    assert optim.schedule(optim.OptimConfig(peak_lr=5e-4, warmup_steps=2, total_steps=7))(6) > 5.2e-5
+
+
+def test_a_second_run_in_the_same_directory_stops_at_start(tmp_path):
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    with trainer.RunLock(run):
+        with pytest.raises(trainer.WorkdirInUseError) as e:
+            trainer.run(_exp(run))
+    msg = str(e.value)
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in msg and "another --set workdir" in msg
+    assert "\n" not in msg and sorted(os.listdir(run)) == [trainer.LOCK_FILE]     # nothing else touched
+    assert open(os.path.join(run, trainer.LOCK_FILE)).read() == ""                   # released on exit
+
+
+HOLD = "import sys, time; from qwen2vl_jax.train.trainer import RunLock; RunLock(sys.argv[1]).__enter__(); " \
+       "print('held', flush=True); time.sleep(600)"
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
+    run = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, run], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(trainer.WorkdirInUseError, match=f"pid {proc.pid} on host"):
+            trainer.RunLock(run).__enter__()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    logs = []
+    with trainer.RunLock(run, log=logs.append):
+        assert json.loads(open(os.path.join(run, trainer.LOCK_FILE)).read())["pid"] == os.getpid()
+    assert len(logs) == 1 and "did not exit cleanly" in logs[0] and f"'pid': {proc.pid}" in logs[0]
+
+
+def test_without_flock_the_lock_record_decides(tmp_path, monkeypatch):
+    """On a file system without flock, a record naming a running process on this host (same pid and start
+    time) or any process on another host refuses; a dead pid, or a pid now held by a younger process, is
+    taken over."""
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(trainer.fcntl, "flock", no_flock)
+    run, path = str(tmp_path), os.path.join(str(tmp_path), trainer.LOCK_FILE)
+    here = socket.gethostname()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for holder, refused in (
+                ({"pid": sleeper.pid, "host": here, "start_ticks": trainer._start_time(sleeper.pid)}, True),
+                ({"pid": 1234, "host": "elsewhere", "start_ticks": "5"}, True),
+                ({"pid": dead.pid, "host": here, "start_ticks": "5"}, False),
+                ({"pid": sleeper.pid, "host": here, "start_ticks": "1"}, False)):    # pid reused since
+            with open(path, "w") as f:
+                json.dump(holder, f)
+            logs = []
+            if refused:
+                with pytest.raises(trainer.WorkdirInUseError, match=f"pid {holder['pid']} on host {holder['host']}"):
+                    trainer.RunLock(run, log=logs.append).__enter__()
+            else:
+                with trainer.RunLock(run, log=logs.append):
+                    pass
+                assert "did not exit cleanly" in logs[0] and open(path).read() == ""
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_losses_jsonl_is_strict_json_and_cut_back_on_resume(tmp_path):
+    path = str(tmp_path / trainer.LOSSES_FILE)
+    with open(path, "w") as f:
+        for step, loss in ((1, 2.5), (2, float("nan")), (3, float("inf")), (4, 1.0)):
+            trainer._append_jsonl(f, {"step": step, "loss": loss, "finite": loss < 3})
+        f.write('{"step": 5, "lo')                               # a line cut short by kill -9
+
+    def strict(text):
+        raise ValueError(f"not JSON: {text}")
+    with open(path) as f:
+        rows = [json.loads(line, parse_constant=strict) for line in f.readlines()[:4]]
+    assert [r["loss"] for r in rows] == [2.5, None, None, 1.0]
+    logs = []
+    trainer.truncate_jsonl(path, 3, logs.append)
+    assert [r["step"] for r in trainer.read_jsonl(str(tmp_path), trainer.LOSSES_FILE).values()] == [1, 2, 3]
+    assert logs == ["losses.jsonl: dropped 2 records after step 3 (re-trained from here)"]
+
+
+@pytest.mark.parametrize("item", ["optim.peak_lr=nan", "optim.b2=inf", "z_loss=-inf", "optim.eps=nan"])
+def test_a_non_finite_hyperparameter_is_rejected_at_start(item):
+    with pytest.raises(ValueError, match="not a finite number"):
+        registry.get_experiment("stage1", "test", [item])
+
+
+def test_non_finite_optimizer_settings_are_rejected_by_the_config():
+    for field in ("peak_lr", "min_lr_ratio", "weight_decay", "b1", "b2", "eps", "grad_clip"):
+        with pytest.raises(ValueError, match=f"optim.{field}=nan must be a finite number"):
+            optim.OptimConfig(**{field: float("nan")})
+    with pytest.raises(ValueError, match="finite multiplier"):
+        optim.OptimConfig(lr_scale=(("merger", float("inf")),))
