@@ -28,7 +28,7 @@ from experiments import flags as cli
 from experiments import sweeps
 from qwen2vl_jax.cloud import tpu
 from qwen2vl_jax.eval import evaluation, scaling
-from qwen2vl_jax.train import paths, sharding, trainer
+from qwen2vl_jax.train import distributed, paths, sharding, trainer
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_enum("sweep", None, list(sweeps.SWEEPS), "the sweep", flag_values=FLAGS)
@@ -141,7 +141,7 @@ def main(argv: Sequence[str]) -> int:
         raise ValueError("pass exactly one of --local or --tpu=PREFIX")
     if FLAGS.local:
         if FLAGS.point:
-            trainer.initialize_distributed()
+            distributed.initialize_distributed()
         run_local(sweep, results, FLAGS.root, FLAGS.eval_samples, set(FLAGS.point) if FLAGS.point else None)
         return 0
     if not (FLAGS.zone and FLAGS.accelerator):

@@ -25,7 +25,8 @@ def test_dry_run_prints_exact_commands():
                f" && python3 -m pip install -q -r requirements.txt 'jax[tpu]=={jax_version}'")
     train = ("python3 -m launch.pretrain --experiment=stage2 --model=7b --set=optim.peak_lr=1e-4 "
              "'--set=description=a b'")
-    env = f"export LIBTPU_INIT_ARGS={shlex.quote(' '.join(aot.TPU_COMPILER_FLAGS + ('--xla_x=1',)))}; "
+    env = (f"export LIBTPU_INIT_ARGS={shlex.quote(' '.join(aot.TPU_COMPILER_FLAGS + ('--xla_x=1',)))}; "
+           "export QWEN2VL_JOB=qv-pod/stage2-qv-pod; ")
     start = ("cd ~/qwen2vl_jax && mkdir -p logs && { pkill -f '[l]aunch.pretrain' || true; } && rm -f "
              f"logs/stage2-qv-pod.exit && nohup sh -c {shlex.quote(env + train + '; echo $? > logs/stage2-qv-pod.exit')}"
              " > logs/stage2-qv-pod.log 2>&1 < /dev/null &")
@@ -99,7 +100,7 @@ def test_dry_run_of_a_two_slice_spot_job_with_watch():
             "python3", "-m", "launch.pretrain", "--experiment=stage1", "--model=72b", "--set=mesh.dcn=2",
             "--set=workdir=gs://qv-runs/stage1_72b",
             "--set=data.mixture=(('arrayrecord:gs://qv-data/caption', 1.0),)"]
-        assert _exports(start) == {"LIBTPU_INIT_ARGS": " ".join(aot.TPU_COMPILER_FLAGS),
+        assert _exports(start) == {"LIBTPU_INIT_ARGS": " ".join(aot.TPU_COMPILER_FLAGS), "QWEN2VL_JOB": "qv-pod/stage1-qv-pod",
                                    "MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8080", "MEGASCALE_PORT": "8080",
                                    "MEGASCALE_NUM_SLICES": "2", "MEGASCALE_SLICE_ID": str(i)}
     watch = out[10:]

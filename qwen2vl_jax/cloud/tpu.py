@@ -17,7 +17,8 @@ one command; `dry_run_script` renders them one per line as a runnable shell scri
      worker runs the same command; launch.pretrain calls jax.distributed.initialize(), which finds the
      coordinator from the TPU metadata (train/distributed.py). LIBTPU_INIT_ARGS holds the TPU compiler flags
      launch.aot compiles with (qwen2vl_jax.train.aot TPU_COMPILER_FLAGS), then `libtpu_args` if given (they
-     win), so the job runs the program launch.aot measured. Several slices also get
+     win), so the job runs the program launch.aot measured; QWEN2VL_JOB=NAME/RUN names the job (a restart
+     takes over the run lock its killed predecessor left in a bucket workdir). Several slices also get
      MEGASCALE_COORDINATOR_ADDRESS (worker 0 of slice 0, looked up with `describe` when the job starts),
      MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID, MEGASCALE_PORT.
 
@@ -255,10 +256,11 @@ def make_job(vm: TpuVm, experiment: str, *, model: str | None = None, overrides:
     setup = [("git", "-C", REPO_ROOT, "archive", "--format=tar.gz", f"--output={tarball}", "HEAD")]
     for node in vm.nodes:
         setup += [tuple(vm.scp(tarball, REMOTE_TARBALL, node)), tuple(vm.ssh(install, node))]
-    from qwen2vl_jax.train import aot
+    from qwen2vl_jax.train import aot, trainer
     start = []
     for i, node in enumerate(vm.nodes):
-        env = {"LIBTPU_INIT_ARGS": aot.libtpu_init_args(libtpu_args)}
+        # the job's name lets a restarted run take over the run lock its killed predecessor left in the bucket
+        env = {"LIBTPU_INIT_ARGS": aot.libtpu_init_args(libtpu_args), trainer.JOB_ENV: f"{vm.name}/{run_name}"}
         if vm.num_slices > 1:
             env.update({"MEGASCALE_COORDINATOR_ADDRESS": f"{COORDINATOR}:{MEGASCALE_PORT}",
                         "MEGASCALE_PORT": str(MEGASCALE_PORT), "MEGASCALE_NUM_SLICES": str(vm.num_slices),

@@ -12,11 +12,15 @@ A local Cloud Storage emulator (the tests start one) is reached through STORAGE_
 google-cloud-storage) and TENSORSTORE_GCS_HTTP_URL (tensorstore).
 
 Cloud Storage has no append and no rename: a file is written as one object (readers see the old or the new
-content, never a part), and `JsonlLog` keeps an appendable log in memory and rewrites the object on `flush`.
+content, never a part), and `JsonlLog` keeps an appendable log in memory and rewrites the object on `flush`;
+`rename` of a folder copies its objects and deletes the originals. Objects carry a generation number that
+changes with every write: `read_versioned` / `write_versioned` write only when the object is still the
+generation that was read (the compare-and-swap a lock in a bucket needs).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from typing import Any, Mapping
@@ -43,6 +47,20 @@ def path(p: PathLike) -> epath.Path:
     return epath.Path(s if is_remote(s) else os.path.abspath(os.path.expanduser(s)))
 
 
+def _gcs():
+    """The gcsfs file system epath uses for gs:// (fsspec shares one instance per set of arguments)."""
+    import fsspec
+    return fsspec.filesystem("gcs", finalize_on_close=True)
+
+
+def _fresh(p: PathLike) -> epath.Path:
+    """path(p), with gcsfs's listing cache dropped first for gs://: other processes, tensorstore (orbax's
+    arrays) and google-cloud-storage write the bucket behind gcsfs's back, so a cached listing can be stale."""
+    if is_remote(p):
+        _gcs().invalidate_cache()
+    return path(p)
+
+
 def join(base: PathLike, *parts: str) -> str:
     return os.fspath(path(base).joinpath(*parts))
 
@@ -52,16 +70,16 @@ def parent(p: PathLike) -> str:
 
 
 def exists(p: PathLike) -> bool:
-    return path(p).exists()
+    return _fresh(p).exists()
 
 
 def is_dir(p: PathLike) -> bool:
-    return path(p).is_dir()
+    return _fresh(p).is_dir()
 
 
 def listdir(p: PathLike) -> list[str]:
     """Names (not paths) in the folder `p`, sorted; [] when it does not exist."""
-    d = path(p)
+    d = _fresh(p)
     return sorted(c.name for c in d.iterdir()) if d.is_dir() else []
 
 
@@ -105,13 +123,80 @@ def staging_dir(remote: PathLike) -> str:
 def upload_tree(local_dir: PathLike, remote_dir: PathLike) -> int:
     """Copies every file under the local folder to the same relative path under `remote_dir` (streamed through
     gcsfs, the backend epath uses for gs://). Returns the number of files."""
-    import fsspec
     local_dir = os.fspath(local_dir)
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(local_dir) for f in fs)
-    gcs = fsspec.filesystem("gcs")
+    gcs = _gcs()
     for f in files:
         gcs.put_file(f, join(remote_dir, os.path.relpath(f, local_dir)))
     return len(files)
+
+
+def rename(src: PathLike, dst: PathLike) -> None:
+    """Moves a file or folder (`dst` must not exist): a rename locally; on Cloud Storage a copy of every object
+    under `src` to `dst`, then their deletion (not atomic: a reader may see both for a moment)."""
+    if is_remote(src) != is_remote(dst):
+        raise ValueError(f"rename {os.fspath(src)!r} -> {os.fspath(dst)!r}: both local or both gs://")
+    if not is_remote(src):
+        os.rename(os.fspath(path(src)), os.fspath(path(dst)))
+        return
+    gcs = _gcs()
+    gcs.invalidate_cache()
+    gcs.copy(os.fspath(src), os.fspath(dst), recursive=True)
+    gcs.rm(os.fspath(src), recursive=True)
+
+
+def local_copy(remote: PathLike) -> str:
+    """A local copy of the gs:// folder `remote` (in `staging_dir(remote)`, downloaded again each call) for
+    readers that need local files (safetensors, a converted checkpoint's folder)."""
+    local = staging_dir(remote)
+    gcs = _gcs()
+    gcs.invalidate_cache()
+    names = [f for f in gcs.find(os.fspath(remote)) if not f.endswith("/")]
+    prefix = os.fspath(remote).split("://", 1)[1].rstrip("/") + "/"
+    for f in names:
+        target = os.path.join(local, f.removeprefix(prefix))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        gcs.get_file(f, target)
+    return local
+
+
+def _blob(p: PathLike):
+    from google.cloud import storage
+    bucket, _, name = os.fspath(p).split("://", 1)[1].partition("/")
+    if not name:
+        raise ValueError(f"{os.fspath(p)!r} names a bucket, not an object")
+    if os.environ.get("STORAGE_EMULATOR_HOST"):       # the emulator: no credentials
+        from google.auth.credentials import AnonymousCredentials
+        client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "emulator"),
+                                credentials=AnonymousCredentials())
+    else:
+        client = storage.Client()
+    return client.bucket(bucket).blob(name)
+
+
+def read_versioned(p: PathLike) -> tuple[str, int]:
+    """(text, generation) of a gs:// object; ("", 0) when it does not exist."""
+    from google.api_core import exceptions
+    blob = _blob(p)
+    try:
+        blob.reload()
+        return blob.download_as_text(if_generation_match=blob.generation), int(blob.generation)
+    except exceptions.NotFound:
+        return "", 0
+    except exceptions.PreconditionFailed:        # rewritten between the two requests: read it again
+        return read_versioned(p)
+
+
+def write_versioned(p: PathLike, text: str, generation: int) -> int | None:
+    """Writes the gs:// object only if it is still at `generation` (0: only if it does not exist); returns its
+    new generation, or None when another writer got there first (nothing written)."""
+    from google.api_core import exceptions
+    blob = _blob(p)
+    try:
+        blob.upload_from_string(text, if_generation_match=generation)
+    except exceptions.PreconditionFailed:
+        return None
+    return int(blob.generation)
 
 
 def read_json(p: PathLike) -> Any:
@@ -134,7 +219,7 @@ class JsonlLog:
         self.path = path(p)
         self.remote = is_remote(p)
         if self.remote:
-            self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+            self._lines = self.path.read_text().splitlines(keepends=True) if exists(p) else []
             if self._lines and not self._lines[-1].endswith("\n"):
                 self._lines[-1] += "\n"
             self._dirty = False
@@ -144,7 +229,9 @@ class JsonlLog:
             self._file = open(os.fspath(self.path), "a")
 
     def append(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps(dict(record)) + "\n"
+        """Strict JSON: a non-finite float is written as null (JSON has no NaN or Infinity)."""
+        strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        line = json.dumps(strict, allow_nan=False) + "\n"
         if self.remote:
             self._lines.append(line)
             self._dirty = True
@@ -167,7 +254,7 @@ class JsonlLog:
 def read_jsonl(p: PathLike) -> list[dict]:
     """The records of a JSON-lines file; [] when it does not exist."""
     f = path(p)
-    if not f.exists():
+    if not exists(p):
         return []
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
