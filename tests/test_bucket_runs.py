@@ -75,30 +75,25 @@ def test_kill9_in_a_bucket_then_resume_elsewhere_equals_uninterrupted(gcs_bucket
     assert trainer.read_model_config(run).name == "test" and trainer.read_data_config(run)[0] is not None
     assert any(n.startswith("events.out.tfevents") for n in paths.listdir(paths.join(run, "tensorboard")))
     assert paths.exists(paths.join(run, trainer.PROCESSOR_DIR, "tokenizer.json"))
-    # init_from a run in the bucket: its newest params
-    params = trainer.load_params(trainer.read_model_config(run), run)
-    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=f"{run}/checkpoints"))
-    assert ckpt.all_steps() == [4, 6, 8]            # keep 3
-    ckpt.close()
-    assert jax.tree.structure(params) == jax.tree.structure(trainer.load_params(trainer.read_model_config(ref), ref))
+    # the newest params (init_from, launch.evaluate) equal the uninterrupted run's; launch.convert writes a
+    # Hugging Face folder into the bucket, which reads back (copied to a local folder) as the same params
+    from launch import convert
+    cfg = trainer.read_model_config(run)
+    params = trainer.load_params(cfg, run)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(trainer.load_params(cfg, ref)))
+    convert.convert(False, run, f"{bucket}/hf")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(paths.listdir(f"{bucket}/hf"))
+    assert checkpoint.locate(f"{bucket}/hf").kind == "hf"
+    back = trainer.load_params(cfg, f"{bucket}/hf")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), jax.device_get(params))
 
 
 @pytest.mark.slow
 def test_two_processes_write_one_checkpoint_to_the_bucket(gcs_bucket, tmp_path):
-    from test_multihost import STEPS as MH_STEPS, _start_two_processes
+    from test_multihost import STEPS as MH_STEPS, _start_two_processes, _wait_for
     bucket, _ = gcs_bucket
     run = f"{bucket}/runs/two"
-    procs = _start_two_processes(run)            # os.environ holds the emulator's variables (the fixture)
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    _wait_for(_start_two_processes(run), timeout_s=300)     # os.environ holds the emulator's variables (the fixture)
     assert paths.listdir(paths.join(run, "checkpoints")) == [str(MH_STEPS)]
     # written once, by process 0: one record per step
     assert [r["step"] for r in paths.read_jsonl(paths.join(run, trainer.LOSSES_FILE))] == list(range(1, MH_STEPS + 1))

@@ -39,17 +39,22 @@ def _start_two_processes(workdir: str) -> list[subprocess.Popen]:
     return procs
 
 
-def _losses_of_two_processes(procs: list[subprocess.Popen], workdir: str) -> list[float]:
+def _wait_for(procs: list[subprocess.Popen], timeout_s: float = 240) -> None:
+    """Waits for every process (killing the rest when one overruns); each must exit 0."""
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=240)[0])
+            outs.append(p.communicate(timeout=timeout_s)[0])
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
+
+
+def _losses_of_two_processes(procs: list[subprocess.Popen], workdir: str) -> list[float]:
+    _wait_for(procs)
     with open(os.path.join(workdir, "losses.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
