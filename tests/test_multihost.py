@@ -27,13 +27,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_two_processes(workdir: str) -> list[subprocess.Popen]:
+def _start_two_processes(workdir: str, experiment: str = "stage2", overrides=tuple(OVERRIDES)) -> list[subprocess.Popen]:
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "PYTHONPATH": REPO}
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "launch.pretrain", "--experiment=stage2", "--model=test",
-         *[f"--set={o}" for o in OVERRIDES + [f"workdir={workdir}"]],
+        [sys.executable, "-m", "launch.pretrain", f"--experiment={experiment}", "--model=test",
+         *[f"--set={o}" for o in [*overrides, f"workdir={workdir}"]],
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     return procs
