@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+from qwen2vl_jax.model.config import architecture_diff
 from qwen2vl_jax.train import checkpoint, paths, sharding, train_step, trainer
 from test_checkpoint import _at_step
 
@@ -84,6 +85,7 @@ def test_kill9_in_a_bucket_then_resume_elsewhere_equals_uninterrupted(gcs_bucket
     convert.convert(False, run, f"{bucket}/hf")
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(paths.listdir(f"{bucket}/hf"))
     assert checkpoint.locate(f"{bucket}/hf").kind == "hf"
+    assert architecture_diff(trainer.read_model_config(f"{bucket}/hf"), cfg) == []        # from its config.json
     back = trainer.load_params(cfg, f"{bucket}/hf")
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), jax.device_get(params))
 

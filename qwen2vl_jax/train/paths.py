@@ -7,7 +7,9 @@ through one abstraction, etils `epath` (the one orbax writes checkpoints with).
 
 Backends: a local path is the file system; `gs://` goes through epath's fsspec backend (gcsfs) for files and
 listings, through tensorstore for orbax's arrays, and through google-cloud-storage for TensorBoard's event
-files (tensorboardX). All three honour the usual credentials (on a TPU VM: the VM's service account).
+files (tensorboardX) and the generation-checked writes of the run lock. All honour the usual credentials
+(on a TPU VM: the VM's service account). gcsfs caches listings; `exists` / `is_dir` / `listdir` drop that
+cache first, because tensorstore, google-cloud-storage and other processes write the bucket behind it.
 A local Cloud Storage emulator (the tests start one) is reached through STORAGE_EMULATOR_HOST (gcsfs,
 google-cloud-storage) and TENSORSTORE_GCS_HTTP_URL (tensorstore).
 
@@ -23,7 +25,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from etils import epath
 
@@ -90,7 +92,7 @@ def makedirs(p: PathLike) -> None:
 
 
 def read_text(p: PathLike) -> str:
-    return path(p).read_text()
+    return path(p).read_text(encoding="utf-8")
 
 
 def write_text(p: PathLike, text: str) -> None:
@@ -98,12 +100,12 @@ def write_text(p: PathLike, text: str) -> None:
     a reader (or a kill -9) never sees half a file."""
     target = path(p)
     if is_remote(p):
-        target.write_text(text)
+        target.write_text(text, encoding="utf-8")
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.fspath(target.parent), prefix=f".{target.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, os.fspath(target))
     except BaseException:
@@ -145,15 +147,19 @@ def rename(src: PathLike, dst: PathLike) -> None:
     gcs.rm(os.fspath(src), recursive=True)
 
 
-def local_copy(remote: PathLike) -> str:
+def local_copy(remote: PathLike, names: Sequence[str] | None = None) -> str:
     """A local copy of the gs:// folder `remote` (in `staging_dir(remote)`, downloaded again each call) for
-    readers that need local files (safetensors, a converted checkpoint's folder)."""
+    readers that need local files (safetensors, a converted checkpoint's folder); `names`: only those files
+    of the folder (those that exist)."""
     local = staging_dir(remote)
     gcs = _gcs()
     gcs.invalidate_cache()
-    names = [f for f in gcs.find(os.fspath(remote)) if not f.endswith("/")]
     prefix = os.fspath(remote).split("://", 1)[1].rstrip("/") + "/"
-    for f in names:
+    if names is None:
+        files = [f for f in gcs.find(os.fspath(remote)) if not f.endswith("/")]
+    else:
+        files = [prefix + n for n in names if gcs.exists(prefix + n)]
+    for f in files:
         target = os.path.join(local, f.removeprefix(prefix))
         os.makedirs(os.path.dirname(target), exist_ok=True)
         gcs.get_file(f, target)

@@ -406,7 +406,8 @@ def read_model_config(path: str) -> ModelConfig | None:
     model_config.json, a converted checkpoint's, a Hugging Face folder's config.json), else None."""
     loc = _locate(path)
     if loc is not None and loc.kind == "hf":
-        return hf.read_model_config(paths.local_copy(loc.path) if paths.is_remote(loc.path) else loc.path)
+        remote = paths.is_remote(loc.path)
+        return hf.read_model_config(paths.local_copy(loc.path, [hf.CONFIG_FILE]) if remote else loc.path)
     found = _run_file(path, MODEL_CONFIG_FILE)
     return None if found is None else hf.model_config_from_dict(paths.read_json(found))
 
