@@ -1,17 +1,23 @@
 """Ahead-of-time compile of an experiment's train step for a TPU topology, on a CPU-only machine.
 
     python -m launch.aot --experiment=stage2 --model=72b --topology=v5p-256 [--set key=value ...]
+    python -m launch.aot --experiment=stage1 --model=72b --topology=v5p-512 --num_slices=2    # multi-slice
         [--estimate [--image_patches=1024 --doc_tokens=2048]] [--microbatches=auto] [--save_hlo=FILE]
 
 Prints the per-chip memory and FLOPs of the compiled step and exits with status 2 if it does not fit in
 the chip's HBM, 1 on a bad argument. The compile itself is qwen2vl_jax.train.aot (topology names,
 libtpu discovery, the TPU compiler flags, the memory check).
 
+--num_slices=N compiles for N slices of the topology joined over the data-centre network, with the mesh's
+`dcn` axis set to N (data parallel across slices; every other axis within a slice).
+
 --estimate: the roofline step-time estimate of the compiled program per device per step
 (qwen2vl_jax/train/roofline.py: matmul FLOPs with loop trip counts, attention-kernel FLOPs of the blocks
 the kernel visits, HBM bytes, ICI bytes by collective, the compiler's own cycle estimate). MFU is against
 flops.py's useful FLOPs for rows packed with --image_patches-patch images and --doc_tokens-token
-documents. The last line is `estimate: step_s=<seconds> bound=<compute|hbm|ici> mfu=<fraction>`.
+documents. The last line is `estimate: step_s=<seconds> bound=<compute|hbm|ici> mfu=<fraction>`. With
+--num_slices > 1 the collectives that cross slices are costed at ICI bandwidth like the others (the
+data-centre network is slower), so the estimate is a lower bound on the step time.
 
 --microbatches=auto: compiles with microbatch counts that divide the batch into equal per-device batches
 (binary search; one line per try with its memory) and keeps the smallest whose step needs at most
@@ -41,6 +47,8 @@ cli.define_experiment(FLAGS, default="stage2")
 cli.define_model(FLAGS, default="72b")
 cli.define_set(FLAGS)
 flags.DEFINE_string("topology", "v5p-256", "accelerator type (v5p-256) or topology (v5p:4x4x8)", flag_values=FLAGS)
+flags.DEFINE_integer("num_slices", 1, "slices of --topology (multi-slice; sets mesh.dcn)", lower_bound=1,
+                     flag_values=FLAGS)
 flags.DEFINE_enum("attention", None, ATTENTION_IMPLS,
                   "attention_impl for the TPU (default: the experiment's; auto -> splash)", flag_values=FLAGS)
 flags.DEFINE_bool("estimate", False, "print the roofline step-time estimate of the compiled step", flag_values=FLAGS)
@@ -70,11 +78,11 @@ def _microbatches(text: str | None) -> int | str | None:
 
 def run_experiment(experiment: str, model: str, topology: str, overrides=(), attention: str | None = None,
                    microbatches: int | str | None = None, hbm_headroom: float = 0.1, hbm_gib: float | None = None,
-                   compiler_flags: bool = True, progress=print):
-    """AOT-compiles the experiment's train step for `topology`. Returns (exp, cfg, AotResult); with
-    microbatches="auto" exp.microbatches is the count found."""
-    topo = aot.parse_topology(topology)
-    exp = registry.get_experiment(experiment, model, overrides)
+                   compiler_flags: bool = True, progress=print, num_slices: int = 1):
+    """AOT-compiles the experiment's train step for `num_slices` x `topology`. Returns (exp, cfg, AotResult);
+    with microbatches="auto" exp.microbatches is the count found."""
+    topo = aot.parse_topology(topology, num_slices)
+    exp = registry.get_experiment(experiment, model, [f"mesh.dcn={num_slices}", *overrides])
     if isinstance(microbatches, int):
         exp = registry.apply_overrides(exp, [f"microbatches={microbatches}"])
     if not 0 <= hbm_headroom < 1:
@@ -91,9 +99,10 @@ def run_experiment(experiment: str, model: str, topology: str, overrides=(), att
     try:
         if microbatches == "auto":
             mesh = dict(zip(sharding.MESH_AXES, exp.mesh.shape(topo.chips)))
-            candidates = aot.microbatch_candidates(exp.batch_size, mesh["data"] * mesh["fsdp"])
+            replicas = mesh["dcn"] * mesh["data"] * mesh["fsdp"]
+            candidates = aot.microbatch_candidates(exp.batch_size, replicas)
             limit = (1 - hbm_headroom) * (hbm or topo.chip.hbm_bytes)
-            progress(f"--microbatches=auto: batch {exp.batch_size} over data x fsdp = {mesh['data'] * mesh['fsdp']} "
+            progress(f"--microbatches=auto: batch {exp.batch_size} over dcn x data x fsdp = {replicas} "
                      f"devices; candidates {candidates}; limit {limit / aot.GiB:.2f} GiB per device "
                      f"({100 * hbm_headroom:.0f}% headroom)")
             m, result = aot.fit_microbatches(compile_with, candidates, limit, progress)
@@ -116,7 +125,7 @@ def main(argv) -> int:
         layout = aot.PackedLayout(FLAGS.image_patches, FLAGS.doc_tokens)
         exp, cfg, result = run_experiment(FLAGS.experiment, FLAGS.model, FLAGS.topology, FLAGS.set,
                                           FLAGS.attention, _microbatches(FLAGS.microbatches), FLAGS.hbm_headroom,
-                                          FLAGS.hbm_gib, FLAGS.tpu_flags)
+                                          FLAGS.hbm_gib, FLAGS.tpu_flags, num_slices=FLAGS.num_slices)
         if FLAGS.estimate:
             est = aot.estimate_train_step(result, cfg, exp.trainable, exp.batch_size, exp.data.seq_len,
                                           exp.data.max_patches, layout)
@@ -126,7 +135,7 @@ def main(argv) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
-    mesh = ", ".join(f"{k}={getattr(exp.mesh, k)}" for k in ("data", "fsdp", "tensor", "sequence"))
+    mesh = ", ".join(f"{k}={getattr(exp.mesh, k)}" for k in sharding.MESH_AXES)
     print(f"{exp.name} model={cfg.name} batch={exp.batch_size}x{exp.data.seq_len} tokens, "
           f"{exp.data.max_patches} patches/row, microbatches={exp.microbatches}, mesh({mesh}), "
           f"trainable={'+'.join(exp.trainable)}, dtype={cfg.dtype}/{cfg.param_dtype}, remat={cfg.remat_policy}, "

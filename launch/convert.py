@@ -12,6 +12,9 @@ template, ...) are copied beside the weights, so `AutoProcessor.from_pretrained(
 --hf_to_jax keeps the processor files in DST_JAX_DIR/processor/. A converted model config is named by its
 architecture (the matching preset, e.g. "2b", else "custom"), never by the folder.
 Training starts from either folder with `--set init_from=DIR` (launch.pretrain).
+SRC and DST may be gs:// folders: a training run or converted checkpoint in a bucket is read there, a
+Hugging Face SRC is copied to a local folder first, and a gs:// DST is written locally, then uploaded
+(qwen2vl_jax/train/paths.py: staging_dir, upload_tree).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from absl import flags, logging
 from experiments import flags as cli
 from qwen2vl_jax.model import hf
 from qwen2vl_jax.model.config import DTYPES
-from qwen2vl_jax.train import checkpoint, trainer
+from qwen2vl_jax.train import checkpoint, paths, trainer
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_bool("hf_to_jax", False, "SRC is a transformers folder, DST an orbax checkpoint folder",
@@ -47,11 +50,13 @@ def _log(msg: str) -> None:
 def convert(hf_to_jax: bool, src: str, dst: str, param_dtype: str = "float32", dtype: str | None = None,
             max_shard_size: str = "5GB", overwrite: bool = False) -> None:
     start = time.time()
+    out = paths.staging_dir(dst) if paths.is_remote(dst) else dst      # a bucket: written here, then uploaded
     if hf_to_jax:
-        cfg, params = hf.load_pretrained(src, progress=_log, param_dtype=param_dtype)
+        folder = paths.local_copy(src) if paths.is_remote(src) else src
+        cfg, params = hf.load_pretrained(folder, progress=_log, param_dtype=param_dtype)
         _log(f"writing orbax checkpoint {dst} (config {cfg.name!r}, param_dtype {cfg.param_dtype})")
-        hf.save_jax_checkpoint(cfg, params, dst, overwrite=overwrite)
-        copied = hf.copy_processor_files(src, os.path.join(dst, trainer.PROCESSOR_DIR))
+        hf.save_jax_checkpoint(cfg, params, out, overwrite=overwrite)
+        copied = hf.copy_processor_files(folder, os.path.join(out, trainer.PROCESSOR_DIR))
     else:
         loc = checkpoint.locate(src)
         if loc.kind == "hf":
@@ -64,12 +69,16 @@ def convert(hf_to_jax: bool, src: str, dst: str, param_dtype: str = "float32", d
         # on the host's CPU: a large model does not fit one accelerator, and the safetensors are written from host memory
         params = trainer.load_params(cfg, src, device=jax.devices("cpu")[0])
         _log(f"read {src} (config {cfg.name!r}, param_dtype {cfg.param_dtype}); writing {dst}")
-        files = hf.save_pretrained(cfg, params, dst, max_shard_size=max_shard_size, dtype=dtype, progress=_log)
+        files = hf.save_pretrained(cfg, params, out, max_shard_size=max_shard_size, dtype=dtype, progress=_log)
         processor = trainer.processor_dir(src)
-        copied = hf.copy_processor_files(processor, dst) if processor else []
+        if processor and paths.is_remote(processor):
+            processor = paths.local_copy(processor)
+        copied = hf.copy_processor_files(processor, out) if processor else []
         _log(f"wrote {', '.join(files)}")
     if copied:
         _log(f"copied {', '.join(copied)}")
+    if out != dst:
+        _log(f"uploaded {paths.upload_tree(out, dst)} files from {out} to {dst}")
     _log(f"done in {time.time() - start:.1f}s: {src} -> {dst}")
 
 
@@ -78,7 +87,7 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     if FLAGS.hf_to_jax == FLAGS.jax_to_hf:
         raise ValueError("pass exactly one of --hf_to_jax / --jax_to_hf")
-    if not os.path.isdir(src):
+    if not paths.is_dir(src):
         raise ValueError(f"SRC {src!r} is not a folder")
     convert(FLAGS.hf_to_jax, src, dst, param_dtype=FLAGS.param_dtype, dtype=FLAGS.dtype,
             max_shard_size=FLAGS.max_shard_size, overwrite=FLAGS.overwrite)

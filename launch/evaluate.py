@@ -4,9 +4,10 @@
         [--kinds=caption,count,ocr,grounding] [--chat] [--loss] [--ablate_pixels] [--json OUT.json]
 
 DIR is a training run (RUN, RUN/checkpoints: its newest step that restores; RUN/checkpoints/STEP: that step),
-a converted checkpoint (model_config.json + params/) or a Hugging Face folder. The model config comes from the
-run's model_config.json (the converted checkpoint's, the folder's config.json) when there is one, else from
-the --model preset; --set overrides its fields (e.g. attention_impl=xla, vision.depth=2).
+a converted checkpoint (model_config.json + params/) or a Hugging Face folder, local or gs:// (as is --json).
+The model config comes from the run's model_config.json (the converted checkpoint's, the folder's
+config.json) when there is one, else from the --model preset; --set overrides its fields (e.g.
+attention_impl=xla, vision.depth=2).
 Held-out images and videos are preprocessed at the pixel budgets of the run that wrote DIR (its
 data_config.json), else at formats.VisionOptions()'s defaults; the budget used is printed
 (a model evaluated at another resolution than it trained at scores low).
@@ -20,7 +21,6 @@ alone; a prior can beat the permutation chance, e.g. a typical box for grounding
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Sequence
 
@@ -33,7 +33,7 @@ from qwen2vl_jax.data import formats
 from qwen2vl_jax.data.pipeline import DataConfig
 from qwen2vl_jax.eval import evaluation
 from qwen2vl_jax.model.config import get_config
-from qwen2vl_jax.train import sharding, trainer
+from qwen2vl_jax.train import paths, sharding, trainer
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("checkpoint", None, "RUN, RUN/checkpoints, RUN/checkpoints/STEP, a converted checkpoint or "
@@ -107,8 +107,7 @@ def main(argv: Sequence[str]) -> dict:
                 z = zeroed[f"kind/{k}"]
                 print(f"  {k:10s} real {v:.4f}  zeroed {z:.4f}  gap {z - v:+.4f}")
     if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(out, f, indent=1)
+        paths.write_json(FLAGS.json, out)
     return out
 
 

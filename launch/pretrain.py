@@ -21,7 +21,9 @@ memory, 2 a configuration error (one ERROR line naming the value and the valid c
 directory is in use, the checkpoint was trained with other settings), 3 too many non-finite steps in a row
 (checkpoint saved) or a non-finite state (not saved).
 Multi-host: pass --coordinator_address/--num_processes/--process_id, or let the environment decide
-(Cloud TPU pod slices, SLURM, Open MPI are detected by jax.distributed.initialize()).
+(Cloud TPU VM slices from their metadata, GKE TPU pods, SLURM, Open MPI: qwen2vl_jax/train/distributed.py).
+The run directory may be a bucket: --set workdir=gs://BUCKET/PATH (checkpoints, logs, TensorBoard, configs
+and the run lock go there; a restarted job on new machines resumes from it).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from absl import flags, logging
 
 from experiments import flags as cli
 from experiments import registry, stages
-from qwen2vl_jax.train import memory, trainer
+from qwen2vl_jax.train import distributed, memory, trainer
 
 FLAGS = flags.FlagValues()
 cli.define_experiment(FLAGS)
@@ -58,7 +60,7 @@ def main(argv: Sequence[str]) -> int:
     if FLAGS.show_config:
         print(registry.describe(exp))
         return 0
-    trainer.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    distributed.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
         summary = trainer.run(exp, evaluate=exp.evaluator())
     except trainer.NonFiniteError as e:

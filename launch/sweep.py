@@ -18,8 +18,6 @@ the repo, install, start) whose start command is `python3 -m launch.sweep --swee
 """
 from __future__ import annotations
 
-import os
-import shlex
 import time
 from typing import Sequence
 
@@ -30,7 +28,7 @@ from experiments import flags as cli
 from experiments import sweeps
 from qwen2vl_jax.cloud import tpu
 from qwen2vl_jax.eval import evaluation, scaling
-from qwen2vl_jax.train import sharding, trainer
+from qwen2vl_jax.train import distributed, paths, sharding, trainer
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_enum("sweep", None, list(sweeps.SWEEPS), "the sweep", flag_values=FLAGS)
@@ -55,7 +53,7 @@ def default_results(sweep: str) -> str:
 
 
 def done_keys(path: str) -> set[str]:
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return set()
     return {str(r.get("key")) for r in scaling.read_results(path)}
 
@@ -83,7 +81,6 @@ def run_point(point: sweeps.SweepPoint, results: str, root: str, eval_samples: i
     row = point.result_row(evaluation.kind_losses(losses), extra={
         "final_train_loss": float(last), "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s[0], 1)})
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
         scaling.append_result(results, row)
     log(f"[{point.run_name}] N={row['params']:,} D={row['tokens']:,} train loss {last:.4f} eval loss "
         f"{row['eval_loss_mean']:.4f} ({train_s:.0f}s train, {eval_s[0]:.0f}s eval)")
@@ -110,18 +107,16 @@ def run_local(sweep: sweeps.Sweep, results: str, root: str, eval_samples: int, o
 def tpu_jobs(sweep: sweeps.Sweep, tpu_prefix: str, zone: str, accelerator: str, project: str | None = None,
              version: str | None = None, spot: bool = False, results: str | None = None,
              eval_samples: int = 16) -> list[tuple[object, list[list[str]]]]:
-    """[(TpuVm, commands)] per point; commands = tpu.job_commands with the start step replaced by
-    `launch.sweep --point=KEY --local`."""
+    """[(TpuVm, commands)] per point: tpu.make_job's commands with `launch.sweep --point=KEY --local` as the
+    run (its exit status in logs/RUN.exit like any job's)."""
     out = []
     for p in sweep.points():
         vm = tpu.TpuVm(name=f"{tpu_prefix}-{p.key}", zone=zone, accelerator=accelerator, project=project,
                        version=version, spot=spot)
-        cmds = tpu.job_commands(vm, p.experiment, model=p.base_model, run_name=p.run_name.replace("/", "_"))
         argv = ["python3", "-m", "launch.sweep", f"--sweep={sweep.name}", f"--point={p.key}", "--local",
                 f"--results={results or default_results(sweep.name)}", f"--eval_samples={eval_samples}"]
-        start = (f"cd {tpu.REMOTE_DIR} && mkdir -p logs && nohup {shlex.join(argv)} > "
-                 f"logs/{p.run_name}.log 2>&1 < /dev/null &")
-        out.append((vm, cmds[:-1] + [vm.ssh_all(start)]))
+        job = tpu.make_job(vm, p.experiment, model=p.base_model, run_name=p.run_name.replace("/", "_"), train=argv)
+        out.append((vm, job.commands))
     return out
 
 
@@ -146,7 +141,7 @@ def main(argv: Sequence[str]) -> int:
         raise ValueError("pass exactly one of --local or --tpu=PREFIX")
     if FLAGS.local:
         if FLAGS.point:
-            trainer.initialize_distributed()
+            distributed.initialize_distributed()
         run_local(sweep, results, FLAGS.root, FLAGS.eval_samples, set(FLAGS.point) if FLAGS.point else None)
         return 0
     if not (FLAGS.zone and FLAGS.accelerator):

@@ -1,5 +1,8 @@
-"""Test setup: CPU jax with a fake 8-device mesh, fp32 matmuls, single-threaded torch."""
+"""Test setup: CPU jax with a fake 8-device mesh, fp32 matmuls, single-threaded torch; the Cloud Storage emulator's
+fixtures (tests/gcs.py)."""
 import os
+
+pytest_plugins = ("gcs",)
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # requirements-test.txt installs libtpu for the AOT TPU-compile tests; with it installed, a jax that may pick

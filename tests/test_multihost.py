@@ -27,29 +27,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_two_processes(workdir: str) -> list[subprocess.Popen]:
+def _start_two_processes(workdir: str, experiment: str = "stage2", overrides=tuple(OVERRIDES)) -> list[subprocess.Popen]:
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "PYTHONPATH": REPO}
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "launch.pretrain", "--experiment=stage2", "--model=test",
-         *[f"--set={o}" for o in OVERRIDES + [f"workdir={workdir}"]],
+        [sys.executable, "-m", "launch.pretrain", f"--experiment={experiment}", "--model=test",
+         *[f"--set={o}" for o in [*overrides, f"workdir={workdir}"]],
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     return procs
 
 
-def _losses_of_two_processes(procs: list[subprocess.Popen], workdir: str) -> list[float]:
+def _wait_for(procs: list[subprocess.Popen], timeout_s: float = 240) -> None:
+    """Waits for every process (killing the rest when one overruns); each must exit 0."""
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=240)[0])
+            outs.append(p.communicate(timeout=timeout_s)[0])
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
+
+
+def _losses_of_two_processes(procs: list[subprocess.Popen], workdir: str) -> list[float]:
+    _wait_for(procs)
     with open(os.path.join(workdir, "losses.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))

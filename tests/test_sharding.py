@@ -15,17 +15,41 @@ from test_train import _sdy_spec
 
 
 def test_mesh_shapes_and_errors():
-    assert sharding.MeshConfig().shape(8) == (8, 1, 1, 1)
-    assert sharding.MeshConfig(data=2, fsdp=-1, tensor=2).shape(8) == (2, 2, 2, 1)
+    assert sharding.MeshConfig().shape(8) == (1, 8, 1, 1, 1)
+    assert sharding.MeshConfig(data=2, fsdp=-1, tensor=2).shape(8) == (1, 2, 2, 2, 1)
+    assert sharding.MeshConfig(dcn=2, fsdp=-1, data=1).shape(8) == (2, 1, 4, 1, 1)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=2, tensor=2, sequence=2))
-    assert mesh.axis_names == ("data", "fsdp", "tensor", "sequence") and mesh.devices.size == 8
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2, "sequence": 2}
+    assert mesh.axis_names == ("dcn", "data", "fsdp", "tensor", "sequence") and mesh.devices.size == 8
+    assert dict(mesh.shape) == {"dcn": 1, "data": 1, "fsdp": 2, "tensor": 2, "sequence": 2}
     with pytest.raises(ValueError, match="needs 16 devices, have 8"):
         sharding.MeshConfig(data=4, fsdp=4).shape(8)
     with pytest.raises(ValueError, match="at most one"):
         sharding.MeshConfig(data=-1, fsdp=-1).shape(8)
     with pytest.raises(ValueError, match="not divisible"):
         sharding.MeshConfig(data=-1, tensor=3).shape(8)
+
+
+def test_dcn_axis_splits_only_the_batch():
+    """Multi-slice: the dcn axis is data parallel across slices; params stay replicated over it (sharded within a
+    slice as on one slice) and a mesh over devices of several slices needs mesh.dcn set."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(dcn=2, data=1, fsdp=2, tensor=2))
+    assert dict(mesh.shape) == {"dcn": 2, "data": 1, "fsdp": 2, "tensor": 2, "sequence": 1}
+    assert list(mesh.devices[0].flat) == jax.devices()[:4]          # CPU: slice i = the i-th block of devices
+    assert sharding.logical_to_spec(("batch", "length"), (8, 16), mesh) == P(("dcn", "fsdp"), None)
+    one = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=2, tensor=2), jax.devices()[:4])
+    cfg = get_config("test")
+    assert (jax.tree.map(lambda s: s.spec, train_step.param_shardings(cfg, mesh))
+            == jax.tree.map(lambda s: s.spec, train_step.param_shardings(cfg, one)))
+
+    class Sliced:          # a device of a multi-slice TPU job as jax describes it
+        def __init__(self, d, i):
+            self.d, self.slice_index = d, i
+
+    sliced = [Sliced(d, i // 4) for i, d in enumerate(jax.devices())]
+    with pytest.raises(ValueError, match="the devices are on 2 slices: set mesh.dcn=2"):
+        sharding.make_mesh(sharding.MeshConfig(data=-1), sliced)
+    with pytest.raises(ValueError, match=r"mesh.dcn=4 but the devices are on 2 slice\(s\)"):
+        sharding.make_mesh(sharding.MeshConfig(dcn=4, data=-1), sliced)
 
 
 def test_logical_rules():

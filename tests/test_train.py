@@ -156,7 +156,9 @@ def test_loss_gathers_the_output_embedding_once_and_reduces_its_gradient_once():
 
 
 # (mesh, microbatches): the (2,2,2) mesh also accumulates gradients over 2 microbatches
-MESHES = [(dict(data=8), 1), (dict(data=1, fsdp=8), 1), (dict(data=2, fsdp=2, tensor=2), 2)]
+# the last: 2 slices (the dcn axis, data parallel over the data-centre network) of fsdp x tensor
+MESHES = [(dict(data=8), 1), (dict(data=1, fsdp=8), 1), (dict(data=2, fsdp=2, tensor=2), 2),
+          (dict(dcn=2, data=1, fsdp=2, tensor=2), 1)]
 
 
 def _loss_grads_on_mesh(mesh_kw, params, batch, microbatches=1):

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from experiments import registry
-from qwen2vl_jax.train import optim, trainer
+from qwen2vl_jax.train import optim, paths, trainer
 from test_checkpoint import DAMAGE, _damage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,9 +158,11 @@ def test_without_flock_the_lock_record_decides(tmp_path, monkeypatch):
 
 def test_losses_jsonl_is_strict_json_and_cut_back_on_resume(tmp_path):
     path = str(tmp_path / trainer.LOSSES_FILE)
-    with open(path, "w") as f:
-        for step, loss in ((1, 2.5), (2, float("nan")), (3, float("inf")), (4, 1.0)):
-            trainer._append_jsonl(f, {"step": step, "loss": loss, "finite": loss < 3})
+    log = paths.JsonlLog(path)
+    for step, loss in ((1, 2.5), (2, float("nan")), (3, float("inf")), (4, 1.0)):
+        log.append({"step": step, "loss": loss, "finite": loss < 3})
+    log.close()
+    with open(path, "a") as f:
         f.write('{"step": 5, "lo')                               # a line cut short by kill -9
 
     def strict(text):

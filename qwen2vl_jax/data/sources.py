@@ -6,6 +6,9 @@ Source names (used in `DataConfig.mixture`):
   "arrayrecord:<glob>"   ArrayRecord shards; "{split}" in the glob is replaced by the split name. A glob
                          without "{split}" has only a train split (asking it for "heldout" is an error, so a
                          held-out loss is never computed on training files)
+  "arrayrecord:gs://BUCKET/<folder or glob>"   the same in a Cloud Storage bucket, read through a gcsfuse
+                         mount at GCS_MOUNT_ROOT/BUCKET (launch.tpu mounts every bucket of the mixture on every
+                         worker; elsewhere: `gcsfuse -o ro --implicit-dirs BUCKET /mnt/gcs/BUCKET`)
 Each source has a short label (`source_labels`: the kind, or the last meaningful path components of the
 folder / glob, as many as it takes to be unique) for the per-source held-out losses.
 
@@ -47,6 +50,7 @@ RECORD_TYPES = ("caption", "ocr", "grounding", "interleaved", "video", "chat")
 MANIFEST_FIELDS = ("type", "images", "video", "text", "prompt", "boxes", "messages")
 IMAGE_MARKER = "<image>"
 SOURCE_KINDS = ("synthetic", "arrayrecord")
+GCS_MOUNT_ROOT = "/mnt/gcs"      # gs://BUCKET/... sources are read from GCS_MOUNT_ROOT/BUCKET/... (gcsfuse)
 
 
 class BadRecordError(ValueError):
@@ -84,11 +88,35 @@ SHARD_SUFFIX = ".array_record"
 SPLIT_PLACEHOLDER = "{split}"
 
 
+def gcs_bucket(arg: str) -> str | None:
+    """The bucket of a gs:// source argument, else None."""
+    if not arg.startswith("gs://"):
+        return None
+    bucket = arg[len("gs://"):].split("/", 1)[0]
+    if not bucket:
+        raise ValueError(f"source {arg!r}: expected gs://BUCKET/PATH")
+    return bucket
+
+
+def mounted_path(arg: str) -> str:
+    """A gs://BUCKET/PATH source argument as the path of its gcsfuse mount, GCS_MOUNT_ROOT/BUCKET/PATH (grain
+    reads ArrayRecord files by path); other arguments unchanged. ValueError when the bucket is not mounted."""
+    bucket = gcs_bucket(arg)
+    if bucket is None:
+        return arg
+    point = os.path.join(GCS_MOUNT_ROOT, bucket)
+    if not os.path.ismount(point) and not os.path.isdir(point):
+        raise ValueError(f"source {arg!r}: the bucket is read through a gcsfuse mount at {point}, which does not "
+                         f"exist (launch.tpu mounts it on every worker; by hand: gcsfuse -o ro --implicit-dirs "
+                         f"{bucket} {point})")
+    return os.path.join(point, arg[len("gs://") + len(bucket):].lstrip("/"))
+
+
 def split_pattern(arg: str, split: str = "train") -> str:
     """The shard glob of an "arrayrecord:<arg>" source for `split` (module docstring): a folder means
     prepare_data's layout DIR/<split>/*.array_record; "{split}" in a glob is replaced; a glob without it
     serves the train split only (ValueError for any other, naming the two ways to give a held-out split)."""
-    path = os.path.expanduser(arg)
+    path = os.path.expanduser(mounted_path(arg))
     if SPLIT_PLACEHOLDER in path:
         return path.replace(SPLIT_PLACEHOLDER, split)
     if os.path.isdir(path):

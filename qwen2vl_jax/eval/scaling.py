@@ -18,6 +18,8 @@ from typing import Sequence
 import numpy as np
 from scipy.optimize import minimize
 
+from qwen2vl_jax.train import paths
+
 HUBER_DELTA = 1e-3
 # Hoffmann et al.'s initialisation grid, a little coarser (the fit is refined by L-BFGS anyway).
 DEFAULT_GRID = {
@@ -223,25 +225,25 @@ def _is_jsonl(path: str) -> bool:
 
 
 def read_results(path: str) -> list[dict]:
-    """Rows of a results table, numeric strings converted to float."""
+    """Rows of a results table (a local path or gs://), numeric strings converted to float."""
     import csv
+    import io
     import json
-    import os
 
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise ValueError(f"results file {path!r} does not exist")
+    text = paths.read_text(path)
     rows: list[dict] = []
-    with open(path) as f:
-        if _is_jsonl(path):
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{i + 1}: not a JSON object: {e}") from None
-        else:
-            for row in csv.DictReader(f):
-                rows.append({k: _maybe_float(v) for k, v in row.items()})
+    if _is_jsonl(path):
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i + 1}: not a JSON object: {e}") from None
+    else:
+        for row in csv.DictReader(io.StringIO(text)):
+            rows.append({k: _maybe_float(v) for k, v in row.items()})
     return rows
 
 
@@ -253,28 +255,28 @@ def _maybe_float(v):
 
 
 def append_result(path: str, row: dict) -> None:
-    """Append one row; a CSV gets its header from the first row (later rows must use the same keys)."""
+    """Append one row (a local path or gs://: the table is rewritten whole, Cloud Storage has no append); a CSV
+    gets its header from the first row (later rows must use the same keys)."""
     import csv
+    import io
     import json
-    import os
 
+    text = paths.read_text(path) if paths.exists(path) else ""
     if _is_jsonl(path):
-        with open(path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        paths.write_text(path, text + json.dumps(row, sort_keys=True) + "\n")
         return
-    exists = os.path.exists(path) and os.path.getsize(path) > 0
-    if exists:
-        with open(path) as f:
-            header = next(csv.reader(f))
+    if text:
+        header = next(csv.reader(io.StringIO(text)))
         if set(header) != set(row):
             raise ValueError(f"row keys {sorted(row)} differ from {path} header {sorted(header)}")
     else:
         header = list(row)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=header)
-        if not exists:
-            w.writeheader()
-        w.writerow(row)
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=header)
+    if not text:
+        w.writeheader()
+    w.writerow(row)
+    paths.write_text(path, text + out.getvalue())
 
 
 def loss_columns(rows: list[dict]) -> list[str]:

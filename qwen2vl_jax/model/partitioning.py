@@ -45,7 +45,7 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("merger_in", ("fsdp",)),
     ("merger_mlp", ("tensor",)),
     # activations / batch
-    ("batch", ("data", "fsdp")),
+    ("batch", ("dcn", "data", "fsdp")),
     ("length", ("sequence",)),
     ("patches", ("sequence",)),
     ("act_embed", ()),

@@ -14,6 +14,10 @@ TPU compiler flags: `TPU_COMPILER_FLAGS` go into LIBTPU_INIT_ARGS before libtpu 
 caller's own LIBTPU_INIT_ARGS (libtpu takes a flag's last value, so the caller's win). The compile-only
 devices read them like a TPU VM does; cloud/tpu.py puts the same flags into a training job's environment.
 
+Multi-slice: `num_slices=N` asks libtpu for N copies of the slice (`get_topology_desc(..., num_slices=N)`:
+devices carry a `slice_index`) and the mesh gets `dcn=N` (sharding.make_mesh: jax's hybrid mesh, data
+parallel across slices); memory is per device as on one slice, FLOPs and chips count every slice.
+
 Accelerator names: `v5p-N` / `v4-N` count TensorCores (2 per chip: v5p-256 = 128 chips = 4x4x8);
 `v5litepod-N` / `v5e-N` / `v6e-N` count chips (1 core each). A topology string (`v5p:2x2x1`) is
 used as is. libtpu is found as the `libtpu` package, or through TPU_LIBRARY_PATH, or under
@@ -61,15 +65,26 @@ TPU_COMPILER_FLAGS: tuple[str, ...] = (
 @dataclasses.dataclass(frozen=True)
 class Topology:
     generation: str
-    shape: tuple[int, ...]   # chips per torus dimension
+    shape: tuple[int, ...]   # chips per torus dimension of one slice
+    num_slices: int = 1      # slices joined over the data-centre network (multi-slice)
+
+    def __post_init__(self):
+        if self.num_slices < 1:
+            raise ValueError(f"num_slices={self.num_slices} must be >= 1")
 
     @property
     def name(self) -> str:
+        """libtpu's name of one slice (v5p:4x8x8)."""
         return f"{self.generation}:{'x'.join(map(str, self.shape))}"
 
     @property
+    def label(self) -> str:
+        return self.name if self.num_slices == 1 else f"{self.num_slices} x {self.name}"
+
+    @property
     def chips(self) -> int:
-        return math.prod(self.shape)
+        """Chips of all slices."""
+        return math.prod(self.shape) * self.num_slices
 
     @property
     def chip(self) -> Chip:
@@ -91,15 +106,15 @@ def _grow(chips: int, dims: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def parse_topology(name: str) -> Topology:
-    """'v5p-256' -> Topology('v5p', (4, 4, 8)); 'v5p:2x2x1' -> Topology('v5p', (2, 2, 1))."""
+def parse_topology(name: str, num_slices: int = 1) -> Topology:
+    """'v5p-256' -> Topology('v5p', (4, 4, 8)); 'v5p:2x2x1' -> Topology('v5p', (2, 2, 1)); `num_slices` of them."""
     m = re.fullmatch(_GENERATION + r":(\d+(?:x\d+)+)", name or "")
     if m:
         gen = _ALIASES.get(m.group(1), m.group(1))
         shape = tuple(int(x) for x in m.group(2).split("x"))
         if len(shape) != CHIPS[gen].torus_dims or min(shape) < 1:
             raise ValueError(f"topology {name!r}: {gen} slices have {CHIPS[gen].torus_dims} dimensions")
-        return Topology(gen, shape)
+        return Topology(gen, shape, num_slices)
     m = re.fullmatch(_GENERATION + r"-(\d+)", name or "")
     if not m:
         raise ValueError(f"topology {name!r}: expected an accelerator type (v5p-256, v4-64, v5litepod-16, "
@@ -108,7 +123,7 @@ def parse_topology(name: str) -> Topology:
     chip, cores = CHIPS[gen], int(m.group(2))
     if cores % chip.tensorcores:
         raise ValueError(f"{name}: {cores} is not a multiple of {chip.tensorcores} cores per {gen} chip")
-    return Topology(gen, _grow(cores // chip.tensorcores, chip.torus_dims))
+    return Topology(gen, _grow(cores // chip.tensorcores, chip.torus_dims), num_slices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,13 +172,14 @@ def get_topology_devices(topo: Topology, compiler_flags: bool = True) -> list:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # several compiles may run at once
     from jax.experimental import topologies
+    slices = {"num_slices": topo.num_slices} if topo.num_slices > 1 else {}
     if _LIBTPU:
-        return list(topologies.get_topology_desc(topo.name, "tpu").devices)
+        return list(topologies.get_topology_desc(topo.name, "tpu", **slices).devices)
     user = os.environ.get("LIBTPU_INIT_ARGS")
     args = libtpu_init_args(user or "", compiler_flags)
     os.environ["LIBTPU_INIT_ARGS"] = args
     try:
-        devices = list(topologies.get_topology_desc(topo.name, "tpu").devices)
+        devices = list(topologies.get_topology_desc(topo.name, "tpu", **slices).devices)
     finally:   # child processes (a CLI started from here) see the caller's value, not ours
         if user is None:
             del os.environ["LIBTPU_INIT_ARGS"]
@@ -195,6 +211,7 @@ class AotResult:
     hbm_per_device: int
     compile_s: float
     compiled: Any = dataclasses.field(default=None, repr=False, compare=False)   # the jax Compiled
+    generation: str = ""   # the chip generation (v5p); "" when `topology` names it (one slice)
 
     @property
     def total_bytes(self) -> int:
@@ -241,7 +258,7 @@ def compile_for_topology(lowerable: Any, args: tuple, topo: Topology, n_devices:
     except Exception as e:  # jax.errors.JaxRuntimeError; the TPU compiler refuses programs over HBM
         if "RESOURCE_EXHAUSTED" in str(e):
             raise DoesNotFitError(
-                f"does not fit: the TPU compiler ran out of memory for {topo.name} "
+                f"does not fit: the TPU compiler ran out of memory for {topo.label} "
                 f"({topo.chip.hbm_bytes * topo.chips // n_devices / GiB:.1f} GiB of HBM per device): "
                 f"{str(e).strip().splitlines()[0].rstrip('.')}. {_ADVICE}") from None
         raise
@@ -250,7 +267,7 @@ def compile_for_topology(lowerable: Any, args: tuple, topo: Topology, n_devices:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax returned one dict per computation
         cost = cost[0] if cost else {}
-    return AotResult(topology=topo.name, n_devices=n_devices, chips=topo.chips,
+    return AotResult(topology=topo.label, generation=topo.generation, n_devices=n_devices, chips=topo.chips,
                      argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
                      alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
                      code_bytes=int(mem.generated_code_size_in_bytes),
@@ -271,8 +288,12 @@ def check_fits(result: AotResult) -> None:
 def compile_train_step(cfg, step_cfg, mesh_cfg, topo: Topology, batch_size: int, seq_len: int,
                        max_patches: int, compiler_flags: bool = True,
                        hbm_per_device: int | None = None) -> AotResult:
-    """AOT-compiles train_step.make_train_step for `topo` with the mesh `mesh_cfg` over its devices. The
-    result holds the compiled program (`estimate_train_step` reads it)."""
+    """AOT-compiles train_step.make_train_step for `topo` with the mesh `mesh_cfg` over its devices (a
+    multi-slice topology needs mesh_cfg.dcn == topo.num_slices). The result holds the compiled program
+    (`estimate_train_step` reads it)."""
+    if mesh_cfg.dcn != topo.num_slices:
+        raise ValueError(f"mesh.dcn={mesh_cfg.dcn} but the topology has {topo.num_slices} slice(s): "
+                         f"set mesh.dcn={topo.num_slices}")
     devices = get_topology_devices(topo, compiler_flags)
     mesh = sharding.make_mesh(mesh_cfg, devices)
     # Parameter shapes do not depend on the attention kernel; the model's init traces attention on tiny
@@ -295,7 +316,7 @@ def resolve_attention(impl: str) -> str:
 
 def microbatch_candidates(batch_size: int, batch_shards: int) -> list[int]:
     """Microbatch counts m, ascending, that divide `batch_size` with a per-device batch: batch_size / m rows
-    divisible by the `batch_shards` devices the batch is split over (mesh data x fsdp)."""
+    divisible by the `batch_shards` devices the batch is split over (mesh dcn x data x fsdp)."""
     return [m for m in range(1, batch_size + 1)
             if batch_size % m == 0 and (batch_size // m) % batch_shards == 0]
 
@@ -400,7 +421,7 @@ def estimate_train_step(result: AotResult, cfg, trainable: Sequence[str], batch_
     costed from the block pairs they visit for that layout."""
     useful = useful_flops(cfg, trainable, batch_size, seq_len, max_patches, layout).total
     six = flops.six_nd(cfg, tokens=batch_size * seq_len, patches=batch_size * max_patches)
-    chip = CHIPS[parse_topology(result.topology).generation]
+    chip = CHIPS[result.generation or parse_topology(result.topology).generation]
     costs = [roofline.block_sparse_cost(attention_segments(layout, seq_len, max_patches))]
     return roofline.estimate(result.compiled, chip, useful_flops=useful, six_nd_flops=six, kernel_costs=costs,
                              num_devices=result.n_devices)

@@ -17,11 +17,17 @@ saved (`NonFiniteStateError`), so the newest checkpoint is always one worth resu
 Restoring takes an abstract state whose ShapeDtypeStructs carry the *current* mesh's shardings, so a
 checkpoint written on one mesh restores onto any other.
 
+DIR may be local or gs:// (orbax writes and reads buckets itself; the step listing, the set-aside and the
+checks here go through train/paths.py). On Cloud Storage, setting a step aside copies its objects to the new
+name and deletes them (no rename there).
+
 Params only (`load_params`: a stage hand-off, init_from, evaluation, conversion) come from any of
   RUN, RUN/checkpoints (newest step that restores), RUN/checkpoints/STEP    a training run (`locate`)
   DIR with model_config.json + params/                                      `launch.convert --hf_to_jax` output
   DIR with config.json + *.safetensors                                      a transformers Qwen2-VL folder
-and a checkpoint of another model shape is one error naming the differing params.
+and a checkpoint of another model shape is one error naming the differing params. Each may be in a bucket
+(gs://): a training run is read there by orbax; a converted or Hugging Face folder is first copied to a local
+folder (paths.local_copy: safetensors and the converted model_config.json are read as local files).
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from qwen2vl_jax.model import hf
+from qwen2vl_jax.train import paths
 from qwen2vl_jax.train.train_step import TrainState
 
 RUN_CHECKPOINTS = "checkpoints"          # a run folder's checkpoint folder (RUN/checkpoints)
@@ -101,7 +108,7 @@ class Checkpointer:
         if not cfg.directory:
             raise ValueError("CheckpointConfig.directory is empty")
         self.cfg = cfg
-        self.directory = os.path.abspath(cfg.directory)
+        self.directory = os.fspath(paths.path(cfg.directory))
         self.log = log or print
         self.run_meta: dict = {}
         options = ocp.CheckpointManagerOptions(
@@ -178,9 +185,9 @@ class Checkpointer:
             f"<step>{SET_ASIDE_SUFFIX}: a re-run starts without them")
 
     def _restore_step(self, abstract: TrainState, step: int, check) -> tuple[TrainState, dict]:
-        path = os.path.join(self.directory, str(step))
-        if not os.path.isdir(path) or not os.listdir(path):
-            raise UnreadableCheckpointError("empty step folder" if os.path.isdir(path) else "no such step folder")
+        path = paths.join(self.directory, str(step))
+        if not paths.listdir(path):
+            raise UnreadableCheckpointError("empty step folder" if paths.is_dir(path) else "no such step folder")
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 -- any failure to read a step means: use an older one
@@ -193,7 +200,7 @@ class Checkpointer:
         flat_opt = _flat(abstract.opt_state)
         for item, want in (("params", abstract.params), ("opt_state", flat_opt)):
             try:
-                stored = _stored_shapes(os.path.join(path, item))
+                stored = _stored_shapes(paths.join(path, item))
             except Exception as e:  # noqa: BLE001
                 raise UnreadableCheckpointError(f"{item}: {one_line(e)}") from None
             _check_shapes(f"{path}/{item}", stored, want,
@@ -217,13 +224,13 @@ class Checkpointer:
 
     def _set_aside(self, step: int) -> str:
         """Renames DIR/<step> to DIR/<step>.unreadable (-2, -3, ... when taken); process 0 renames."""
-        src = os.path.join(self.directory, str(step))
+        src = paths.join(self.directory, str(step))
         dst, n = src + SET_ASIDE_SUFFIX, 1
-        while os.path.exists(dst):
+        while paths.exists(dst):
             n += 1
             dst = f"{src}{SET_ASIDE_SUFFIX}-{n}"
         if jax.process_index() == 0:
-            os.rename(src, dst)
+            paths.rename(src, dst)
         return dst
 
     def wait(self) -> None:
@@ -261,34 +268,34 @@ class Located:
 
 
 def _has_steps(path: str) -> bool:
-    return os.path.isdir(path) and any(d.isdigit() and os.path.isdir(os.path.join(path, d)) for d in os.listdir(path))
+    return any(d.isdigit() and paths.is_dir(paths.join(path, d)) for d in paths.listdir(path))
 
 
 def _run_dir_of(checkpoints: str) -> str | None:
-    parent = os.path.dirname(checkpoints)
-    return parent if os.path.isfile(os.path.join(parent, hf.MODEL_CONFIG_FILE)) else None
+    parent = paths.parent(checkpoints)
+    return parent if paths.exists(paths.join(parent, hf.MODEL_CONFIG_FILE)) else None
 
 
 def locate(path: str) -> Located:
     """What `path` is: RUN, RUN/checkpoints or RUN/checkpoints/STEP of a training run (or another folder of
     step folders), a converted checkpoint (model_config.json + params/), or a transformers folder.
     ValueError naming the accepted forms otherwise."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = os.fspath(paths.path(path))
+    if not paths.is_dir(path):
         raise ValueError(f"checkpoint {path} is not a folder")
-    if hf.is_hf_folder(path):
+    found = paths.listdir(path)
+    if hf.CONFIG_FILE in found and hf.MODEL_CONFIG_FILE not in found:        # hf.is_hf_folder
         return Located("hf", path)
-    if os.path.isfile(os.path.join(path, hf.MODEL_CONFIG_FILE)) and os.path.isdir(os.path.join(path, hf.PARAMS_DIR)):
+    if hf.MODEL_CONFIG_FILE in found and paths.is_dir(paths.join(path, hf.PARAMS_DIR)):
         return Located("converted", path)
     if _has_steps(path):
         return Located("training", path, None, _run_dir_of(path))
-    inner = os.path.join(path, RUN_CHECKPOINTS)
+    inner = paths.join(path, RUN_CHECKPOINTS)
     if _has_steps(inner):
         return Located("training", inner, None, _run_dir_of(inner))
-    name, parent = os.path.basename(path), os.path.dirname(path)
-    if name.isdigit() and os.path.isdir(os.path.join(path, hf.PARAMS_DIR)):
+    name, parent = os.path.basename(path), paths.parent(path)
+    if name.isdigit() and paths.is_dir(paths.join(path, hf.PARAMS_DIR)):
         return Located("training", parent, int(name), _run_dir_of(parent))
-    found = sorted(os.listdir(path))
     raise ValueError(f"{path} is not a checkpoint (found {found[:8]}{' ...' if len(found) > 8 else ''}); expected "
                      f"a run folder RUN, RUN/{RUN_CHECKPOINTS}, RUN/{RUN_CHECKPOINTS}/STEP, a converted checkpoint "
                      f"({hf.MODEL_CONFIG_FILE} + {hf.PARAMS_DIR}/) or a Hugging Face folder "
@@ -326,15 +333,16 @@ def load_params(path: str, abstract_params: Any, log: Log | None = None) -> dict
     shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
     if loc.kind == "training":
         return _training_params(loc, abstract_params, log or print)
+    folder = paths.local_copy(loc.path) if paths.is_remote(loc.path) else loc.path
     if loc.kind == "converted":
-        with open(os.path.join(loc.path, hf.MODEL_CONFIG_FILE)) as f:
+        with open(os.path.join(folder, hf.MODEL_CONFIG_FILE)) as f:
             cfg = hf.model_config_from_dict(json.load(f))
         _check_shapes(loc.path, hf.param_shapes(cfg), abstract_params)
-        _, params = hf.load_jax_checkpoint(loc.path, shardings=shardings)
+        _, params = hf.load_jax_checkpoint(folder, shardings=shardings)
     else:
-        _check_shapes(loc.path, hf.param_shapes(hf.read_model_config(loc.path)), abstract_params)
+        _check_shapes(loc.path, hf.param_shapes(hf.read_model_config(folder)), abstract_params)
         dtype = np.dtype(jax.tree.leaves(abstract_params)[0].dtype).name
-        _, host = hf.load_pretrained(loc.path, param_dtype=dtype)
+        _, host = hf.load_pretrained(folder, param_dtype=dtype)
         params = jax.tree.map(jax.device_put, host, shardings)
     return jax.tree.map(lambda x, a: x.astype(a.dtype), params, abstract_params)
 
@@ -345,7 +353,7 @@ def _training_params(loc: Located, abstract_params: Any, log: Log) -> dict:
         steps = [loc.step] if loc.step is not None else sorted(mgr.all_steps(), reverse=True)
         failures = []
         for step in steps:
-            params_dir = os.path.join(loc.path, str(step), hf.PARAMS_DIR)
+            params_dir = paths.join(loc.path, str(step), hf.PARAMS_DIR)
             try:
                 stored = _stored_shapes(params_dir)
             except Exception as e:  # noqa: BLE001 -- a damaged step: try an older one

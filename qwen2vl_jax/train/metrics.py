@@ -1,17 +1,19 @@
 """Training metrics: one console line per logged step and TensorBoard scalars (tensorboardX).
 
-Only process 0 writes. Console line:
+Only process 0 writes. The TensorBoard folder may be local or gs:// (tensorboardX uploads event files to Cloud
+Storage itself; `tensorboard --logdir gs://BUCKET/RUN/tensorboard` reads them). Console line:
   step 120/400 | loss 3.2514 | lr 9.8e-04 | gnorm 0.84 | 11.2k tok/s | mfu n/a | pack 0.93 | skip smp 0 | skip stp 0
 TensorBoard tags: ``train/<metric>`` for step metrics, ``data/<counter>`` for pipeline counters,
 ``eval/<name>`` for anything passed to `log_eval`.
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Mapping, TextIO
 
 import jax
+
+from qwen2vl_jax.train import paths
 
 
 def _fmt_rate(x: float) -> str:
@@ -46,7 +48,7 @@ class MetricsLogger:
         self.writer = None
         if self.active and logdir:
             from tensorboardX import SummaryWriter
-            os.makedirs(logdir, exist_ok=True)
+            paths.makedirs(logdir)
             self.writer = SummaryWriter(logdir)
 
     def log_train(self, step: int, total: int, metrics: Mapping[str, float], data_stats: Mapping[str, float] = ()):

@@ -1,9 +1,11 @@
 """Device mesh and logical-axis sharding rules (MaxText style).
 
-Mesh axes, outermost first: ``data`` (pure data parallel, params replicated), ``fsdp`` (data parallel
-with params / optimizer state sharded, ZeRO-3), ``tensor`` (Megatron-style: heads, MLP and vocab split),
-``sequence`` (activations split along the sequence). The mesh spans every device of every process;
-changing the parallelism is a change of ``MeshConfig`` only.
+Mesh axes, outermost first: ``dcn`` (data parallel across TPU slices, over the data-centre network: params
+replicated per slice, only the gradient all-reduce crosses it), ``data`` (pure data parallel, params
+replicated), ``fsdp`` (data parallel with params / optimizer state sharded, ZeRO-3), ``tensor``
+(Megatron-style: heads, MLP and vocab split), ``sequence`` (activations split along the sequence). Every axis
+but ``dcn`` stays within a slice (the ICI). The mesh spans every device of every process; changing the
+parallelism is a change of ``MeshConfig`` only.
 
 Every array names its dimensions with *logical* axes (the param tree in docs/architecture.md, and
 ``BATCH_AXES`` for the packed batch). The rules (``LOGICAL_RULES``) and the one resolver
@@ -23,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qwen2vl_jax.model.partitioning import LOGICAL_RULES, logical_to_spec  # noqa: F401 (re-exported)
 
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+MESH_AXES = ("dcn", "data", "fsdp", "tensor", "sequence")
 
 # logical axes of each packed-batch array (docs/architecture.md "Packed training batch")
 BATCH_AXES: dict[str, tuple[str | None, ...]] = {
@@ -40,7 +42,9 @@ BATCH_AXES: dict[str, tuple[str | None, ...]] = {
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Sizes of the mesh axes. At most one may be -1: it takes all remaining devices."""
+    """Sizes of the mesh axes. At most one may be -1: it takes all remaining devices. `dcn` is the number of
+    slices (each slice holds devices/dcn devices; the other axes split a slice's devices)."""
+    dcn: int = 1
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
@@ -65,11 +69,25 @@ class MeshConfig:
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh with axes MESH_AXES over `devices` (default: all devices of all processes)."""
+    """A Mesh with axes MESH_AXES over `devices` (default: all devices of all processes).
+
+    dcn > 1: jax's hybrid mesh (mesh_utils.create_hybrid_device_mesh), slice i of the `dcn` axis = the devices
+    whose `slice_index` is i (TPU multi-slice), laid out within the slice like a one-slice mesh. Devices
+    without a slice_index (CPU) are split into `dcn` consecutive groups, which is what a test needs."""
     devices = list(jax.devices() if devices is None else devices)
     shape = cfg.shape(len(devices))
+    from jax.experimental import mesh_utils
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if cfg.dcn > 1 and None not in slices:
+        if len(slices) != cfg.dcn:
+            raise ValueError(f"mesh.dcn={cfg.dcn} but the devices are on {len(slices)} slice(s)")
+        arr = mesh_utils.create_hybrid_device_mesh((1, *shape[1:]), (cfg.dcn,) + (1,) * (len(shape) - 1),
+                                                   devices, allow_split_physical_axes=True)
+        return Mesh(arr, MESH_AXES)
+    if len(slices) > 1 and None not in slices:
+        raise ValueError(f"the devices are on {len(slices)} slices: set mesh.dcn={len(slices)} (data parallel "
+                         f"across slices); got mesh.dcn={cfg.dcn}")
     try:
-        from jax.experimental import mesh_utils
         arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     except Exception:  # topology-unaware fallback (e.g. CPU device subsets)
         arr = np.asarray(devices, dtype=object).reshape(shape)

@@ -10,7 +10,7 @@ for the step instead); the records and the stops are those of a loop that waits 
   - before anything is allocated, the per-device memory of the step is estimated (train.memory) and a
     model that does not fit stops with what it needs and what the machine has;
   - one run per run directory: RUN/run.lock (RunLock) stops a second run in the same folder at start; the
-    lock of a run that was killed (kill -9 included) is taken over, saying so;
+    lock of a run that was killed (kill -9 included, or its slice preempted) is taken over, saying so;
   - a restart resumes from the newest checkpoint that restores (params, optimizer, step, data-iterator
     state), setting aside a damaged newer one with its reason (checkpoint.Checkpointer.restore), and keeps
     the learning-rate schedule it was saved with when `steps` changed (other optimizer settings, or an
@@ -25,13 +25,15 @@ for the step instead); the records and the stops are those of a loop that waits 
   - every `eval_every` steps and at the last step, `evaluate(params)` (a hook the caller builds, e.g.
     eval.evaluation.HeldoutEvaluator; train/ does not import eval/) is logged and appended to heldout.jsonl.
 
-The run directory (exp.run_dir) holds
+The run directory (exp.run_dir, local or gs://BUCKET/PATH: every file goes through train/paths.py; only
+process 0 writes the shared files, orbax has every process write its own shards) holds
   checkpoints/        orbax steps (async, every `checkpoint.every`, keep `checkpoint.keep`)
   tensorboard/        event files: train/<metric>, data/<counter>, eval/<name>
   losses.jsonl        {"step", "loss", "grad_norm", "finite"} per step (process 0); strict JSON: a
-                      non-finite value is null
+                      non-finite value is null. In a bucket (no append) the object is rewritten at every
+                      log line and checkpoint, so a kill loses at most the records since then
   heldout.jsonl       {"step", <name>: value, ...} per evaluation (process 0)
-  run.lock            the running run's pid, host and start time (empty after a clean exit)
+  run.lock            the running run's pid, host, job and start time (empty after a clean exit)
   processor/          tokenizer.json of the run's tokenizer, and the other tokenizer / image-processor files
                       of a Hugging Face `init_from` folder: launch.convert --jax_to_hf copies them beside the
                       converted weights
@@ -39,8 +41,7 @@ The run directory (exp.run_dir) holds
                       `read_model_config` / `read_data_config` (launch.evaluate rebuilds the model and
                       preprocesses held-out media at the pixel budgets the run trained with)
 
-Multi-host: `initialize_distributed` with explicit coordinator flags, or the environment (Cloud TPU pod
-slices, SLURM, Open MPI are detected by jax.distributed.initialize()).
+Multi-host: train/distributed.py (launch.pretrain calls it before `run`).
 """
 from __future__ import annotations
 
@@ -49,12 +50,11 @@ import datetime
 import errno
 import fcntl
 import json
-import math
 import os
-import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any, Callable, NamedTuple, Protocol, TextIO
 
@@ -65,7 +65,7 @@ from qwen2vl_jax.data.pipeline import DataConfig, make_iterator
 from qwen2vl_jax.data.tokenizer import load_for, tokenizer_json
 from qwen2vl_jax.model import hf
 from qwen2vl_jax.model.config import ModelConfig, architecture_diff
-from qwen2vl_jax.train import checkpoint, flops, memory, metrics, sharding, train_step
+from qwen2vl_jax.train import checkpoint, flops, memory, metrics, paths, sharding, train_step
 
 EXIT_NON_FINITE = 3                      # exit status of a CLI whose run stopped on non-finite steps
 MODEL_CONFIG_FILE = hf.MODEL_CONFIG_FILE
@@ -73,6 +73,9 @@ DATA_CONFIG_FILE = "data_config.json"
 LOSSES_FILE = "losses.jsonl"
 HELDOUT_FILE = "heldout.jsonl"
 LOCK_FILE = "run.lock"
+JOB_ENV = "QWEN2VL_JOB"                  # the job a run belongs to (launch.tpu: TPU name/run name); see RunLock
+LOCK_HEARTBEAT_S = 60.0                  # a run directory in a bucket: the holder rewrites run.lock this often
+LOCK_STALE_S = 600.0                     # ... and a record not rewritten for this long is a dead run's
 PROCESSOR_DIR = "processor"
 
 EvalHook = Callable[[Any], dict]         # params -> {name: value}
@@ -121,7 +124,7 @@ def run(exp: TrainSpec, evaluate: EvalHook | None = None, stream: TextIO | None 
     "eval": {step: evaluate(params)}, "preempted", "skipped_steps", "checkpoint_dir"}.
     Raises WorkdirInUseError when another run holds exp.run_dir."""
     stream = stream or sys.stdout
-    os.makedirs(exp.run_dir, exist_ok=True)
+    paths.makedirs(exp.run_dir)
     if jax.process_index() != 0:              # process 0 holds the lock for the whole job
         return _run(exp, evaluate, stream)
     with RunLock(exp.run_dir, log=lambda text: print(text, file=stream, flush=True)):
@@ -144,7 +147,7 @@ def _run(exp: TrainSpec, evaluate: EvalHook | None, stream: TextIO) -> dict:
         write_run_configs(exp)
     data = make_iterator(exp.data, cfg, tokenizer, batch_size=exp.batch_size // pc,
                          process_index=pi, process_count=pc, split="train")
-    log = metrics.MetricsLogger(os.path.join(exp.run_dir, "tensorboard"), stream)
+    log = metrics.MetricsLogger(paths.join(exp.run_dir, "tensorboard"), stream)
     ckpt = checkpoint.Checkpointer(dataclasses.replace(exp.checkpoint, directory=exp.checkpoint_dir), log=log.message)
     try:
         state, step_cfg = _initial_state(exp, ckpt, data, abstract, st_sh, mesh, log)
@@ -156,13 +159,13 @@ def _run(exp: TrainSpec, evaluate: EvalHook | None, stream: TextIO) -> dict:
     start = step = int(jax.device_get(state.step))
     if pi == 0:
         for name in (LOSSES_FILE, HELDOUT_FILE):
-            truncate_jsonl(os.path.join(exp.run_dir, name), start, log.message)
+            truncate_jsonl(paths.join(exp.run_dir, name), start, log.message)
     step_fn = train_step.make_train_step(cfg, step_cfg, mesh, st_sh, b_sh)
 
     preempted = {"flag": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
-    loss_file = open(os.path.join(exp.run_dir, LOSSES_FILE), "a") if pi == 0 else None
-    eval_file = open(os.path.join(exp.run_dir, HELDOUT_FILE), "a") if pi == 0 and evaluate else None
+    loss_file = paths.JsonlLog(paths.join(exp.run_dir, LOSSES_FILE)) if pi == 0 else None
+    eval_file = paths.JsonlLog(paths.join(exp.run_dir, HELDOUT_FILE)) if pi == 0 and evaluate else None
     device_kind, n_dev = jax.devices()[0].device_kind, jax.device_count()
     losses: dict[int, float] = {}
     evals: dict[int, dict] = {}
@@ -181,8 +184,9 @@ def _run(exp: TrainSpec, evaluate: EvalHook | None, stream: TextIO) -> dict:
         hm = train_step.host_metrics(rec.metrics)
         window.add(rec.tokens, rec.flops)
         losses[rec.step] = hm["loss"]
-        _append_jsonl(loss_file, {"step": rec.step, "loss": hm["loss"], "grad_norm": hm["grad_norm"],
-                                  "finite": hm["finite"]})
+        if loss_file is not None:
+            loss_file.append({"step": rec.step, "loss": hm["loss"], "grad_norm": hm["grad_norm"],
+                              "finite": hm["finite"]})
         if hm["consecutive_skips"] >= step_cfg.max_consecutive_skips:
             # `state` is this step's result: a step dispatched after it found the state halted and left it as is
             ckpt.save(state, rec.data_state, force=True)
@@ -192,6 +196,7 @@ def _run(exp: TrainSpec, evaluate: EvalHook | None, stream: TextIO) -> dict:
                 f"max_consecutive_skips={step_cfg.max_consecutive_skips}; last loss {hm['loss']}, grad norm "
                 f"{hm['grad_norm']}); checkpoint saved to {ckpt.directory} step {rec.step}")
         if rec.stats is not None:
+            _flush(loss_file)                        # a bucket: one rewrite per log line, not per step
             tokens_per_s, flops_per_s = window.rates()
             log.log_train(rec.step, n_steps, {
                 **hm, "tokens_per_s": tokens_per_s, "mfu": flops.mfu(flops_per_s, 1.0, n_dev, device_kind),
@@ -226,8 +231,10 @@ def _run(exp: TrainSpec, evaluate: EvalHook | None, stream: TextIO) -> dict:
                 evals[step] = evaluate(state.params)
                 window.exclude(time.perf_counter() - t)      # throughput counts training time only
                 log.log_eval(step, evals[step])
-                _append_jsonl(eval_file, {"step": step, **evals[step]})
-            ckpt.save(state, data_state)
+                if eval_file is not None:
+                    eval_file.append({"step": step, **evals[step]})
+            if ckpt.save(state, data_state):
+                _flush(loss_file, eval_file)         # the logs reach the step a resume starts from
         if lagging is not None:                  # SIGTERM arrived after the step's own check
             finish(lagging)
         if step > start and (step >= n_steps or preempted["flag"]):
@@ -243,7 +250,7 @@ def _run(exp: TrainSpec, evaluate: EvalHook | None, stream: TextIO) -> dict:
         log.close()
         for f in (loss_file, eval_file):
             if f is not None:
-                f.close()
+                f.close()                            # a bucket: the last rewrite
     return {"step": step, "start_step": start, "num_steps": n_steps, "losses": losses, "eval": evals,
             "preempted": preempted["flag"], "skipped_steps": int(jax.device_get(state.skipped_steps)),
             "checkpoint_dir": ckpt.directory}
@@ -342,29 +349,7 @@ class _Window:
 
 
 # ----------------------------------------------------------------------------------------------
-# set-up: processes, memory
-
-def _multi_host_env() -> bool:
-    env = os.environ
-    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-    return ("," in hosts or int(env.get("SLURM_NTASKS", "1")) > 1
-            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1 or bool(env.get("JAX_COORDINATOR_ADDRESS")))
-
-
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """jax.distributed.initialize for explicit flags or a detected multi-host environment; no-op otherwise."""
-    if coordinator_address or (num_processes or 1) > 1:
-        if coordinator_address is None or num_processes is None or process_id is None:
-            raise ValueError("multi-process needs --coordinator_address, --num_processes and --process_id "
-                             f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
-        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id)
-    elif _multi_host_env():
-        jax.distributed.initialize()
-
+# set-up: memory
 
 def check_memory(exp: TrainSpec, mesh) -> None:
     """Raises memory.InsufficientMemoryError (needed vs available) before anything is allocated."""
@@ -385,20 +370,17 @@ def write_run_configs(exp: TrainSpec) -> None:
     of a Hugging Face `init_from` folder or run, and tokenizer.json of the run's tokenizer)."""
     for name, payload in ((MODEL_CONFIG_FILE, hf.model_config_to_dict(exp.model)),
                           (DATA_CONFIG_FILE, exp.data.to_dict())):
-        with open(os.path.join(exp.run_dir, name), "w") as f:
-            json.dump(payload, f, indent=1)
-    out = os.path.join(exp.run_dir, PROCESSOR_DIR)
-    if os.path.isdir(out):                        # a resumed run keeps what its first start wrote
+        paths.write_json(paths.join(exp.run_dir, name), payload)
+    out = paths.join(exp.run_dir, PROCESSOR_DIR)
+    if paths.exists(paths.join(out, "tokenizer.json")):     # a resumed run keeps what its first start wrote
         return
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     origin = processor_dir(exp.init_from) if exp.init_from else None
     if origin:
-        hf.copy_processor_files(origin, tmp)
-    with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
-        f.write(tokenizer_json(exp.tokenizer))      # the run's tokenizer, whatever init_from's was
-    os.replace(tmp, out)
+        for name in hf.PROCESSOR_FILES:
+            if paths.exists(paths.join(origin, name)):
+                paths.write_text(paths.join(out, name), paths.read_text(paths.join(origin, name)))
+    # written last: its presence says the folder is complete
+    paths.write_text(paths.join(out, "tokenizer.json"), tokenizer_json(exp.tokenizer))   # the run's tokenizer
 
 
 def _locate(path: str) -> checkpoint.Located | None:
@@ -413,9 +395,9 @@ def _run_file(path: str, name: str) -> str | None:
     or its parent (a run folder whose checkpoints/ is still empty)."""
     loc = _locate(path)
     beside = (loc.run_dir if loc.kind == "training" else loc.path) if loc else None
-    for d in ([beside] if beside else []) + [path, os.path.dirname(os.path.abspath(path))]:
-        if os.path.exists(os.path.join(d, name)):
-            return os.path.join(d, name)
+    for d in ([beside] if beside else []) + [path, paths.parent(path)]:
+        if paths.exists(paths.join(d, name)):
+            return paths.join(d, name)
     return None
 
 
@@ -424,12 +406,10 @@ def read_model_config(path: str) -> ModelConfig | None:
     model_config.json, a converted checkpoint's, a Hugging Face folder's config.json), else None."""
     loc = _locate(path)
     if loc is not None and loc.kind == "hf":
-        return hf.read_model_config(loc.path)
+        remote = paths.is_remote(loc.path)
+        return hf.read_model_config(paths.local_copy(loc.path, [hf.CONFIG_FILE]) if remote else loc.path)
     found = _run_file(path, MODEL_CONFIG_FILE)
-    if found is None:
-        return None
-    with open(found) as f:
-        return hf.model_config_from_dict(json.load(f))
+    return None if found is None else hf.model_config_from_dict(paths.read_json(found))
 
 
 def processor_dir(path: str) -> str | None:
@@ -441,8 +421,8 @@ def processor_dir(path: str) -> str | None:
     if loc.kind == "hf":
         return loc.path
     base = loc.run_dir if loc.kind == "training" else loc.path
-    d = os.path.join(base, PROCESSOR_DIR) if base else None
-    return d if d and os.path.isdir(d) else None
+    d = paths.join(base, PROCESSOR_DIR) if base else None
+    return d if d and paths.is_dir(d) else None
 
 
 def read_data_config(checkpoint_dir: str) -> tuple[DataConfig | None, str | None]:
@@ -450,8 +430,7 @@ def read_data_config(checkpoint_dir: str) -> tuple[DataConfig | None, str | None
     path = _run_file(checkpoint_dir, DATA_CONFIG_FILE)
     if path is None:
         return None, None
-    with open(path) as f:
-        data = json.load(f)
+    data = paths.read_json(path)
     fields = [f.name for f in dataclasses.fields(DataConfig)]
     missing, unknown = [f for f in fields if f not in data], sorted(set(data) - set(fields))
     if missing or unknown:
@@ -465,7 +444,7 @@ def load_params(model_cfg: ModelConfig, checkpoint_dir: str, mesh: jax.sharding.
     """The params of any checkpoint `checkpoint.locate` accepts (a run, its checkpoints or one step, a
     converted or a Hugging Face folder), placed by the training param shardings on `mesh`, or on `device`
     (default: the first device) when mesh is None."""
-    if not os.path.isdir(checkpoint_dir):
+    if not paths.is_dir(checkpoint_dir):
         raise ValueError(f"checkpoint {checkpoint_dir!r} is not a directory")
     shapes = memory.abstract_params(model_cfg)
     if mesh is None:
@@ -480,47 +459,36 @@ def load_params(model_cfg: ModelConfig, checkpoint_dir: str, mesh: jax.sharding.
 def read_jsonl(run_dir: str, name: str) -> dict[int, dict]:
     """{step: record} of RUN_DIR/<name> (losses.jsonl, heldout.jsonl); the last record of a step wins.
     {} when the file does not exist."""
-    path = os.path.join(run_dir, name)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return {int(r["step"]): r for r in map(json.loads, filter(str.strip, f))}
+    return {int(r["step"]): r for r in paths.read_jsonl(paths.join(run_dir, name))}
 
 
 def truncate_jsonl(path: str, step: int, log=None) -> None:
     """Keeps the records of `path` up to `step` (a resumed run re-trains the steps after its checkpoint, so
-    they would appear twice); a line cut short by a kill is dropped too. Rewrites atomically."""
-    if not os.path.exists(path):
+    they would appear twice); a line cut short by a kill is dropped too. Rewrites it whole (paths.write_text:
+    atomic locally, one object in a bucket)."""
+    if not paths.exists(path):
         return
     kept, dropped = [], 0
-    with open(path) as f:
-        for line in filter(str.strip, f):
-            try:
-                keep = int(json.loads(line)["step"]) <= step
-            except (ValueError, KeyError, TypeError):
-                keep = False
-            if keep:
-                kept.append(line if line.endswith("\n") else line + "\n")
-            else:
-                dropped += 1
+    for line in filter(str.strip, paths.read_text(path).splitlines()):
+        try:
+            keep = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
     if not dropped:
         return
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    paths.write_text(path, "".join(kept))
     if log:
         log(f"{os.path.basename(path)}: dropped {dropped} records after step {step} (re-trained from here)")
 
 
-def _strict(value):
-    """JSON has no NaN or Infinity: a non-finite float is written as null."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _append_jsonl(f, record: dict) -> None:
-    if f is not None:
-        f.write(json.dumps({k: _strict(v) for k, v in record.items()}, allow_nan=False) + "\n")
-        f.flush()
+def _flush(*logs: paths.JsonlLog | None) -> None:
+    for f in logs:
+        if f is not None:
+            f.flush()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,38 +522,78 @@ def _alive(holder: dict) -> bool:
 class RunLock:
     """Exclusive use of a run directory by one run, through RUN/run.lock.
 
-    The claim is an flock on the file: the kernel releases it when the holder exits, kill -9 included, so a
-    killed run never blocks the next one. The file records the holder (pid, host, process start time, start
-    date) for the refusal message and is emptied on a clean exit: a run that gets the lock and finds a record
-    says it takes over from a run that did not exit cleanly. Where the file system has no flock (some network
-    mounts), the record alone decides: a holder on this host whose process is gone (pid not running, or
-    reused by a younger process) is stale and taken over; any other is refused."""
+    Local: the claim is an flock on the file: the kernel releases it when the holder exits, kill -9 included,
+    so a killed run never blocks the next one. The file records the holder (pid, host, process start time,
+    job, start date) for the refusal message and is emptied on a clean exit: a run that gets the lock and
+    finds a record says it takes over from a run that did not exit cleanly. Where the file system has no flock
+    (some network mounts), the record alone decides: a holder on this host whose process is gone (pid not
+    running, or reused by a younger process) is stale and taken over; any other is refused.
 
-    def __init__(self, run_dir: str, log=print):
-        self.path = os.path.join(run_dir, LOCK_FILE)
+    Cloud Storage (gs://): no flock. The lock is the object run.lock holding the record, written only at the
+    generation that was read (created only if absent; paths.write_versioned), so of two runs starting at once
+    one gets it. The holder rewrites the record every `heartbeat_s` ("beat": its clock); a record is stale,
+    and taken over, when its beat is older than `stale_s` (its run was killed or its slice preempted), when
+    its process is gone on this host, or when it names this run's job (the JOB_ENV variable: launch.tpu
+    sets it, and its supervisor restarts a job only after the job's previous run is gone). Any other record
+    refuses. A clean exit empties the object."""
+
+    def __init__(self, run_dir: str, log=print, heartbeat_s: float = LOCK_HEARTBEAT_S, stale_s: float = LOCK_STALE_S):
+        self.path = paths.join(run_dir, LOCK_FILE)
+        self.remote = paths.is_remote(run_dir)
         self.log = log
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.fd: int | None = None
+        self.generation = 0
+        self._stop = threading.Event()
+        self._beater: threading.Thread | None = None
 
-    def _read(self) -> dict:
-        os.lseek(self.fd, 0, os.SEEK_SET)
-        text = os.read(self.fd, 1 << 16).decode(errors="replace").strip()
+    @staticmethod
+    def _parse(text: str) -> dict:
+        text = text.strip()
         try:
             holder = json.loads(text) if text else {}
         except ValueError:
             holder = {"unparsable": text[:80]}
         return holder if isinstance(holder, dict) else {"unparsable": text[:80]}
 
+    def _read(self) -> dict:
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        return self._parse(os.read(self.fd, 1 << 16).decode(errors="replace"))
+
     def _refuse(self, holder: dict):
-        os.close(self.fd)
-        self.fd = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         who = (f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
                if "pid" in holder else f"record {holder}")
+        if self.remote:
+            who += f", last seen {time.time() - float(holder.get('beat', 0)):.0f} s ago"
         raise WorkdirInUseError(
-            f"run directory {os.path.dirname(self.path)} is in use by another run ({who}): two runs in one "
+            f"run directory {paths.parent(self.path)} is in use by another run ({who}): two runs in one "
             f"directory would mix their checkpoints and losses.jsonl; wait for it or stop it, or use another "
             f"--set workdir (if that run is gone and this persists, delete {self.path})")
 
+    def _record(self) -> str:
+        return json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(), "start_ticks": _start_time(os.getpid()),
+            "job": os.environ.get(JOB_ENV) or None, "beat": time.time(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}) + "\n"
+
+    def _stale(self, holder: dict) -> str | None:
+        """Why a bucket lock's record no longer holds the run directory, or None."""
+        if "pid" not in holder:
+            return "unparsable record"
+        if not _alive(holder):
+            return "its process is gone"
+        job = os.environ.get(JOB_ENV)
+        if job and holder.get("job") == job:
+            return f"the same job {job!r}, restarted"
+        age = time.time() - float(holder.get("beat", 0))
+        return f"not rewritten for {age:.0f} s" if age > self.stale_s else None
+
     def __enter__(self) -> "RunLock":
+        if self.remote:
+            return self._enter_remote()
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -600,14 +608,51 @@ class RunLock:
         holder = self._read()
         if holder:
             self.log(f"{self.path}: taking over from a run that did not exit cleanly ({holder})")
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "start_ticks": _start_time(os.getpid()),
-                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, (json.dumps(record) + "\n").encode(), 0)
+        os.pwrite(self.fd, self._record().encode(), 0)
         os.fsync(self.fd)
         return self
 
+    def _enter_remote(self) -> "RunLock":
+        for _ in range(3):                            # lost a race to another writer: look again
+            text, generation = paths.read_versioned(self.path)
+            holder = self._parse(text)
+            why = self._stale(holder) if holder else None
+            if holder and why is None:
+                self._refuse(holder)
+            new = paths.write_versioned(self.path, self._record(), generation)
+            if new is not None:
+                break
+        else:
+            raise WorkdirInUseError(f"{self.path}: other runs keep rewriting the lock; is another run starting?")
+        if holder:
+            self.log(f"{self.path}: taking over from a run that did not exit cleanly ({why}; {holder})")
+        self.generation = new
+        self._beater = threading.Thread(target=self._beat, name="run.lock heartbeat", daemon=True)
+        self._beater.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                new = paths.write_versioned(self.path, self._record(), self.generation)
+            except Exception as e:  # noqa: BLE001 -- a network error: try again at the next beat
+                self.log(f"{self.path}: could not rewrite the lock ({e}); trying again in {self.heartbeat_s:g} s")
+                continue
+            if new is None:
+                holder = self._parse(paths.read_versioned(self.path)[0])
+                self.log(f"{self.path}: another run took the run directory over ({holder}); this run no longer "
+                         "holds it: stop one of them")
+                return
+            self.generation = new
+
     def __exit__(self, *exc) -> None:
+        if self.remote:
+            self._stop.set()
+            if self._beater is not None:
+                self._beater.join()
+            paths.write_versioned(self.path, "", self.generation)     # not ours any more: left as it is
+            return
         os.ftruncate(self.fd, 0)
         os.close(self.fd)                             # releases the flock
         self.fd = None

@@ -1,0 +1,49 @@
+"""Run directories and datasets in a Cloud Storage bucket (the local emulator, tests/gcs.py): prepare_data
+uploads a dataset to gs://."""
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+from PIL import Image
+
+from qwen2vl_jax.train import paths
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(variables, devices=2):
+    return {**os.environ, **variables, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _objects(url: str, bucket: str, prefix: str) -> list[str]:
+    """Object names under `prefix`, listed by the emulator's JSON API (not through the code under test)."""
+    with urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}/o?prefix={prefix}", timeout=10) as r:
+        return sorted(o["name"] for o in json.load(r).get("items", []))
+
+
+def test_prepare_data_uploads_a_dataset_to_a_bucket(tmp_path, gcs_bucket, gcs_emulator):
+    bucket, variables = gcs_bucket
+    url, _ = gcs_emulator
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(tmp_path / "a.png")
+    lines = [{"type": "caption", "images": ["a.png"], "text": f"a red square {i}"} for i in range(3)]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = f"{bucket}/data/caption"
+    r = subprocess.run([sys.executable, "-m", "launch.prepare_data", f"--input={tmp_path / 'data.jsonl'}",
+                        f"--out={out}", "--model=test", "--heldout=1", "--workers=1", "--noprogress"],
+                       cwd=REPO, env={**_env(variables), "TMPDIR": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    staging = os.path.join(tmp_path, "qwen2vl_jax_staging", out.removeprefix("gs://"))
+    local = sorted(os.path.relpath(os.path.join(d, f), staging) for d, _, fs in os.walk(staging) for f in fs)
+    assert local == ["heldout/data-00000-of-00001.array_record", "summary.json", "summary.png",
+                     "train/data-00000-of-00001.array_record"]
+    name = out.removeprefix(f"{bucket}/")
+    assert _objects(url, bucket.removeprefix("gs://"), name) == [f"{name}/{f}" for f in local]
+    for f in local:
+        with open(os.path.join(staging, f), "rb") as g:
+            assert paths.path(f"{out}/{f}").read_bytes() == g.read()
+    assert f"uploaded {len(local)} files from {staging} to {out}" in r.stderr
+    assert json.loads(paths.read_text(f"{out}/summary.json"))["written"] == {"train": 2, "heldout": 1}
