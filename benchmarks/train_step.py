@@ -171,7 +171,8 @@ def jax_side(cfg, params_host, rows: dict, steps: int, warmup: int, peak: float 
 
     dt, first = _time(step, steps, warmup)
     stats = device.memory_stats() or {}
-    del holder, state, batch
+    holder.clear()
+    state = batch = None          # free the device buffers before the torch side runs
     return dt, first, stats.get("peak_bytes_in_use")
 
 
@@ -229,7 +230,7 @@ def torch_side(cfg, params_host, rows: dict, grid: np.ndarray, steps: int, warmu
 
     dt, first = _time(step, steps, warmup)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
-    del model, opt
+    model = opt = None            # free the GPU memory before the next batch size
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
