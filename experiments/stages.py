@@ -56,6 +56,7 @@ class Experiment:
     checkpoint: CheckpointConfig = CheckpointConfig()
     steps: int = 0                  # 0 = ceil(token_budget / (batch_size * seq_len))
     microbatches: int = 1
+    topology: str = ""              # the TPU slice mesh, microbatches and remat were sized for (launch.aot's default)
     z_loss: float = 0.0
     loss_chunk: int = 512
     max_consecutive_skips: int = 5
@@ -203,6 +204,38 @@ class Scale:
     eval_every: int = 0
     lr_scale: tuple[tuple[str, float], ...] = ()
     model_overrides: tuple[tuple[str, object], ...] = ()
+    microbatches: int = 1
+    topology: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuLayout:
+    """How a paper-size stage runs on TPU: the slice, the mesh over it, gradient-accumulation steps and the
+    remat policy. Each was chosen from the compiled step's memory and `launch.aot --estimate` on that slice
+    (docs/performance.md has the table and the commands)."""
+    topology: str
+    mesh: MeshConfig
+    microbatches: int
+    remat: str
+
+
+# Why these: the roofline estimate puts every paper-size step far from ICI-bound, so the cheapest layout is
+# the one with the fewest recomputed FLOPs that fits. 2B: fsdp only (tensor parallelism only adds activation
+# all-reduces at this size); no matmul or attention kernel recomputed ("dots_attention"), with as many
+# microbatches as that needs (the weight all-gathers they repeat cost ~0.1 s per step). 7B and 72B: saving
+# the projections does not fit, so layer inputs only ("full"); 72B keeps tensor 8 (its layers' weights and
+# MLP activations are too large for fsdp alone).
+TPU_LAYOUTS: dict[tuple[str, int], TpuLayout] = {
+    ("2b", 1): TpuLayout("v5p-64", MeshConfig(data=1, fsdp=-1), 8, "dots_attention"),
+    ("2b", 2): TpuLayout("v5p-64", MeshConfig(data=1, fsdp=-1), 8, "dots_attention"),
+    ("2b", 3): TpuLayout("v5p-64", MeshConfig(data=1, fsdp=-1), 4, "dots_attention"),
+    ("7b", 1): TpuLayout("v5p-128", MeshConfig(data=1, fsdp=-1), 1, "full"),
+    ("7b", 2): TpuLayout("v5p-128", MeshConfig(data=1, fsdp=-1), 1, "full"),
+    ("7b", 3): TpuLayout("v5p-128", MeshConfig(data=1, fsdp=-1), 1, "full"),
+    ("72b", 1): TpuLayout("v5p-256", MeshConfig(data=1, fsdp=-1, tensor=8), 8, "full"),
+    ("72b", 2): TpuLayout("v5p-256", MeshConfig(data=1, fsdp=-1, tensor=8), 8, "full"),
+    ("72b", 3): TpuLayout("v5p-512", MeshConfig(data=1, fsdp=-1, tensor=8), 4, "full"),
+}
 
 
 def scale(model: str, stage: int) -> Scale:
@@ -218,11 +251,11 @@ def scale(model: str, stage: int) -> Scale:
                      mesh=MeshConfig(data=-1), checkpoint_every=max(5, steps // 4), log_every=max(1, steps // 20),
                      eval_every=steps // 4 if model == "tiny" else 0, lr_scale=vision_lr)
     lr = PAPER_LR[stage] * (0.5 if model == "72b" else 1.0)
-    mesh = {"2b": MeshConfig(data=1, fsdp=-1), "7b": MeshConfig(data=1, fsdp=-1),
-            "72b": MeshConfig(data=1, fsdp=-1, tensor=8)}[model]
+    tpu = TPU_LAYOUTS[model, stage]
     return Scale(PAPER_SEQ_LEN[stage], PAPER_BATCH[stage], PAPER_TOKENS[stage], lr, warmup_steps=2000,
-                 mesh=mesh, checkpoint_every=1000, log_every=10,
-                 model_overrides=(("dtype", "bfloat16"), ("remat_policy", "full"), ("attention_impl", "auto")))
+                 mesh=tpu.mesh, checkpoint_every=1000, log_every=10, microbatches=tpu.microbatches,
+                 topology=tpu.topology,
+                 model_overrides=(("dtype", "bfloat16"), ("remat_policy", tpu.remat), ("attention_impl", "auto")))
 
 
 def stage_experiment(stage: int, model: str) -> Experiment:
@@ -237,4 +270,4 @@ def stage_experiment(stage: int, model: str) -> Experiment:
         trainable=optim.STAGE_TRAINABLE[stage], batch_size=s.batch_size, token_budget=s.token_budget,
         optim=optim.OptimConfig(peak_lr=s.peak_lr, warmup_steps=s.warmup_steps, lr_scale=s.lr_scale),
         mesh=s.mesh, checkpoint=CheckpointConfig(every=s.checkpoint_every), log_every=s.log_every,
-        eval_every=s.eval_every)
+        eval_every=s.eval_every, microbatches=s.microbatches, topology=s.topology)
