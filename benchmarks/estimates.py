@@ -68,6 +68,10 @@ flags.DEFINE_string("results", "estimates.jsonl", "JSON lines of launch.aot --js
                     "table is read from it", flag_values=FLAGS)
 flags.DEFINE_bool("table_only", False, "print the table of --results without compiling", flag_values=FLAGS)
 flags.DEFINE_integer("timeout_s", 3600, "per row", flag_values=FLAGS)
+flags.DEFINE_string("mix", None, "instead of compiling: the attention pairs the block-sparse kernels visit over the "
+                    "useful pairs on rows packed from each stage's data mixture at this model's sizes (2b, ...)",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("mix_rows", 4, "packed rows per stage for --mix", flag_values=FLAGS)
 
 
 def row_key(rec: dict) -> str:
@@ -109,6 +113,32 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def attention_mix(model: str, stage: int, rows: int, blocks=(512, 256, 128)) -> list[tuple]:
+    """(tower, block size, visited / useful pairs, useful pairs per row, mean segment length, non-padding
+    fraction) for `rows` rows packed from the stage's mixture at `model`'s sizes: what the block-sparse
+    kernels compute (square blocks of that size; the kernels take 512 for the registry's lengths) over
+    the (query, key) pairs that attend (flops.attention_pairs)."""
+    import numpy as np
+    from experiments import registry
+    from qwen2vl_jax.data import pipeline, tokenizer as tokenizer_lib
+    from qwen2vl_jax.model import block_sparse_attention as bsa
+    from qwen2vl_jax.train import flops
+    exp = registry.get_experiment(f"stage{stage}", model)
+    batch = next(pipeline.make_iterator(exp.data, exp.model, tokenizer_lib.load_for(exp.tokenizer, exp.model),
+                                        batch_size=rows))
+    out = []
+    for tower, seg, causal in (("vision", batch["patch_segment_ids"], False), ("decoder", batch["segment_ids"], True)):
+        useful = flops.attention_pairs(seg, causal)
+        lengths = np.concatenate([np.bincount(r[r > 0])[1:] for r in seg])
+        lengths = lengths[lengths > 0]
+        for b in blocks:
+            visited = int(np.sum(np.asarray(bsa.visited_pairs(seg, seg, causal=causal, block_q=b, block_kv=b),
+                                            np.int64))) * b * b
+            out.append((tower, b, visited / max(useful, 1), useful / rows, float(lengths.mean()),
+                        float((seg > 0).mean())))
+    return out
+
+
 def read(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -133,6 +163,13 @@ def main(argv) -> int:
     except ValueError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
+    if FLAGS.mix:
+        print("| stage | tower | block | visited / useful pairs | useful pairs per row | mean segment | filled |")
+        print("|---|---|---|---|---|---|---|")
+        for stage in (1, 2, 3):
+            for tower, b, ratio, per_row, mean, fill in attention_mix(FLAGS.mix, stage, FLAGS.mix_rows):
+                print(f"| {stage} | {tower} | {b} | {ratio:.2f} | {per_row:.3g} | {mean:.0f} | {fill:.0%} |")
+        return 0
     if not FLAGS.table_only:
         for i, row in enumerate(rows, 1):
             cmd = row.argv(FLAGS.results)
