@@ -56,9 +56,9 @@ ROWS: tuple[Row, ...] = (
     Row("2b", 1), Row("2b", 3),
     Row("7b", 1), Row("7b", 2), Row("7b", 3),
     Row("72b", 1),
-    Row("2b", 1, "v6e-64", ("model.remat_policy=full",), "4"),
+    Row("2b", 1, "v6e-64", ("model.remat_policy=full",), "2"),
     Row("2b", 2, "v6e-64", ("model.remat_policy=full",), "2"),
-    Row("2b", 3, "v6e-64", ("model.remat_policy=full",), "1"),
+    Row("2b", 3, "v6e-64", ("model.remat_policy=full",), "auto"),
 )
 
 FLAGS = flags.FlagValues()

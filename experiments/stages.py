@@ -219,12 +219,15 @@ class TpuLayout:
     remat: str
 
 
-# Why these: the roofline estimate puts every paper-size step far from ICI-bound, so the cheapest layout is
-# the one with the fewest recomputed FLOPs that fits. 2B: fsdp only (tensor parallelism only adds activation
-# all-reduces at this size); no matmul or attention kernel recomputed ("dots_attention"), with as many
-# microbatches as that needs (the weight all-gathers they repeat cost ~0.1 s per step). 7B and 72B: saving
-# the projections does not fit, so layer inputs only ("full"); 72B keeps tensor 8 (its layers' weights and
-# MLP activations are too large for fsdp alone).
+# Why these (estimates per device per step; docs/performance.md): every paper-size step is compute-bound, far
+# from ICI-bound, so the layout with the fewest recomputed FLOPs and the least communication that fits wins.
+# 2B: fsdp only (tensor parallelism adds activation all-reduces and nothing else at this size); no matmul or
+# attention kernel recomputed ("dots_attention") at the microbatches that needs (stage 2: 6.85 -> 5.68 s
+# against full remat in one microbatch; the weight all-gathers repeated per microbatch cost ~0.3 s of ICI).
+# 7B and 72B: saving the projections does not fit, so layer inputs only ("full"). 72B stage 2 on v5p-256:
+# tensor 2 (fsdp 64, 4 microbatches, 58.8 GiB) against tensor 8 (fsdp 16, 8 microbatches, 72.2 GiB): the
+# same 40.2 s of compute, ICI 19.7 -> 8.2 s, HBM 16.5 -> 7.5 s, no-overlap sum 76.4 -> 55.9 s (tensor 1,
+# fsdp 128: 55.7 s at 72.2 GiB). Stage 3's 32,768-token rows keep tensor 8 on v5p-512 (55.9 GiB).
 TPU_LAYOUTS: dict[tuple[str, int], TpuLayout] = {
     ("2b", 1): TpuLayout("v5p-64", MeshConfig(data=1, fsdp=-1), 8, "dots_attention"),
     ("2b", 2): TpuLayout("v5p-64", MeshConfig(data=1, fsdp=-1), 8, "dots_attention"),
@@ -232,8 +235,8 @@ TPU_LAYOUTS: dict[tuple[str, int], TpuLayout] = {
     ("7b", 1): TpuLayout("v5p-128", MeshConfig(data=1, fsdp=-1), 1, "full"),
     ("7b", 2): TpuLayout("v5p-128", MeshConfig(data=1, fsdp=-1), 1, "full"),
     ("7b", 3): TpuLayout("v5p-128", MeshConfig(data=1, fsdp=-1), 1, "full"),
-    ("72b", 1): TpuLayout("v5p-256", MeshConfig(data=1, fsdp=-1, tensor=8), 8, "full"),
-    ("72b", 2): TpuLayout("v5p-256", MeshConfig(data=1, fsdp=-1, tensor=8), 8, "full"),
+    ("72b", 1): TpuLayout("v5p-256", MeshConfig(data=1, fsdp=-1, tensor=2), 4, "full"),
+    ("72b", 2): TpuLayout("v5p-256", MeshConfig(data=1, fsdp=-1, tensor=2), 4, "full"),
     ("72b", 3): TpuLayout("v5p-512", MeshConfig(data=1, fsdp=-1, tensor=8), 4, "full"),
 }
 
