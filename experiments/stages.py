@@ -13,6 +13,8 @@ What the paper does not give and we chose (overridable with --set):
   schedule         warmup (2000 steps) + cosine to 10% of peak; peak LR 2e-4 / 1e-4 / 1e-5 per stage
                    (x0.5 for 72B); AdamW b2=0.95, wd 0.1, clip 1.0
   data mixture     STAGE_MIXTURE: the paper names each stage's data kinds but no ratios; the weights are ours
+  TPU layout       TPU_LAYOUTS: per size and stage the slice, mesh, microbatches and remat policy, chosen from
+                   the compiled step's memory and step-time estimate (launch.aot --estimate)
 Data: the embedded synthetic sources (qwen2vl_jax.data) stand in for each category: caption (image-text
 pairs), ocr, count (classification-like), grounding / count (VQA, multitask), interleaved, video,
 chat (ChatML). Real corpora: `--data=DIR` (launch.prepare_data's output, see `data_source`) or a weighted
