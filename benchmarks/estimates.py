@@ -94,19 +94,21 @@ def table(records: list[dict]) -> str:
         newest[row_key(rec)] = rec
     order = [r.key for r in ROWS] + sorted(k for k in newest if k not in {r.key for r in ROWS})
     head = ("| model | stage | slice (chips) | mesh | microbatches | remat | memory GiB / device | step s "
-            "(estimate) | bound | MFU at bound / no overlap (estimate) | compiler s (estimate) | compiled | date |")
+            "(estimate) | dominant term | compute / HBM / ICI s | MFU at bound / no overlap (estimate) | "
+            "compiler s (estimate) | compiled | date |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for key in order:
         rec = newest.get(key)
         if rec is None:
             continue
         if "memory_gib" not in rec:
-            lines.append(f"| {key} | | | | | | does not fit: {rec.get('error', '')[:120]} | | | | | | "
+            lines.append(f"| {key} | | | | | | does not fit: {rec.get('error', '')[:120]} | | | | | | | "
                          f"{rec.get('date', '')} |")
             continue
         fits = "" if rec["fits"] else f" (over {rec['hbm_gib']:.0f})"
-        est = ("| {step_s:.2f} | {bound} | {mfu:.2f} / {mfu_no_overlap:.2f} | {compiler_view_s:.2f} ".format(**rec)
-               if "step_s" in rec else "| | | | ")
+        terms = " / ".join(f"{rec['terms_s'][k]:.1f}" for k in ("compute", "hbm", "ici")) if "step_s" in rec else ""
+        est = ("| {step_s:.2f} | {bound} | {terms} | {mfu:.2f} / {mfu_no_overlap:.2f} | {compiler_view_s:.2f} "
+               .format(terms=terms, **rec) if "step_s" in rec else "| | | | | ")
         lines.append(f"| {rec['model']} | {rec['stage']} | {rec['topology']} ({rec['chips']}) | {_mesh(rec['mesh'])} "
                      f"| {rec['microbatches']} | {rec['remat']} | {rec['memory_gib']:.1f}{fits} {est}"
                      f"| {rec['compile_s']:.0f} s | {rec['date'][:10]} |")

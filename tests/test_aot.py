@@ -220,7 +220,8 @@ def test_cli_estimate_last_line_and_useful_flops(tmp_path):
     assert rec["fits"] and 0 < rec["memory_gib"] < 95 and rec["microbatches"] == exp.microbatches
     row = estimates.table([rec]).splitlines()[2]
     assert row.startswith(f"| test | 2 | v5p:2x2x1 (4) | data 4 | {exp.microbatches} | {exp.model.remat_policy} |")
-    assert f"| {rec['step_s']:.2f} | {rec['bound']} | {rec['mfu']:.2f} / {rec['mfu_no_overlap']:.2f} |" in row
+    assert f"| {rec['step_s']:.2f} | {rec['bound']} | {rec['terms_s']['compute']:.1f} / " in row
+    assert f"| {rec['mfu']:.2f} / {rec['mfu_no_overlap']:.2f} |" in row and row.count("|") == 15
 
 
 def test_cli_rejects_a_bad_microbatch_count():
