@@ -13,6 +13,8 @@ What the paper does not give and we chose (overridable with --set):
   schedule         warmup (2000 steps) + cosine to 10% of peak; peak LR 2e-4 / 1e-4 / 1e-5 per stage
                    (x0.5 for 72B); AdamW b2=0.95, wd 0.1, clip 1.0
   data mixture     STAGE_MIXTURE: the paper names each stage's data kinds but no ratios; the weights are ours
+  TPU layout       TPU_LAYOUTS: per size and stage the slice, mesh, microbatches and remat policy, chosen from
+                   the compiled step's memory and step-time estimate (launch.aot --estimate)
 Data: the embedded synthetic sources (qwen2vl_jax.data) stand in for each category: caption (image-text
 pairs), ocr, count (classification-like), grounding / count (VQA, multitask), interleaved, video,
 chat (ChatML). Real corpora: `--data=DIR` (launch.prepare_data's output, see `data_source`) or a weighted
@@ -56,6 +58,7 @@ class Experiment:
     checkpoint: CheckpointConfig = CheckpointConfig()
     steps: int = 0                  # 0 = ceil(token_budget / (batch_size * seq_len))
     microbatches: int = 1
+    topology: str = ""              # the TPU slice mesh, microbatches and remat were sized for (launch.aot's default)
     z_loss: float = 0.0
     loss_chunk: int = 512
     max_consecutive_skips: int = 5
@@ -203,6 +206,42 @@ class Scale:
     eval_every: int = 0
     lr_scale: tuple[tuple[str, float], ...] = ()
     model_overrides: tuple[tuple[str, object], ...] = ()
+    microbatches: int = 1
+    topology: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuLayout:
+    """How a paper-size stage runs on TPU: the slice, the mesh over it, gradient-accumulation steps and the
+    remat policy. Each was chosen from the compiled step's memory and `launch.aot --estimate` on that slice
+    (docs/performance.md has the table and the commands)."""
+    topology: str
+    mesh: MeshConfig
+    microbatches: int
+    remat: str
+
+
+# Why these (estimates per device per step; docs/performance.md): every paper-size step is compute-bound, far
+# from ICI-bound, so the layout with the fewest recomputed FLOPs and the least communication that fits wins.
+# 2B: fsdp only (tensor parallelism adds activation all-reduces and nothing else at this size); no matmul or
+# attention kernel recomputed ("dots_attention") at the microbatches that needs (stage 2: 6.85 -> 5.68 s
+# against full remat in one microbatch; the weight all-gathers repeated per microbatch cost ~0.3 s of ICI).
+# 7B and 72B: saving the projections does not fit, so layer inputs only ("full"). 72B stage 2 on v5p-256:
+# tensor 2 (fsdp 64, 4 microbatches, 58.8 GiB) against tensor 8 (fsdp 16, 8 microbatches, 72.2 GiB): the
+# same 40.2 s of compute, ICI 19.7 -> 8.2 s, HBM 16.5 -> 7.5 s, no-overlap sum 76.4 -> 55.9 s (tensor 1,
+# fsdp 128: 55.7 s at 72.2 GiB). Stage 3 on v5p-512: tensor 4 (fsdp 64, 2 microbatches, 63.1 GiB) against
+# tensor 8 (fsdp 32, 4 microbatches, 55.9 GiB): the same 19.8 s of compute, no-overlap sum 36.4 -> 28.9 s.
+TPU_LAYOUTS: dict[tuple[str, int], TpuLayout] = {
+    ("2b", 1): TpuLayout("v5p-64", MeshConfig(data=1, fsdp=-1), 8, "dots_attention"),
+    ("2b", 2): TpuLayout("v5p-64", MeshConfig(data=1, fsdp=-1), 8, "dots_attention"),
+    ("2b", 3): TpuLayout("v5p-64", MeshConfig(data=1, fsdp=-1), 4, "dots_attention"),
+    ("7b", 1): TpuLayout("v5p-128", MeshConfig(data=1, fsdp=-1), 1, "full"),
+    ("7b", 2): TpuLayout("v5p-128", MeshConfig(data=1, fsdp=-1), 1, "full"),
+    ("7b", 3): TpuLayout("v5p-128", MeshConfig(data=1, fsdp=-1), 1, "full"),
+    ("72b", 1): TpuLayout("v5p-256", MeshConfig(data=1, fsdp=-1, tensor=2), 4, "full"),
+    ("72b", 2): TpuLayout("v5p-256", MeshConfig(data=1, fsdp=-1, tensor=2), 4, "full"),
+    ("72b", 3): TpuLayout("v5p-512", MeshConfig(data=1, fsdp=-1, tensor=4), 2, "full"),
+}
 
 
 def scale(model: str, stage: int) -> Scale:
@@ -218,11 +257,11 @@ def scale(model: str, stage: int) -> Scale:
                      mesh=MeshConfig(data=-1), checkpoint_every=max(5, steps // 4), log_every=max(1, steps // 20),
                      eval_every=steps // 4 if model == "tiny" else 0, lr_scale=vision_lr)
     lr = PAPER_LR[stage] * (0.5 if model == "72b" else 1.0)
-    mesh = {"2b": MeshConfig(data=1, fsdp=-1), "7b": MeshConfig(data=1, fsdp=-1),
-            "72b": MeshConfig(data=1, fsdp=-1, tensor=8)}[model]
+    tpu = TPU_LAYOUTS[model, stage]
     return Scale(PAPER_SEQ_LEN[stage], PAPER_BATCH[stage], PAPER_TOKENS[stage], lr, warmup_steps=2000,
-                 mesh=mesh, checkpoint_every=1000, log_every=10,
-                 model_overrides=(("dtype", "bfloat16"), ("remat_policy", "full"), ("attention_impl", "auto")))
+                 mesh=tpu.mesh, checkpoint_every=1000, log_every=10, microbatches=tpu.microbatches,
+                 topology=tpu.topology,
+                 model_overrides=(("dtype", "bfloat16"), ("remat_policy", tpu.remat), ("attention_impl", "auto")))
 
 
 def stage_experiment(stage: int, model: str) -> Experiment:
@@ -237,4 +276,4 @@ def stage_experiment(stage: int, model: str) -> Experiment:
         trainable=optim.STAGE_TRAINABLE[stage], batch_size=s.batch_size, token_budget=s.token_budget,
         optim=optim.OptimConfig(peak_lr=s.peak_lr, warmup_steps=s.warmup_steps, lr_scale=s.lr_scale),
         mesh=s.mesh, checkpoint=CheckpointConfig(every=s.checkpoint_every), log_every=s.log_every,
-        eval_every=s.eval_every)
+        eval_every=s.eval_every, microbatches=s.microbatches, topology=s.topology)

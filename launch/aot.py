@@ -29,8 +29,10 @@ starts; flags in your own LIBTPU_INIT_ARGS come after them and win. --notpu_flag
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
+import time
 
 # The TPU devices are libtpu's compile-only ones; the host backend must never probe for an accelerator.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -46,11 +48,12 @@ FLAGS = flags.FlagValues()
 cli.define_experiment(FLAGS, default="stage2")
 cli.define_model(FLAGS, default="72b")
 cli.define_set(FLAGS)
-flags.DEFINE_string("topology", "v5p-256", "accelerator type (v5p-256) or topology (v5p:4x4x8)", flag_values=FLAGS)
+flags.DEFINE_string("topology", None, "accelerator type (v5p-256) or topology (v5p:4x4x8); default: the experiment's "
+                    "(the slice its mesh, microbatches and remat were sized for)", flag_values=FLAGS)
 flags.DEFINE_integer("num_slices", 1, "slices of --topology (multi-slice; sets mesh.dcn)", lower_bound=1,
                      flag_values=FLAGS)
 flags.DEFINE_enum("attention", None, ATTENTION_IMPLS,
-                  "attention_impl for the TPU (default: the experiment's; auto -> splash)", flag_values=FLAGS)
+                  "attention_impl (default: the experiment's; auto: block_sparse on TPU where the lengths tile, else xla)", flag_values=FLAGS)
 flags.DEFINE_bool("estimate", False, "print the roofline step-time estimate of the compiled step", flag_values=FLAGS)
 flags.DEFINE_integer("image_patches", aot.PackedLayout.image_patches,
                      "patches per image the estimate assumes (the rows' patch budget is packed with such images)",
@@ -64,6 +67,8 @@ flags.DEFINE_float("hbm_headroom", 0.1, "fraction of HBM --microbatches=auto lea
 flags.DEFINE_float("hbm_gib", None, "HBM per device to check against, GiB (default: the chip's)", flag_values=FLAGS)
 flags.DEFINE_string("save_hlo", None, "write the compiled program's HLO text here (for re-analysis: "
                     "qwen2vl_jax.train.roofline.estimate takes it)", flag_values=FLAGS)
+flags.DEFINE_string("json", None, "append the result as one JSON line to this file (what benchmarks.estimates "
+                    "tabulates)", flag_values=FLAGS)
 flags.DEFINE_bool("tpu_flags", True, "set the TPU compiler flags of qwen2vl_jax.train.aot.TPU_COMPILER_FLAGS",
                   flag_values=FLAGS)
 
@@ -76,20 +81,23 @@ def _microbatches(text: str | None) -> int | str | None:
     return int(text)
 
 
-def run_experiment(experiment: str, model: str, topology: str, overrides=(), attention: str | None = None,
+def run_experiment(experiment: str, model: str, topology: str | None, overrides=(), attention: str | None = None,
                    microbatches: int | str | None = None, hbm_headroom: float = 0.1, hbm_gib: float | None = None,
                    compiler_flags: bool = True, progress=print, num_slices: int = 1):
-    """AOT-compiles the experiment's train step for `num_slices` x `topology`. Returns (exp, cfg, AotResult);
-    with microbatches="auto" exp.microbatches is the count found."""
-    topo = aot.parse_topology(topology, num_slices)
+    """AOT-compiles the experiment's train step for `num_slices` x `topology` (default: the experiment's slice).
+    Returns (exp, cfg, AotResult); with microbatches="auto" exp.microbatches is the count found."""
     exp = registry.get_experiment(experiment, model, [f"mesh.dcn={num_slices}", *overrides])
+    if not (topology or exp.topology):
+        raise ValueError(f"--topology: experiment {experiment} at model {model} names no TPU slice; pass one "
+                         f"(v5p-8, v5p:2x2x1, ...)")
+    topo = aot.parse_topology(topology or exp.topology, num_slices)
     if isinstance(microbatches, int):
         exp = registry.apply_overrides(exp, [f"microbatches={microbatches}"])
     if not 0 <= hbm_headroom < 1:
         raise ValueError(f"--hbm_headroom={hbm_headroom}; valid: 0 <= headroom < 1")
     if hbm_gib is not None and hbm_gib <= 0:
         raise ValueError(f"--hbm_gib={hbm_gib}; valid: a positive number of GiB")
-    cfg = exp.model.replace(attention_impl=aot.resolve_attention(attention or exp.model.attention_impl))
+    cfg = exp.model.replace(attention_impl=attention) if attention else exp.model
     hbm = int(hbm_gib * aot.GiB) if hbm_gib else None
 
     def compile_with(m: int) -> aot.AotResult:
@@ -119,8 +127,34 @@ def run_experiment(experiment: str, model: str, topology: str, overrides=(), att
     return exp, cfg, result
 
 
+def _record(exp, cfg, result, est, started: float) -> dict:
+    """One JSON line for --json: the layout that was compiled, its memory and (with --estimate) the estimate."""
+    chip = result.generation or aot.parse_topology(result.topology).generation
+    rec = dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), argv=sys.argv[1:],
+               experiment=exp.name, model=cfg.name, stage=exp.stage, topology=result.topology, chip=chip,
+               chips=result.chips, mesh=dict(zip(sharding.MESH_AXES, exp.mesh.shape(result.n_devices))),
+               microbatches=exp.microbatches, remat=cfg.remat_policy,
+               attention=aot.describe_attention(cfg.attention_impl, exp.data.seq_len, exp.data.max_patches),
+               memory_gib=result.total_bytes / aot.GiB, hbm_gib=result.hbm_per_device / aot.GiB, fits=result.fits,
+               compile_s=result.compile_s, wall_s=time.time() - started)
+    if est is not None:
+        rec.update(step_s=est.step_s, bound=est.bound, no_overlap_s=est.no_overlap_s, terms_s=est.terms,
+                   compiler_view_s=est.compiler_view_s, mfu=est.mfu(est.useful_flops, est.step_s),
+                   mfu_no_overlap=est.mfu(est.useful_flops, est.no_overlap_s),
+                   mfu_6nd=est.mfu(est.six_nd_flops, est.step_s), useful_flops=est.useful_flops,
+                   flops=est.flops, kernel_flops=est.analysis.total_kernel_flops, hbm_bytes=est.analysis.hbm_bytes,
+                   ici_bytes=est.analysis.ici_bytes)
+    return rec
+
+
+def _append_json(path: str, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
 def main(argv) -> int:
     cli.parse(FLAGS, argv, __doc__)
+    started, est = time.time(), None
     try:
         layout = aot.PackedLayout(FLAGS.image_patches, FLAGS.doc_tokens)
         exp, cfg, result = run_experiment(FLAGS.experiment, FLAGS.model, FLAGS.topology, FLAGS.set,
@@ -131,6 +165,10 @@ def main(argv) -> int:
                                           exp.data.max_patches, layout)
     except aot.DoesNotFitError as e:
         print(f"ERROR: {e}", file=sys.stderr)
+        if FLAGS.json:
+            _append_json(FLAGS.json, dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                                          argv=sys.argv[1:], fits=False, error=str(e),
+                                          wall_s=time.time() - started))
         return 2
     except (ValueError, RuntimeError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
@@ -139,7 +177,7 @@ def main(argv) -> int:
     print(f"{exp.name} model={cfg.name} batch={exp.batch_size}x{exp.data.seq_len} tokens, "
           f"{exp.data.max_patches} patches/row, microbatches={exp.microbatches}, mesh({mesh}), "
           f"trainable={'+'.join(exp.trainable)}, dtype={cfg.dtype}/{cfg.param_dtype}, remat={cfg.remat_policy}, "
-          f"attention={cfg.attention_impl}")
+          f"attention={aot.describe_attention(cfg.attention_impl, exp.data.seq_len, exp.data.max_patches)}")
     print(f"TPU compiler flags (LIBTPU_INIT_ARGS): {aot.libtpu_args_in_effect() or '(none)'}")
     print(result.format())
     # 6 x params x tokens per optimizer step, for comparison with XLA's count
@@ -156,6 +194,8 @@ def main(argv) -> int:
         print(f"useful FLOPs per step (flops.py; rows of {layout.describe()}): {useful:.6g} total, "
               f"{est.useful_flops:.6g} per device")
         print(roofline.format_estimate(est))
+    if FLAGS.json:
+        _append_json(FLAGS.json, _record(exp, cfg, result, est, started))
     try:
         aot.check_fits(result)
     except aot.DoesNotFitError as e:

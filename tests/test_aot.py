@@ -216,7 +216,8 @@ def test_cli_estimate_last_line_and_useful_flops(tmp_path):
     hlo = tmp_path / "step.hlo.txt"
     proc = subprocess.run(
         [sys.executable, "-m", "launch.aot", "--experiment=stage2", "--model=test", "--topology=v5p:2x2x1",
-         "--set=mesh.data=-1", "--estimate", "--image_patches=64", "--doc_tokens=32", f"--save_hlo={hlo}"],
+         "--set=mesh.data=-1", "--estimate", "--image_patches=64", "--doc_tokens=32", f"--save_hlo={hlo}",
+         f"--json={tmp_path / 'rows.jsonl'}"],
         cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
@@ -237,11 +238,39 @@ def test_cli_estimate_last_line_and_useful_flops(tmp_path):
     again = roofline.estimate(hlo.read_text(), chips.get_chip("v5p"))
     assert f"{again.step_s:.4g}" == m.group(1) and again.bound == m.group(2)
     assert lines[1].startswith("TPU compiler flags (LIBTPU_INIT_ARGS): " + " ".join(aot.TPU_COMPILER_FLAGS))
+    # --json: the same figures as the printed estimate, and benchmarks.estimates' table row from it
+    from benchmarks import estimates
+    rec, = estimates.read(str(tmp_path / "rows.jsonl"))
+    assert rec["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1, "sequence": 1} and rec["chips"] == 4
+    assert f"{rec['step_s']:.4g}" == m.group(1) and rec["bound"] == m.group(2)
+    assert f"{rec['mfu']:.4f}" == m.group(3) and rec["useful_flops"] == pytest.approx(hand / 4, rel=1e-5)
+    assert rec["no_overlap_s"] == pytest.approx(sum(rec["terms_s"].values()))
+    assert rec["fits"] and 0 < rec["memory_gib"] < 95 and rec["microbatches"] == exp.microbatches
+    row = estimates.table([rec]).splitlines()[2]
+    assert row.startswith(f"| test | 2 | v5p:2x2x1 (4) | data 4 | {exp.microbatches} | {exp.model.remat_policy} |")
+    assert f"| {rec['step_s']:.2f} | {rec['bound']} | {rec['terms_s']['compute']:.1f} / " in row
+    assert f"| {rec['mfu']:.2f} / {rec['mfu_no_overlap']:.2f} |" in row and row.count("|") == 15
 
 
 def test_cli_rejects_a_bad_microbatch_count():
     from launch import aot as cli_aot
-    assert cli_aot.main(["--model=test", "--microbatches=0"]) == 1
+    assert cli_aot.main(["--model=test", "--microbatches=0", "--topology=v5p-8"]) == 1
+
+
+def test_cli_topology_defaults_to_the_experiments(capsys):
+    """A paper-size experiment names the slice its layout was sized for; test / tiny name none, so the CLI
+    asks for one (exit 1, one line) instead of guessing."""
+    from experiments import registry
+    from launch import aot as cli_aot
+    assert registry.get_experiment("stage3", "72b").topology == "v5p-512"
+    assert cli_aot.main(["--model=test"]) == 1
+    assert "--topology: experiment stage2 at model test names no TPU slice" in capsys.readouterr().err
+
+
+def test_describe_attention_says_what_auto_runs_on_tpu():
+    assert aot.describe_attention("auto", 16384, 32768) == "auto (on TPU: vision block_sparse, decoder block_sparse)"
+    assert aot.describe_attention("auto", 100, 256) == "auto (on TPU: vision block_sparse, decoder xla)"
+    assert aot.describe_attention("splash", 100, 256) == "splash"
 
 
 # A weight-gradient matmul under FSDP on 8 chips: with windowed einsum (libtpu's default threshold, or 0)

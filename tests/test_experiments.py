@@ -143,3 +143,31 @@ def test_coupled_model_fields_can_be_overridden_together():
     assert exp.optim.peak_lr == 3e-4                               # the later value of a key wins
     with pytest.raises(ValueError, match=r"model.hidden_size='384'.*mrope_section"):
         registry.get_experiment("stage2", "tiny", ["model.hidden_size=384"])
+
+
+# Chips of each v5p slice the registry names, counted by hand: v5p-N counts TensorCores, two per chip.
+SLICE_CHIPS = {"v5p-64": 32, "v5p-128": 64, "v5p-256": 128, "v5p-512": 256}
+
+
+@pytest.mark.parametrize("model", ["2b", "7b", "72b"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_tpu_layout_divides_the_batch_over_its_slice(model, stage):
+    """The paper sizes' TPU defaults are consistent with their slice: the mesh spans exactly its chips,
+    the microbatches divide the batch, and every microbatch gives each batch shard (data x fsdp) the same
+    whole number of rows. The issue's two slices are the ones named: 72B stage 2 on v5p-256, stage 3 on
+    v5p-512."""
+    from qwen2vl_jax.train.sharding import MESH_AXES
+    exp = registry.get_experiment(f"stage{stage}", model)
+    chips = SLICE_CHIPS[exp.topology]
+    mesh = dict(zip(MESH_AXES, exp.mesh.shape(chips)))
+    assert mesh["data"] * mesh["fsdp"] * mesh["tensor"] * mesh["sequence"] == chips
+    assert exp.batch_size % exp.microbatches == 0
+    rows = exp.batch_size // exp.microbatches
+    assert rows % (mesh["data"] * mesh["fsdp"]) == 0 and rows >= mesh["data"] * mesh["fsdp"]
+    assert exp.model.remat_policy in ("full", "dots_attention") and exp.model.attention_impl == "auto"
+    if model == "72b":
+        assert exp.topology == {1: "v5p-256", 2: "v5p-256", 3: "v5p-512"}[stage]
+    if model == "2b":
+        assert mesh["tensor"] == 1 and mesh["fsdp"] == 32            # fsdp only
+    # an override still wins over the layout
+    assert registry.get_experiment(f"stage{stage}", model, ["microbatches=2"]).microbatches == 2

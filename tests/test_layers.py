@@ -1,6 +1,8 @@
 """Norm layers alone against transformers' modules (Qwen2RMSNorm; torch.nn.LayerNorm, which the Qwen2-VL vision
 tower uses), on inputs whose mean square / variance spans eps, so a misplaced or dropped eps is off by tens of
 percent against a 1e-5 tolerance."""
+import collections
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,3 +71,50 @@ def test_bf16_inputs_match_the_bf16_modules(kind):
         want = ref(xt).float().numpy()
     got = _apply(ours, params, jnp.asarray(xt.float().numpy(), jnp.bfloat16))
     np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=0)
+
+
+def _grad_jaxpr_counts(policy_name):
+    """Equation counts in the gradient of a rematerialised attention block (a q/k/v projection, the
+    block-sparse kernel in interpret mode, an output projection, a nonlinearity): how often each kernel
+    and each projection matmul runs in one forward + backward pass."""
+    import jax
+    import jax.extend.core as jex_core
+    from qwen2vl_jax.model import block_sparse_attention as bsa
+    B, T, H, D = 1, 256, 2, 128
+    seg = jnp.ones((B, T), jnp.int32)
+
+    def block(x, w_qkv, w_o):
+        q, k, v = (jnp.einsum("btd,dhk->bthk", x, w_qkv[i]) for i in range(3))
+        a = bsa.block_sparse_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True,
+                                       block_q=128, block_kv=128, interpret=True)
+        return jnp.sum(jnp.tanh(jnp.einsum("bthk,hkd->btd", a, w_o)))
+
+    x = jnp.ones((B, T, H * D), jnp.float32)
+    w_qkv = jnp.full((3, H * D, H, D), 0.01, jnp.float32)
+    w_o = jnp.full((H, D, H * D), 0.01, jnp.float32)
+    f = jax.checkpoint(block, policy=layers.remat_policy(policy_name))
+    counts = collections.Counter()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":          # not into the kernel body's own matmuls
+                counts[str(eqn.params["name"])] += 1
+                continue
+            if eqn.primitive.name == "dot_general":
+                counts["dot_general"] += 1
+            for sub in jex_core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(x, w_qkv, w_o).jaxpr)
+    return counts
+
+
+def test_dots_attention_policy_recomputes_no_matmul_and_no_attention_kernel():
+    """Hand count per forward + backward of the block above: the forward kernel runs once, dq and dk/dv once
+    each; projections: 4 forward matmuls (q, k, v, o) and 2 per projection backward (input and weight
+    gradients) = 12. With remat "full" the backward re-runs the forward kernel and the 4 forward matmuls."""
+    saved, full = _grad_jaxpr_counts("dots_attention"), _grad_jaxpr_counts("full")
+    assert {k: v for k, v in saved.items() if k.startswith("block_sparse")} == \
+        {"block_sparse_fwd": 1, "block_sparse_dq": 1, "block_sparse_dkv": 1}
+    assert full["block_sparse_fwd"] == 2 and full["block_sparse_dq"] == full["block_sparse_dkv"] == 1
+    assert saved["dot_general"] == 12 and full["dot_general"] == 16

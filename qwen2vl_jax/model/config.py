@@ -28,7 +28,7 @@ SPECIAL_TOKENS = (
 )
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "block_sparse", "auto")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "dots_attention", "minimal")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -80,14 +80,31 @@ class LayerNorm(nn.Module):
 CHECKPOINT_NAMES = ("qkv", "attn_out")
 
 
+# Primitives of the fused attention kernels: Pallas (block_sparse, splash on TPU) and cuDNN. Their outputs
+# include the softmax statistics (logsumexp) the backward kernels read: a policy that saves only the
+# attention output still re-runs the forward kernel in the backward pass to get them.
+ATTENTION_KERNEL_PRIMITIVES = ("pallas_call", "dot_product_attention_fwd")
+
+
+def _attention_kernel_saveable(prim, *_, **__) -> bool:
+    return prim.name in ATTENTION_KERNEL_PRIMITIVES
+
+
 def remat_policy(name: str) -> Optional[Callable]:
-    """cfg.remat_policy -> jax.checkpoint policy ("none" -> None: stack_layers then skips nn.remat)."""
+    """cfg.remat_policy -> jax.checkpoint policy ("none" -> None: stack_layers then skips nn.remat).
+
+    "dots_attention" saves every projection output (matmuls without batch dimensions: q/k/v, o, the MLP's)
+    and the attention kernels' outputs, so the backward pass recomputes only norms, activations and rotary
+    embeddings: no matmul and no attention kernel runs twice. With attention_impl "xla" the attention
+    itself (batched matmuls) is still recomputed; its [T, S] scores are never kept."""
     cp = jax.checkpoint_policies
     return {
         "none": None,
         "full": cp.nothing_saveable,
         "dots": cp.dots_saveable,
         "dots_with_no_batch_dims": cp.dots_with_no_batch_dims_saveable,
+        "dots_attention": cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                                     _attention_kernel_saveable),
         "minimal": cp.save_only_these_names(*CHECKPOINT_NAMES),
     }[name]
 

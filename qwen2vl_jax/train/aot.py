@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from qwen2vl_jax.model import attention
 from qwen2vl_jax.train import flops, roofline, sharding, train_step
 from qwen2vl_jax.train.chips import CHIPS, Chip, GiB
 
@@ -306,9 +307,15 @@ def compile_train_step(cfg, step_cfg, mesh_cfg, topo: Topology, batch_size: int,
     return compile_for_topology(step, (abs_state, abs_batch), topo, len(devices), hbm_per_device)
 
 
-def resolve_attention(impl: str) -> str:
-    """What `auto` picks on a TPU (the AOT host is a CPU, where `auto` would resolve to xla)."""
-    return "splash" if impl == "auto" else impl
+def describe_attention(impl: str, seq_len: int, max_patches: int) -> str:
+    """What a TPU step runs for attention_impl `impl`. The model resolves `auto` while it is traced, for the
+    platform of the mesh in context (model/attention.py resolve_impl), so a compile here for TPU devices
+    gets what a TPU run gets: block_sparse where the lengths tile, else xla."""
+    if impl != "auto":
+        return impl
+    def pick(n):
+        return "block_sparse" if attention.kernel_supported(n, n) else "xla"
+    return f"auto (on TPU: vision {pick(max_patches)}, decoder {pick(seq_len)})"
 
 
 # ---------------------------------------------------------------------------------------------

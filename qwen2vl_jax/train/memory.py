@@ -24,6 +24,7 @@ Everything is derived from shapes only (`jax.eval_shape` of `model.init_params`)
         dots, dots_with_no_batch_dims
                                  D + (q + 2*kv + 2*I_dots) / t + 2*D   (layer input; outputs of
                                   q/k/v, o, gate/up (or fc1), down projections)
+        dots_attention           dots + q / t                          (and the attention kernel's output)
         minimal                  D + (q + 2*kv + q) / t                (layer input, q/k/v and the
                                   attention output: decoder.CHECKPOINT_NAMES)
         full                     D                                     (layer input only)
@@ -58,7 +59,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from qwen2vl_jax.model.config import ModelConfig
+from qwen2vl_jax.model.config import REMAT_POLICIES, ModelConfig
 
 GiB = 1024 ** 3
 ALL_PARTS = ("vision_tower", "merger", "llm")
@@ -158,11 +159,13 @@ def _layer_values(policy: str, d: int, q: int, kv: int, mlp_vals: int, mlp_dots:
         return 6 * d + (2 * q + 3 * kv + q + mlp_vals) / t
     if policy in ("dots", "dots_with_no_batch_dims"):
         return d + (q + 2 * kv + mlp_dots) / t + 2 * d
+    if policy == "dots_attention":
+        return d + (q + 2 * kv + mlp_dots + q) / t + 2 * d
     if policy == "minimal":
         return d + (q + 2 * kv + q) / t
     if policy == "full":
         return d
-    raise ValueError(f"remat_policy={policy!r}; valid: none, full, dots, dots_with_no_batch_dims, minimal")
+    raise ValueError(f"remat_policy={policy!r}; valid: {', '.join(REMAT_POLICIES)}")
 
 
 def _score_bytes(cfg: ModelConfig, policy: str, heads: int, row_len: int, t: int) -> float:
