@@ -104,11 +104,16 @@ def run_experiment(experiment: str, model: str, topology: str | None, overrides=
         step_cfg = dataclasses.replace(exp.step_config(), microbatches=m)
         return aot.compile_train_step(cfg, step_cfg, exp.mesh, topo, exp.batch_size, exp.data.seq_len,
                                       exp.data.max_patches, compiler_flags=compiler_flags, hbm_per_device=hbm)
+    mesh = dict(zip(sharding.MESH_AXES, exp.mesh.shape(topo.chips)))
+    replicas = mesh["dcn"] * mesh["data"] * mesh["fsdp"]
+    candidates = aot.microbatch_candidates(exp.batch_size, replicas)
+    if microbatches is None and exp.microbatches not in candidates:
+        # the layout's count was sized for another slice (e.g. --num_slices): whole rows per device or search
+        progress(f"microbatches={exp.microbatches} (sized for {exp.topology or 'another mesh'}) does not give each of "
+                 f"the {replicas} batch shards whole rows; searching as --microbatches=auto")
+        microbatches = "auto"
     try:
         if microbatches == "auto":
-            mesh = dict(zip(sharding.MESH_AXES, exp.mesh.shape(topo.chips)))
-            replicas = mesh["dcn"] * mesh["data"] * mesh["fsdp"]
-            candidates = aot.microbatch_candidates(exp.batch_size, replicas)
             limit = (1 - hbm_headroom) * (hbm or topo.chip.hbm_bytes)
             progress(f"--microbatches=auto: batch {exp.batch_size} over dcn x data x fsdp = {replicas} "
                      f"devices; candidates {candidates}; limit {limit / aot.GiB:.2f} GiB per device "

@@ -409,3 +409,18 @@ def test_lr_scale_multiplies_each_named_parts_update_only():
         optim.OptimConfig(lr_scale=(("merger", 0.0),))
     with pytest.raises(ValueError, match="twice"):
         optim.OptimConfig(lr_scale=(("merger", 2.0), ("merger", 3.0)))
+
+
+def test_microbatches_that_do_not_give_every_device_whole_rows_are_refused():
+    """8 rows on 8 batch shards: 2 microbatches would leave 4 rows for 8 devices (XLA would replicate the
+    microbatch over the mesh: 8x the activations); the valid counts, by hand, are [1]."""
+    import numpy as np
+    from qwen2vl_jax.train import sharding, train_step
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
+    batch = {"input_ids": np.zeros((8, 16), np.int32)}
+    with pytest.raises(ValueError, match=r"^microbatches=2 leaves 4 rows per microbatch for 8 batch shards "
+                                         r"\(mesh dcn x data x fsdp\); valid: \[1\]$"):
+        train_step._split_microbatches(batch, 2, mesh)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, tensor=4))     # 2 batch shards: 2 microbatches fit
+    assert train_step._split_microbatches(batch, 2, mesh)["input_ids"].shape == (2, 4, 16)

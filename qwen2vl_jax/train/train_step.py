@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -38,7 +39,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qwen2vl_jax.model import attention, model
+from qwen2vl_jax.model import attention, model, partitioning
 from qwen2vl_jax.train import optim, sharding
 from qwen2vl_jax.model.config import ModelConfig
 
@@ -232,9 +233,15 @@ def _split_microbatches(batch: Mapping[str, jax.Array], m: int, mesh: Mesh | Non
     """[B, ...] -> [m, B/m, ...]; microbatch i takes rows i, i+m, ... so each data shard holds part of
     every microbatch."""
     out = {}
+    shards = math.prod(mesh.shape.get(a, 1) for a in dict(partitioning.LOGICAL_RULES)["batch"]) if mesh is not None else 1
     for k, x in batch.items():
         if x.shape[0] % m:
             raise ValueError(f"batch size {x.shape[0]} not divisible by microbatches={m}")
+        if x.shape[0] % shards == 0 and (x.shape[0] // m) % shards:
+            # a microbatch that does not split into whole rows per device would be replicated over the mesh
+            valid = [d for d in range(1, x.shape[0] + 1) if x.shape[0] % d == 0 and (x.shape[0] // d) % shards == 0]
+            raise ValueError(f"microbatches={m} leaves {x.shape[0] // m} rows per microbatch for {shards} batch "
+                             f"shards (mesh dcn x data x fsdp); valid: {valid}")
         y = x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
         if mesh is not None:
             axes = sharding.BATCH_AXES.get(k, ("batch",) + (None,) * (x.ndim - 1))
