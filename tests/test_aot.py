@@ -241,7 +241,7 @@ def test_cli_estimate_last_line_and_useful_flops(tmp_path):
     # --json: the same figures as the printed estimate, and benchmarks.estimates' table row from it
     from benchmarks import estimates
     rec, = estimates.read(str(tmp_path / "rows.jsonl"))
-    assert rec["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1, "sequence": 1} and rec["chips"] == 4
+    assert rec["mesh"] == {"dcn": 1, "data": 4, "fsdp": 1, "tensor": 1, "sequence": 1} and rec["chips"] == 4
     assert f"{rec['step_s']:.4g}" == m.group(1) and rec["bound"] == m.group(2)
     assert f"{rec['mfu']:.4f}" == m.group(3) and rec["useful_flops"] == pytest.approx(hand / 4, rel=1e-5)
     assert rec["no_overlap_s"] == pytest.approx(sum(rec["terms_s"].values()))
