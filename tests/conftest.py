@@ -9,6 +9,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # any platform initialises libtpu on the CPU box (a TPU probe that prints warnings). The suite, and every
 # subprocess it starts (they inherit this environment), runs on CPU devices only.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, shared with the subprocesses: many tests (and every CLI
+# run they start) compile the same test-model train step. A fresh folder per session, removed at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="qwen2vl_jax_test_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 
 import jax  # noqa: E402
 
