@@ -321,11 +321,7 @@ def describe_attention(impl: str, seq_len: int, max_patches: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # microbatches that fit
 
-def microbatch_candidates(batch_size: int, batch_shards: int) -> list[int]:
-    """Microbatch counts m, ascending, that divide `batch_size` with a per-device batch: batch_size / m rows
-    divisible by the `batch_shards` devices the batch is split over (mesh dcn x data x fsdp)."""
-    return [m for m in range(1, batch_size + 1)
-            if batch_size % m == 0 and (batch_size // m) % batch_shards == 0]
+microbatch_candidates = train_step.microbatch_counts     # the counts the train step accepts
 
 
 def fit_microbatches(compile_fn: Callable[[int], AotResult], candidates: Sequence[int], limit_bytes: float,

@@ -229,6 +229,13 @@ def loss_terms(cfg: ModelConfig, params: dict, batch: Mapping[str, jax.Array], s
     return nll + step_cfg.z_loss * z, (nll, z, n)
 
 
+def microbatch_counts(batch_size: int, batch_shards: int) -> list[int]:
+    """Microbatch counts m, ascending, that divide `batch_size` with a per-device batch: batch_size / m rows
+    divisible by the `batch_shards` devices the batch is split over (mesh dcn x data x fsdp)."""
+    return [m for m in range(1, batch_size + 1)
+            if batch_size % m == 0 and (batch_size // m) % batch_shards == 0]
+
+
 def _split_microbatches(batch: Mapping[str, jax.Array], m: int, mesh: Mesh | None) -> dict:
     """[B, ...] -> [m, B/m, ...]; microbatch i takes rows i, i+m, ... so each data shard holds part of
     every microbatch."""
@@ -239,7 +246,7 @@ def _split_microbatches(batch: Mapping[str, jax.Array], m: int, mesh: Mesh | Non
             raise ValueError(f"batch size {x.shape[0]} not divisible by microbatches={m}")
         if x.shape[0] % shards == 0 and (x.shape[0] // m) % shards:
             # a microbatch that does not split into whole rows per device would be replicated over the mesh
-            valid = [d for d in range(1, x.shape[0] + 1) if x.shape[0] % d == 0 and (x.shape[0] // d) % shards == 0]
+            valid = microbatch_counts(x.shape[0], shards)
             raise ValueError(f"microbatches={m} leaves {x.shape[0] // m} rows per microbatch for {shards} batch "
                              f"shards (mesh dcn x data x fsdp); valid: {valid}")
         y = x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
