@@ -57,6 +57,9 @@ flags.DEFINE_string("image_column", "", "Parquet caption rows: the image column 
 flags.DEFINE_string("text_column", "", f"Parquet caption rows: the text column ('': the first of "
                                        f"{', '.join(importers.TEXT_COLUMNS)})", flag_values=FLAGS)
 flags.DEFINE_string("prompt_column", "", "Parquet caption rows: an unsupervised prompt column", flag_values=FLAGS)
+flags.DEFINE_enum("missing_images", "drop", list(importers.MISSING_IMAGES), "interleaved documents: an image that "
+                  "is a URL, missing or broken is dropped with its place (counted) or rejects the document",
+                  flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "progress bar on stderr", flag_values=FLAGS)
 cli.define_experiment(FLAGS, default="stage3")
 cli.define_model(FLAGS, default="2b", help="model size preset whose tokenizer, pixel budgets and row size the "
@@ -76,7 +79,7 @@ def main(argv) -> int:
         print(f"format: {fmt} (detected from {len(files)} file(s); --format chooses)", file=sys.stderr)
     opts = importers.ImportOptions(fmt, media_root=FLAGS.media_root, ignore_fields=tuple(FLAGS.ignore_fields),
                                    image_column=FLAGS.image_column, text_column=FLAGS.text_column,
-                                   prompt_column=FLAGS.prompt_column)
+                                   prompt_column=FLAGS.prompt_column, missing_images=FLAGS.missing_images)
     out = paths.staging_dir(FLAGS.out) if paths.is_remote(FLAGS.out) else FLAGS.out
     try:
         summary = prepare.prepare(files, out, opts=opts,

@@ -289,3 +289,70 @@ def test_format_detection_and_file_errors_are_one_line(tmp_path):
     pq.write_table(pa.table({"img": [b"x"], "label": [3]}), tmp_path / "t.parquet")
     with pytest.raises(ValueError, match=r"columns \['img', 'label'\].*--image_column"):
         importers.scan([str(tmp_path / "t.parquet")], importers.ImportOptions("parquet"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Interleaved web documents
+
+def obelics_table(texts, images, image_type):
+    """Rows as OBELICS ships them: "images" / "texts" lists with None holes, "metadata" (a JSON list per
+    position) and "general_metadata" (a JSON object) as strings."""
+    import pyarrow as pa
+    meta = [json.dumps([{"document_url": "https://example.com/doc", "src": im if isinstance(im, str) else None,
+                         "alt_text": None} if im is not None else None for im in row]) for row in images]
+    general = [json.dumps({"url": f"https://example.com/doc{i}", "warc_filename": "crawl-data/x.warc.gz",
+                           "warc_record_offset": 1000 * i}) for i in range(len(texts))]
+    return pa.table({"images": pa.array(images, pa.list_(image_type)), "metadata": meta,
+                     "general_metadata": general, "texts": pa.array(texts, pa.list_(pa.string()))})
+
+
+OBELICS_FEATURES = {"images": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"},
+                    "metadata": {"dtype": "string", "_type": "Value"},
+                    "general_metadata": {"dtype": "string", "_type": "Value"},
+                    "texts": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"}}
+
+
+def after_first_token(text):
+    """The supervised text of a sample that starts with text: all of it but its first token (no predecessor)."""
+    return TOK.decode(TOK.encode(text)[1:])
+
+
+def test_obelics_parquet_documents(tmp_path, files):
+    """OBELICS-layout Parquet (images as paths / URLs in one file, as bytes in another) -> interleaved records
+    with each image in its place (text by hand, pixels preprocessed from the files directly). The default
+    policy drops a URL image and a corrupt one with their places and counts them; a document left with no
+    image, and a position with both a text and an image, are rejected; --missing_images=reject rejects the
+    documents that had a dropped image instead."""
+    import pyarrow as pa
+    d = tmp_path / "obelics"
+    (d / "photos").mkdir(parents=True)
+    (d / "photos/a.jpg").write_bytes(files["astronaut.jpg"])
+    url = "https://cdn.example.com/img/lamborghini.jpg"
+    paths_file = obelics_table(
+        texts=[["Intro text.", None, "After the photo.", None, "The end."], [None, "Only a remote image."],
+               ["Both set.", "x"], ["Caption first.", None]],
+        images=[[None, "photos/a.jpg", None, url, None], [url, None], ["photos/a.jpg", None], [None, "photos/a.jpg"]],
+        image_type=pa.string())
+    hf_parquet(d / "train-00000-of-00002.parquet", paths_file, OBELICS_FEATURES, row_group_size=2)
+    bytes_file = obelics_table(texts=[[None, "A cup.", None, "More text."]],
+                               images=[[files["coffee.png"], None, b"not an image", None]], image_type=pa.binary())
+    hf_parquet(d / "train-00001-of-00002.parquet", bytes_file, {}, row_group_size=10)
+
+    assert importers.detect_format(importers.resolve_inputs(str(d))) == "parquet"
+    summary = run_import(d, tmp_path / "out", "parquet")
+    assert summary["written"] == {"train": 3} and summary["per_type"] == {"interleaved": 3}
+    assert summary["rejected"] == {"bad_schema": 1, "no_images": 1}
+    assert "train-00000-of-00002.parquet:2" in summary["rejected_examples"]["bad_schema"]
+    assert summary["dropped_images"] == {"image_corrupt": 1, "remote_media": 1}
+    check(pipeline_samples(tmp_path / "out", 3), {
+        f"Intro text.{VISION}After the photo.\n\nThe end.<|endoftext|>":
+            (image_pixels(files["astronaut.jpg"]), after_first_token("Intro text.After the photo.\n\nThe end.<|endoftext|>")),
+        f"Caption first.{VISION}<|endoftext|>":
+            (image_pixels(files["astronaut.jpg"]), after_first_token("Caption first.<|endoftext|>")),
+        f"{VISION}A cup.\n\nMore text.<|endoftext|>":
+            (image_pixels(files["coffee.png"]), "A cup.\n\nMore text.<|endoftext|>"),
+    })
+    summary = run_import(d, tmp_path / "out_reject", "parquet", missing_images="reject")
+    assert summary["written"] == {"train": 1} and summary["dropped_images"] == {}
+    assert summary["rejected"] == {"bad_schema": 1, "image_corrupt": 1, "remote_media": 2}
+    assert "image 1:" in summary["rejected_examples"]["image_corrupt"]
