@@ -14,6 +14,7 @@ import pytest
 
 import media as test_media
 from qwen2vl_jax.data import importers, media, pipeline, prepare, tokenizer
+from qwen2vl_jax.data.sources import BadRecordError
 from qwen2vl_jax.model.config import get_config
 
 CFG = get_config("test")
@@ -356,3 +357,113 @@ def test_obelics_parquet_documents(tmp_path, files):
     assert summary["written"] == {"train": 1} and summary["dropped_images"] == {}
     assert summary["rejected"] == {"bad_schema": 1, "image_corrupt": 1, "remote_media": 2}
     assert "image 1:" in summary["rejected_examples"]["image_corrupt"]
+
+
+def mmc4_document(url, sentences, images):
+    """A document as mmc4's shards hold it; images: (image_name, matched_text_index)."""
+    sims = [[0.2] * len(sentences) for _ in images]
+    return {"url": url, "text_list": sentences,
+            "image_info": [{"image_name": name, "raw_url": f"https://example.com/{name}", "face_detections": None,
+                            "matched_text_index": j, "matched_sim": 0.31} for name, j in images],
+            "similarity_matrix": sims, "could_have_url_duplicate": 0}
+
+
+def test_mmc4_jsonl_documents(tmp_path, files):
+    """mmc4 JSON lines (images downloaded to --media_root under their image_name) -> interleaved records with
+    each image before the sentence it is matched to, the sentences joined by spaces (OpenFlamingo's layout);
+    an image whose file was never downloaded is dropped and counted; a matched_text_index outside text_list
+    rejects its document."""
+    images = tmp_path / "mmc4_images"
+    images.mkdir()
+    (images / "a1b2.jpg").write_bytes(files["astronaut.jpg"])
+    (images / "c3d4.png").write_bytes(files["coffee.png"])
+    docs = [mmc4_document("https://example.com/space", ["A launch.", "The crew waves.", "Coffee after landing."],
+                          [("c3d4.png", 2), ("a1b2.jpg", 0), ("never-downloaded.jpg", 1)]),
+            mmc4_document("https://example.com/bad", ["One sentence."], [("a1b2.jpg", 1)])]
+    data = tmp_path / "docs_no_face_shard_0_v2.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in docs))
+    assert importers.detect_format([str(data)]) == "mmc4"
+    summary = run_import(data, tmp_path / "out", "mmc4", media_root=str(images))
+    assert summary["written"] == {"train": 1} and summary["per_type"] == {"interleaved": 1}
+    assert summary["rejected"] == {"bad_schema": 1} and summary["dropped_images"] == {"missing_file": 1}
+    assert "docs_no_face_shard_0_v2.jsonl:2" in summary["rejected_examples"]["bad_schema"]
+    text = "A launch. The crew waves. Coffee after landing.<|endoftext|>"
+    check(pipeline_samples(tmp_path / "out", 1), {
+        f"{VISION}A launch. The crew waves. {VISION}Coffee after landing.<|endoftext|>":
+            (image_pixels(files["astronaut.jpg"], files["coffee.png"]), text)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input is per record
+
+def test_bad_json_lines_are_rejected_one_by_one(tmp_path):
+    """A JSON-lines file with a latin-1 line (real 0xe9 bytes), a line that does not parse and lines whose JSON
+    is not an object: each is rejected with its file:line and reason, and every good line is written (by hand:
+    lines 2 and 6). Detection passes over a bad first line. A JSON array file that is not UTF-8, or does not
+    parse, is one document: a ValueError naming the file and the position."""
+    good = {"messages": [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}]}
+    other = {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"}]}
+    latin1 = json.dumps({"messages": [{"role": "user", "content": "Café?"},
+                                      {"role": "assistant", "content": "Oui"}]}, ensure_ascii=False).encode("latin-1")
+    assert b"\xe9" in latin1
+    data = tmp_path / "mixed.jsonl"
+    data.write_bytes(b"{not json\n" + json.dumps(good).encode() + b"\n" + latin1 + b"\n[1, 2]\n\n7\n"
+                     + json.dumps(other).encode() + b"\n")
+    assert importers.detect_format([str(data)]) == "messages"
+    summary = run_import(data, tmp_path / "out", "messages")
+    assert summary["written"] == {"train": 2}
+    assert summary["rejected"] == {"bad_encoding": 1, "bad_json": 1, "bad_schema": 2}
+    ex = summary["rejected_examples"]
+    assert ex["bad_encoding"].startswith("mixed.jsonl:3: ") and "0xe9" in ex["bad_encoding"]
+    assert ex["bad_json"].startswith("mixed.jsonl:1: ") and ex["bad_schema"].startswith("mixed.jsonl:4: ")
+    assert sorted(pipeline_samples(tmp_path / "out", 2)) == sorted([chat("What is 2+3?", "5"),
+                                                                    chat("Capital of France?", "Paris")])
+    array = tmp_path / "array.json"
+    array.write_bytes(b'[{"messages": []},\n ' + latin1 + b"]")
+    with pytest.raises(ValueError, match=r"array\.json: not UTF-8 at byte \d+ \(0xe9\)"):
+        importers.scan([str(array)], importers.ImportOptions("messages"))
+    array.write_bytes(b'[{"messages": []},\n {"messages": }]')
+    with pytest.raises(ValueError, match=r"array\.json: not valid JSON \(.*line 2 column 15"):
+        importers.scan([str(array)], importers.ImportOptions("messages"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 20: chat importer contracts
+
+def read_one(row, fmt, base):
+    """The Item (or the BadRecordError) of one record, read as the import reads it."""
+    (origin, item), = importers.read_chunk(importers.JsonChunk(str(base / "x.jsonl"), (("x.jsonl:1", row),)),
+                                           importers.ImportOptions(fmt))
+    return item
+
+
+def test_messages_each_listed_image_is_used_once(tmp_path):
+    """TRL's layout: an index used twice while another is never used is rejected (not one image duplicated and
+    the other dropped); the same record with the indices [1, 0] takes each image once, in that order."""
+    def record(i, j):
+        return {"messages": [{"role": "user", "content": [{"type": "image", "index": i}, {"type": "image", "index": j},
+                                                          {"type": "text", "text": "Compare."}]},
+                             {"role": "assistant", "content": "Same."}], "images": ["a.jpg", "b.jpg"]}
+    bad = read_one(record(0, 0), "messages", tmp_path)
+    assert isinstance(bad, BadRecordError) and bad.reason == "placeholder_mismatch", bad
+    good = read_one(record(1, 0), "messages", tmp_path)
+    assert good.images == (str(tmp_path / "b.jpg"), str(tmp_path / "a.jpg"))
+
+
+def test_llava_system_turn_placeholder(tmp_path, files):
+    """An <image> in a LLaVA system turn counts like one in a user turn: with one image the record is written
+    and the image lands where the placeholder is (the system turn's ChatML, by hand)."""
+    (tmp_path / "a.jpg").write_bytes(files["astronaut.jpg"])
+    row = {"id": "s1", "image": "a.jpg", "conversations": [
+        {"from": "system", "value": "<image>\nYou describe this photo."},
+        {"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "An astronaut."}]}
+    item = read_one(row, "llava", tmp_path)
+    assert item.entry["messages"][0] == {"role": "system", "content": [
+        {"type": "image"}, {"type": "text", "text": "\nYou describe this photo."}]}
+    data = tmp_path / "sys.json"
+    data.write_text(json.dumps([row]))
+    summary = run_import(data, tmp_path / "out", "llava")
+    assert summary["written"] == {"train": 1}
+    check(pipeline_samples(tmp_path / "out", 1), {
+        chat("What is it?", "An astronaut.", system=f"<|im_start|>system\n{VISION}\nYou describe this photo.<|im_end|>\n"):
+            (image_pixels(files["astronaut.jpg"]), answers("An astronaut."))})
