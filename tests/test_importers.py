@@ -467,3 +467,67 @@ def test_llava_system_turn_placeholder(tmp_path, files):
     check(pipeline_samples(tmp_path / "out", 1), {
         chat("What is it?", "An astronaut.", system=f"<|im_start|>system\n{VISION}\nYou describe this photo.<|im_end|>\n"):
             (image_pixels(files["astronaut.jpg"]), answers("An astronaut."))})
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs in a bucket
+
+def written_records(out):
+    """{origin: record} of both splits of a prepared dataset (ArrayRecord, read back as training reads it)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+    from qwen2vl_jax.data import sources
+    recs = {}
+    for split in ("train", "heldout"):
+        for name in sorted(os.listdir(out / split)) if (out / split).is_dir() else []:
+            reader = ArrayRecordReader(str(out / split / name))
+            for data in reader.read_all():
+                recs[sources.decode_record(data)["origin"]] = data
+            reader.close()
+    return recs
+
+
+def test_inputs_and_media_in_a_bucket(gcs_bucket, tmp_path, files):
+    """On the Cloud Storage emulator: --input as a bucket folder, glob or file (JSON lines, tar shards,
+    Parquet), --media_root in the bucket: each import writes byte for byte the records that the import of the
+    same files on a local disk writes (tested above against the training pipeline), and an image missing from
+    the bucket is rejected as missing_file."""
+    from qwen2vl_jax.train import paths
+    bucket, _ = gcs_bucket
+    local = tmp_path / "local"
+    (local / "media/img").mkdir(parents=True)
+    (local / "media/img/cat.webp").write_bytes(files["chelsea.webp"])
+    (local / "media/img/a.jpg").write_bytes(files["astronaut.jpg"])
+    (local / "chat").mkdir()
+    lines = [{"messages": [{"role": "user", "content": "<image>What animal?"},
+                           {"role": "assistant", "content": "A cat."}], "images": ["img/cat.webp"]},
+             {"messages": [{"role": "user", "content": "<image>Who?"}, {"role": "assistant", "content": "Nobody."}],
+              "images": ["img/gone.jpg"]}]
+    (local / "chat/train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (local / "shards").mkdir()
+    write_img2dataset_shard(local / "shards/00000.tar", [("000000000", "jpg", files["astronaut.jpg"], "a person", True)])
+    write_img2dataset_shard(local / "shards/00001.tar", [("000010000", "png", files["coffee.png"], "a cup", False)])
+    import pyarrow as pa
+    (local / "docs").mkdir()
+    hf_parquet(local / "docs/train-00000-of-00001.parquet",
+               obelics_table([["Intro.", None, "More."]], [[None, "img/a.jpg", None]], pa.string()),
+               OBELICS_FEATURES, row_group_size=1)
+    gcs = paths._gcs()
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            gcs.pipe(f"{bucket}/{f.relative_to(local)}", f.read_bytes())
+
+    for remote, fmt, local_input, want in (
+            (f"{bucket}/chat/train.jsonl", "messages", local / "chat/train.jsonl", 1),
+            (f"{bucket}/shards/*.tar", "webdataset", local / "shards", 2),
+            (f"{bucket}/docs", "parquet", local / "docs", 1)):
+        inputs = importers.resolve_inputs(remote)
+        assert [f.rsplit("/", 1)[1] for f in inputs] == [f.name for f in sorted(local_input.parent.glob(
+            local_input.name if local_input.is_file() else local_input.name + "/*"))], inputs
+        assert importers.detect_format(inputs) == fmt
+        got = run_import(remote, tmp_path / f"out_{fmt}_gcs", fmt, media_root=f"{bucket}/media")
+        ref = run_import(local_input, tmp_path / f"out_{fmt}_local", fmt, media_root=str(local / "media"))
+        assert got["written"] == ref["written"] == {"train": want} and got["rejected"] == ref["rejected"]
+        assert written_records(tmp_path / f"out_{fmt}_gcs") == written_records(tmp_path / f"out_{fmt}_local")
+        if fmt == "messages":
+            assert got["rejected"] == {"missing_file": 1}
+            assert f"{bucket}/media/img/gone.jpg does not exist" in got["rejected_examples"]["missing_file"]
