@@ -347,7 +347,8 @@ def test_obelics_parquet_documents(tmp_path, files):
     assert summary["dropped_images"] == {"image_corrupt": 1, "remote_media": 1}
     check(pipeline_samples(tmp_path / "out", 3), {
         f"Intro text.{VISION}After the photo.\n\nThe end.<|endoftext|>":
-            (image_pixels(files["astronaut.jpg"]), after_first_token("Intro text.After the photo.\n\nThe end.<|endoftext|>")),
+            (image_pixels(files["astronaut.jpg"]),
+             after_first_token("Intro text.After the photo.\n\nThe end.<|endoftext|>")),
         f"Caption first.{VISION}<|endoftext|>":
             (image_pixels(files["astronaut.jpg"]), after_first_token("Caption first.<|endoftext|>")),
         f"{VISION}A cup.\n\nMore text.<|endoftext|>":
@@ -465,7 +466,8 @@ def test_llava_system_turn_placeholder(tmp_path, files):
     summary = run_import(data, tmp_path / "out", "llava")
     assert summary["written"] == {"train": 1}
     check(pipeline_samples(tmp_path / "out", 1), {
-        chat("What is it?", "An astronaut.", system=f"<|im_start|>system\n{VISION}\nYou describe this photo.<|im_end|>\n"):
+        chat("What is it?", "An astronaut.",
+             system=f"<|im_start|>system\n{VISION}\nYou describe this photo.<|im_end|>\n"):
             (image_pixels(files["astronaut.jpg"]), answers("An astronaut."))})
 
 
@@ -504,7 +506,8 @@ def test_inputs_and_media_in_a_bucket(gcs_bucket, tmp_path, files):
               "images": ["img/gone.jpg"]}]
     (local / "chat/train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (local / "shards").mkdir()
-    write_img2dataset_shard(local / "shards/00000.tar", [("000000000", "jpg", files["astronaut.jpg"], "a person", True)])
+    write_img2dataset_shard(local / "shards/00000.tar",
+                            [("000000000", "jpg", files["astronaut.jpg"], "a person", True)])
     write_img2dataset_shard(local / "shards/00001.tar", [("000010000", "png", files["coffee.png"], "a cup", False)])
     import pyarrow as pa
     (local / "docs").mkdir()

@@ -763,9 +763,8 @@ def from_obelics(row: dict, base: str, opts: ImportOptions) -> tuple[dict, list,
     _check_fields(row, OBELICS_FIELDS + OBELICS_METADATA, opts)
     texts, images = row.get("texts"), row.get("images")
     if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
-        raise BadRecordError("bad_schema", f"'texts' and 'images' must be lists of one length; got "
-                                           f"{type(texts).__name__} / {type(images).__name__}"
-                                           f"{f' of {len(texts)} / {len(images)}' if isinstance(texts, list) and isinstance(images, list) else ''}")
+        lengths = [len(v) if isinstance(v, list) else type(v).__name__ for v in (texts, images)]
+        raise BadRecordError("bad_schema", f"'texts' and 'images' must be lists of one length; got {lengths}")
     for i, (t, im) in enumerate(zip(texts, images)):
         if (t is None) == (im is None) or not (t is None or isinstance(t, str)):
             raise BadRecordError("bad_schema", f"position {i}: exactly one of texts[{i}] (a string) / images[{i}] "
