@@ -10,13 +10,16 @@
               "images" / "videos" lists, or a list of {"type": "text" | "image" | "video", ...} parts)
   webdataset  img2dataset tar shards: KEY.jpg|jpeg|png|webp + KEY.txt and/or KEY.json (caption records)
   parquet     Hugging Face datasets' Parquet: {"bytes", "path"} image structs with a text column (captions) or
-              "messages" / "conversations" columns
+              "messages" / "conversations" columns, or interleaved web documents (OBELICS / MINT-1T:
+              "texts" + "images" lists)
+  mmc4        MMC4 JSON lines: "text_list" + "image_info" (interleaved web documents; images under --media_root)
   manifest    this project's JSONL manifest (docs/data_formats.md)
---input is a file, a glob or a folder; relative media paths are resolved against --media_root (default: the
-input file's folder). Every record is decoded, preprocessed and tokenized as the run given by --experiment /
---model / --set would (its tokenizer, pixel budgets, video sampling and row size), on --workers processes
-with a progress bar; what training would skip is rejected here and counted per reason with an example, and
-a dataset without one usable record is an error.
+--input is a file, a glob or a folder, local or gs://; relative media paths are resolved against --media_root
+(default: the input file's folder; gs:// too). Interleaved documents drop (and count) or reject an image that
+is a URL, missing or broken (--missing_images). Every record is decoded, preprocessed and tokenized as the run
+given by --experiment / --model / --set would (its tokenizer, pixel budgets, video sampling and row size), on
+--workers processes with a progress bar; what training would skip is rejected here and counted per reason with
+an example, and a dataset without one usable record is an error.
 
 Writes DATA/train/*.array_record, DATA/heldout/*.array_record (--heldout=N records spread over the input;
 held-out evaluation reads them), DATA/summary.json (counts, rejections, tokens per sample, pixels per image)
@@ -57,6 +60,9 @@ flags.DEFINE_string("image_column", "", "Parquet caption rows: the image column 
 flags.DEFINE_string("text_column", "", f"Parquet caption rows: the text column ('': the first of "
                                        f"{', '.join(importers.TEXT_COLUMNS)})", flag_values=FLAGS)
 flags.DEFINE_string("prompt_column", "", "Parquet caption rows: an unsupervised prompt column", flag_values=FLAGS)
+flags.DEFINE_enum("missing_images", "drop", list(importers.MISSING_IMAGES), "interleaved documents: an image that "
+                  "is a URL, missing or broken is dropped with its place (counted) or rejects the document",
+                  flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "progress bar on stderr", flag_values=FLAGS)
 cli.define_experiment(FLAGS, default="stage3")
 cli.define_model(FLAGS, default="2b", help="model size preset whose tokenizer, pixel budgets and row size the "
@@ -76,7 +82,7 @@ def main(argv) -> int:
         print(f"format: {fmt} (detected from {len(files)} file(s); --format chooses)", file=sys.stderr)
     opts = importers.ImportOptions(fmt, media_root=FLAGS.media_root, ignore_fields=tuple(FLAGS.ignore_fields),
                                    image_column=FLAGS.image_column, text_column=FLAGS.text_column,
-                                   prompt_column=FLAGS.prompt_column)
+                                   prompt_column=FLAGS.prompt_column, missing_images=FLAGS.missing_images)
     out = paths.staging_dir(FLAGS.out) if paths.is_remote(FLAGS.out) else FLAGS.out
     try:
         summary = prepare.prepare(files, out, opts=opts,

@@ -94,6 +94,7 @@ class Accepted:
     patches: int
     pixels: tuple[int, ...]          # width * height of each image as stored
     budget: str | None               # a packing event at the target's row budgets, or None
+    dropped_images: tuple[str, ...] = ()     # reasons of the images an interleaved document dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +157,8 @@ def build_record(item: importers.Item, target: Target, tokenizer) -> Accepted:
     if event in ALWAYS_DROPPED:
         raise BadRecordError(event, f"the packer drops this sample at any row size ({event})")
     return Accepted(item.origin, record, rec["type"], int(len(sample["input_ids"])),
-                    int(len(sample["pixel_values"])), tuple(im.width * im.height for im in images), event)
+                    int(len(sample["pixel_values"])), tuple(im.width * im.height for im in images), event,
+                    item.dropped_images)
 
 
 _WORKER: dict[str, Any] = {}      # per process: the import options, target and loaded tokenizer
@@ -260,7 +262,7 @@ def settings_of(files: Sequence[str], opts: importers.ImportOptions, target: Tar
     data = target.data
     return {
         "layout": LAYOUT_VERSION,
-        "inputs": [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files],
+        "inputs": [importers.file_identity(f) for f in files],
         "import": dataclasses.asdict(opts) | {"ignore_fields": list(opts.ignore_fields)},
         "tokenizer": target.tokenizer, "model": target.model.name,
         "vision": dataclasses.asdict(data.vision_options),
@@ -410,6 +412,7 @@ def prepare(inputs: str | Sequence[str], out_dir: str, *, opts: importers.Import
     per_type: collections.Counter = collections.Counter()
     rejected: collections.Counter = collections.Counter()
     over_budget: collections.Counter = collections.Counter()
+    dropped_images: collections.Counter = collections.Counter()
     examples: dict[str, str] = {}
     tokens, pixels = [], []
     bar = _progress_bar(total, progress, stream)
@@ -425,6 +428,7 @@ def prepare(inputs: str | Sequence[str], out_dir: str, *, opts: importers.Import
                 per_type[r.type] += 1
                 tokens.append(r.tokens)
                 pixels += r.pixels
+                dropped_images.update(r.dropped_images)
                 if r.budget is not None:
                     over_budget[r.budget] += 1
             if bar is not None:
@@ -440,7 +444,7 @@ def prepare(inputs: str | Sequence[str], out_dir: str, *, opts: importers.Import
         "settings": settings, "format": opts.format, "inputs": files, "records": total,
         "written": {s: written[s] for s in paths}, "per_type": dict(sorted(per_type.items())),
         "rejected": dict(sorted(rejected.items())), "rejected_examples": dict(sorted(examples.items())),
-        "over_budget": dict(sorted(over_budget.items())),
+        "over_budget": dict(sorted(over_budget.items())), "dropped_images": dict(sorted(dropped_images.items())),
         "tokens_per_sample": describe(tokens), "pixels_per_image": describe(pixels),
         "shards": {s: [os.path.basename(p) for p in ps] for s, ps in paths.items()},
         "workers": workers, "seconds": round(seconds, 3), "records_per_second": round(total / max(seconds, 1e-9), 2),
@@ -487,6 +491,9 @@ def format_summary(summary: dict, out_dir: str) -> str:
     lines.append(f"rejected {n_rej}" + (":" if n_rej else ""))
     for reason, n in sorted(summary["rejected"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {reason}: {n}  (e.g. {summary['rejected_examples'][reason]})")
+    if summary.get("dropped_images"):
+        lines.append("images dropped from written documents (--missing_images=drop): "
+                     + ", ".join(f"{k} {v}" for k, v in summary["dropped_images"].items()))
     row = summary["settings"]["row"]
     if summary["over_budget"]:
         lines.append(f"over the row budget of {row['seq_len']} tokens / {row['max_patches']} patches (written; "
