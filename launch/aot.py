@@ -5,14 +5,14 @@
         [--estimate [--image_patches=1024 --doc_tokens=2048]] [--microbatches=auto] [--save_hlo=FILE]
 
 Prints the per-chip memory and FLOPs of the compiled step and exits with status 2 if it does not fit in
-the chip's HBM, 1 on a bad argument. The compile itself is qwen2vl_jax.train.aot (topology names,
+the chip's HBM, 1 on a bad argument. The compile itself is qwen2vl_jax.perf.aot (topology names,
 libtpu discovery, the TPU compiler flags, the memory check).
 
 --num_slices=N compiles for N slices of the topology joined over the data-centre network, with the mesh's
 `dcn` axis set to N (data parallel across slices; every other axis within a slice).
 
 --estimate: the roofline step-time estimate of the compiled program per device per step
-(qwen2vl_jax/train/roofline.py: matmul FLOPs with loop trip counts, attention-kernel FLOPs of the blocks
+(qwen2vl_jax/perf/roofline.py: matmul FLOPs with loop trip counts, attention-kernel FLOPs of the blocks
 the kernel visits, HBM bytes, ICI bytes by collective, the compiler's own cycle estimate). MFU is against
 flops.py's useful FLOPs for rows packed with --image_patches-patch images and --doc_tokens-token
 documents. The last line is `estimate: step_s=<seconds> bound=<compute|hbm|ici> mfu=<fraction>`. With
@@ -23,7 +23,7 @@ data-centre network is slower), so the estimate is a lower bound on the step tim
 (binary search; one line per try with its memory) and keeps the smallest whose step needs at most
 (1 - --hbm_headroom) of the chip's HBM (or of --hbm_gib) per device.
 
-TPU compiler flags (qwen2vl_jax.train.aot.TPU_COMPILER_FLAGS) are set in LIBTPU_INIT_ARGS before libtpu
+TPU compiler flags (qwen2vl_jax.perf.aot.TPU_COMPILER_FLAGS) are set in LIBTPU_INIT_ARGS before libtpu
 starts; flags in your own LIBTPU_INIT_ARGS come after them and win. --notpu_flags leaves them out.
 """
 from __future__ import annotations
@@ -42,7 +42,8 @@ from absl import flags  # noqa: E402
 from experiments import flags as cli  # noqa: E402
 from experiments import registry  # noqa: E402
 from qwen2vl_jax.model.config import ATTENTION_IMPLS  # noqa: E402
-from qwen2vl_jax.train import aot, flops, roofline, sharding  # noqa: E402
+from qwen2vl_jax.perf import aot, roofline  # noqa: E402
+from qwen2vl_jax.train import flops, sharding  # noqa: E402
 
 FLAGS = flags.FlagValues()
 cli.define_experiment(FLAGS, default="stage2")
@@ -66,10 +67,10 @@ flags.DEFINE_float("hbm_headroom", 0.1, "fraction of HBM --microbatches=auto lea
                    "fragmentation, what the compiler's count leaves out)", flag_values=FLAGS)
 flags.DEFINE_float("hbm_gib", None, "HBM per device to check against, GiB (default: the chip's)", flag_values=FLAGS)
 flags.DEFINE_string("save_hlo", None, "write the compiled program's HLO text here (for re-analysis: "
-                    "qwen2vl_jax.train.roofline.estimate takes it)", flag_values=FLAGS)
+                    "qwen2vl_jax.perf.roofline.estimate takes it)", flag_values=FLAGS)
 flags.DEFINE_string("json", None, "append the result as one JSON line to this file (what benchmarks.estimates "
                     "tabulates)", flag_values=FLAGS)
-flags.DEFINE_bool("tpu_flags", True, "set the TPU compiler flags of qwen2vl_jax.train.aot.TPU_COMPILER_FLAGS",
+flags.DEFINE_bool("tpu_flags", True, "set the TPU compiler flags of qwen2vl_jax.perf.aot.TPU_COMPILER_FLAGS",
                   flag_values=FLAGS)
 
 

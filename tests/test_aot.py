@@ -1,4 +1,4 @@
-"""qwen2vl_jax.train.aot and its CLI launch.aot: accelerator -> topology mapping, AOT compile of the real
+"""qwen2vl_jax.perf.aot and its CLI launch.aot: accelerator -> topology mapping, AOT compile of the real
 train step for a TPU topology on this CPU machine (libtpu compile-only devices), per-device memory against
 qwen2vl_jax.train.memory, and the does-not-fit exit path."""
 import functools
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from qwen2vl_jax.train import aot
+from qwen2vl_jax.perf import aot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,7 +127,7 @@ def test_packed_layout_useful_flops_hand_count():
 
 
 def test_attention_segments_by_name_stack_then_by_length():
-    from qwen2vl_jax.train import roofline
+    from qwen2vl_jax.perf import roofline
     segments = aot.attention_segments(aot.PackedLayout(image_patches=4, doc_tokens=2), seq_len=6, max_patches=8)
 
     def call(op_name):
@@ -212,7 +212,8 @@ def test_cli_estimate_last_line_and_useful_flops(tmp_path):
     program the estimate analysed."""
     _libtpu_or_skip()
     from experiments import registry
-    from qwen2vl_jax.train import chips, flops, roofline
+    from qwen2vl_jax.perf import roofline
+    from qwen2vl_jax.train import chips, flops
     hlo = tmp_path / "step.hlo.txt"
     proc = subprocess.run(
         [sys.executable, "-m", "launch.aot", "--experiment=stage2", "--model=test", "--topology=v5p:2x2x1",
@@ -279,7 +280,7 @@ FLAG_PROBE = """
 import re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from qwen2vl_jax.train import aot
+from qwen2vl_jax.perf import aot
 mesh = Mesh(np.array(aot.get_topology_devices(aot.parse_topology("v5p:2x2x2"))), ("fsdp",))
 x = jax.ShapeDtypeStruct((8 * 2048, 2048), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp", None)))
 w = jax.ShapeDtypeStruct((2048, 8192), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))

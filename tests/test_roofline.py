@@ -1,4 +1,4 @@
-"""train.roofline: the compiled-program step-time estimate, against hand counts.
+"""perf.roofline: the compiled-program step-time estimate, against hand counts.
 
 Synthetic HLO text (no libtpu needed) pins the parser: loop trip counts (condition constant, loop-invariant
 bound, init, increment, known_trip_count; nested loops multiply), dot / convolution FLOPs, HBM bytes of
@@ -13,7 +13,8 @@ import re
 import numpy as np
 import pytest
 
-from qwen2vl_jax.train import chips, roofline
+from qwen2vl_jax.perf import roofline
+from qwen2vl_jax.train import chips
 
 V5P = chips.get_chip("v5p")
 
@@ -399,7 +400,7 @@ def test_estimate_terms_bound_mfu_and_last_line():
 
 @pytest.fixture(scope="module")
 def tpu():
-    from qwen2vl_jax.train import aot
+    from qwen2vl_jax.perf import aot
     try:
         aot.libtpu_path()
     except RuntimeError as e:

@@ -7,7 +7,7 @@ the NamedShardings of the mesh over those devices, then compiled by the TPU comp
 the per-chip memory (`compiled.memory_analysis()`), FLOPs (`compiled.cost_analysis()`) and the compiled
 program; `check_fits` raises DoesNotFitError when the step does not fit in the chip's HBM;
 `fit_microbatches` searches the smallest microbatch count that fits; `estimate_train_step` is the
-roofline step-time estimate of the compiled step (train/roofline.py) with the useful FLOPs of flops.py
+roofline step-time estimate of the compiled step (perf/roofline.py) with the useful FLOPs of flops.py
 for an assumed packing (`PackedLayout`).
 
 TPU compiler flags: `TPU_COMPILER_FLAGS` go into LIBTPU_INIT_ARGS before libtpu starts, followed by the
@@ -37,7 +37,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from qwen2vl_jax.model import attention
-from qwen2vl_jax.train import flops, roofline, sharding, train_step
+from qwen2vl_jax.perf import roofline
+from qwen2vl_jax.train import flops, sharding, train_step
 from qwen2vl_jax.train.chips import CHIPS, Chip, GiB
 
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}

@@ -21,7 +21,7 @@ it; nested loops multiply):
   values of operands that are compile-time constants (block masks), and returns FLOPs and optionally HBM
   bytes; pass it as `estimate(..., kernel_costs=[fn])`. `block_sparse_cost(segments)` is the one for
   model/block_sparse_attention.py's kernels, whose visited blocks depend on the segment ids at run time:
-  the caller says which segment layout to assume (train/aot.py: `PackedLayout`).
+  the caller says which segment layout to assume (perf/aot.py: `PackedLayout`).
 - HBM bytes: per top-level op (fusion, convolution, copy, custom call, collective, ...), operand + result
   bytes that live in HBM (memory space 0; `S(1)` VMEM operands are on-chip). A fusion operand that the fused
   computation only slices (a layer's weights out of the stacked [L, ...] array) counts the slices; a fusion
@@ -467,7 +467,7 @@ def splash_cost(call: KernelCall) -> KernelCost | None:
 
 
 # One row's segment ids for a kernel call with query length T and key length S: (q_segment_ids [T],
-# kv_segment_ids [S], causal), or None when the caller cannot tell (train/aot.py attention_segments).
+# kv_segment_ids [S], causal), or None when the caller cannot tell (perf/aot.py attention_segments).
 SegmentFn = Callable[[KernelCall, int, int], "tuple[np.ndarray, np.ndarray, bool] | None"]
 _BLOCK_SPARSE = re.compile(r"block_sparse_(fwd|dq|dkv)")
 
