@@ -172,6 +172,7 @@ def main(argv) -> int:
     started, est = time.time(), None
     try:
         layout = aot.PackedLayout(FLAGS.image_patches, FLAGS.doc_tokens)
+        roofline.check_kernel_efficiency(FLAGS.kernel_efficiency)
         exp, cfg, result = run_experiment(FLAGS.experiment, FLAGS.model, FLAGS.topology, FLAGS.set,
                                           FLAGS.attention, _microbatches(FLAGS.microbatches), FLAGS.hbm_headroom,
                                           FLAGS.hbm_gib, FLAGS.tpu_flags, num_slices=FLAGS.num_slices)

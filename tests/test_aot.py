@@ -266,6 +266,12 @@ def test_cli_rejects_a_bad_microbatch_count():
     assert cli_aot.main(["--model=test", "--microbatches=0", "--topology=v5p-8"]) == 1
 
 
+def test_cli_rejects_a_bad_kernel_efficiency_before_compiling(capsys):
+    from launch import aot as cli_aot
+    assert cli_aot.main(["--model=test", "--estimate", "--kernel_efficiency=0", "--topology=v5p-8"]) == 1
+    assert "kernel_efficiency=0.0; valid: 0 < fraction <= 1" in capsys.readouterr().err
+
+
 def test_cli_topology_defaults_to_the_experiments(capsys):
     """A paper-size experiment names the slice its layout was sized for; test / tiny name none, so the CLI
     asks for one (exit 1, one line) instead of guessing."""

@@ -935,6 +935,11 @@ def hlo_text(compiled) -> str:
 # ---------------------------------------------------------------------------------------------
 # the estimate
 
+def check_kernel_efficiency(fraction: float | None) -> None:
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"kernel_efficiency={fraction}; valid: 0 < fraction <= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class Estimate:
     analysis: Analysis
@@ -944,8 +949,7 @@ class Estimate:
     kernel_efficiency: float | None = None   # kernels' fraction of MXU peak; None: `matmul_efficiency`
 
     def __post_init__(self):
-        if self.kernel_efficiency is not None and not 0 < self.kernel_efficiency <= 1:
-            raise ValueError(f"kernel_efficiency={self.kernel_efficiency}; valid: 0 < fraction <= 1")
+        check_kernel_efficiency(self.kernel_efficiency)
 
     @property
     def flops(self) -> float:
