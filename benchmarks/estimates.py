@@ -9,10 +9,13 @@ Rows: 2B, 7B and 72B x stages 1-3 on v5p at the registry's slice, mesh, microbat
 (experiments/stages.py TPU_LAYOUTS), and 2B on v6e (ROWS). Each row is one `python -m launch.aot --estimate
 --json=<--results>` process (one compile: minutes on a 2-core CPU; a 72B one takes longest), run one after the
 other; the table shows the newest record of each row. Every time in it is an ESTIMATE (launch.aot
---estimate: a roofline over the compiled program), never a measurement on a chip: "step s" is the bound
-max(compute, HBM, ICI); "no overlap" their sum; "compiler s" the TPU compiler's own per-op cycle estimate
-of the XLA ops plus the attention kernels' FLOPs at peak (also no overlap). MFU is flops.py's useful FLOPs
-(1024-patch images, 2048-token documents) over the step time at the chip's bf16 peak.
+--estimate over the compiled program), never a measurement on a chip. Two columns per row: the compiler
+view, THE estimate (the TPU compiler's own per-op cycles with loop trip counts + the ops it gives no cycles
+at their roofline time + the attention kernels modelled: lane-padded FLOPs at the fraction of peak the
+compiler gives the program's matmuls; docs/performance.md), and beside it the roofline, an upper bound on
+speed (max of compute at peak, HBM, ICI). MFU is flops.py's useful FLOPs (1024-patch images, 2048-token
+documents) over the step time at the chip's bf16 peak. A record written before the compiler view existed
+shows its roofline only.
 """
 from __future__ import annotations
 
@@ -93,22 +96,24 @@ def table(records: list[dict]) -> str:
     for rec in records:
         newest[row_key(rec)] = rec
     order = [r.key for r in ROWS] + sorted(k for k in newest if k not in {r.key for r in ROWS})
-    head = ("| model | stage | slice (chips) | mesh | microbatches | remat | memory GiB / device | step s "
-            "(estimate) | dominant term | compute / HBM / ICI s | MFU at bound / no overlap (estimate) | "
-            "compiler s (estimate) | compiled | date |")
+    head = ("| model | stage | slice (chips) | mesh | microbatches | remat | memory GiB / device | step s, "
+            "compiler view (estimate) | MFU, compiler view (estimate) | step s, roofline (upper bound) | MFU, "
+            "roofline (upper bound) | dominant term | compute / HBM / ICI s | compiled | date |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for key in order:
         rec = newest.get(key)
         if rec is None:
             continue
         if "memory_gib" not in rec:
-            lines.append(f"| {key} | | | | | | does not fit: {rec.get('error', '')[:120]} | | | | | | | "
+            lines.append(f"| {key} | | | | | | does not fit: {rec.get('error', '')[:120]} | | | | | | | | "
                          f"{rec.get('date', '')} |")
             continue
         fits = "" if rec["fits"] else f" (over {rec['hbm_gib']:.0f})"
         terms = " / ".join(f"{rec['terms_s'][k]:.1f}" for k in ("compute", "hbm", "ici")) if "step_s" in rec else ""
-        est = ("| {step_s:.2f} | {bound} | {terms} | {mfu:.2f} / {mfu_no_overlap:.2f} | {compiler_view_s:.2f} "
-               .format(terms=terms, **rec) if "step_s" in rec else "| | | | | ")
+        view = ("| {compiler_view_s:.2f} | {mfu_compiler_view:.2f} ".format(**rec) if "mfu_compiler_view" in rec
+                else "| | ")
+        est = (view + "| {step_s:.2f} | {mfu:.2f} | {bound} | {terms} ".format(terms=terms, **rec)
+               if "step_s" in rec else "| | | | | | ")
         lines.append(f"| {rec['model']} | {rec['stage']} | {rec['topology']} ({rec['chips']}) | {_mesh(rec['mesh'])} "
                      f"| {rec['microbatches']} | {rec['remat']} | {rec['memory_gib']:.1f}{fits} {est}"
                      f"| {rec['compile_s']:.0f} s | {rec['date'][:10]} |")

@@ -5,25 +5,29 @@
         [--estimate [--image_patches=1024 --doc_tokens=2048]] [--microbatches=auto] [--save_hlo=FILE]
 
 Prints the per-chip memory and FLOPs of the compiled step and exits with status 2 if it does not fit in
-the chip's HBM, 1 on a bad argument. The compile itself is qwen2vl_jax.train.aot (topology names,
+the chip's HBM, 1 on a bad argument. The compile itself is qwen2vl_jax.perf.aot (topology names,
 libtpu discovery, the TPU compiler flags, the memory check).
 
 --num_slices=N compiles for N slices of the topology joined over the data-centre network, with the mesh's
 `dcn` axis set to N (data parallel across slices; every other axis within a slice).
 
---estimate: the roofline step-time estimate of the compiled program per device per step
-(qwen2vl_jax/train/roofline.py: matmul FLOPs with loop trip counts, attention-kernel FLOPs of the blocks
-the kernel visits, HBM bytes, ICI bytes by collective, the compiler's own cycle estimate). MFU is against
+--estimate: the step-time estimate of the compiled program per device per step (qwen2vl_jax/perf/roofline.py).
+THE estimate is the compiler view: the TPU compiler's own estimated_cycles of every XLA op, with loop trip
+counts, + the ops it gives no cycles (synchronous collectives, gathers) at their roofline time + the
+attention kernels' modelled time (their FLOPs for the blocks they visit, head_dim padded to 128 lanes, at
+the fraction of peak the compiler gives this program's own matmul ops, or --kernel_efficiency). Beside it
+the roofline (every FLOP at peak, HBM and ICI overlapped) is an upper bound on speed. MFU is against
 flops.py's useful FLOPs for rows packed with --image_patches-patch images and --doc_tokens-token
-documents. The last line is `estimate: step_s=<seconds> bound=<compute|hbm|ici> mfu=<fraction>`. With
---num_slices > 1 the collectives that cross slices are costed at ICI bandwidth like the others (the
-data-centre network is slower), so the estimate is a lower bound on the step time.
+documents. The last line is
+`estimate (compiler view): <s> s/step, MFU <f> [upper bound (roofline): <s> s/step, MFU <f>, <term>-bound]`.
+With --num_slices > 1 the collectives that cross slices are costed at ICI bandwidth like the others (the
+data-centre network is slower).
 
 --microbatches=auto: compiles with microbatch counts that divide the batch into equal per-device batches
 (binary search; one line per try with its memory) and keeps the smallest whose step needs at most
 (1 - --hbm_headroom) of the chip's HBM (or of --hbm_gib) per device.
 
-TPU compiler flags (qwen2vl_jax.train.aot.TPU_COMPILER_FLAGS) are set in LIBTPU_INIT_ARGS before libtpu
+TPU compiler flags (qwen2vl_jax.perf.aot.TPU_COMPILER_FLAGS) are set in LIBTPU_INIT_ARGS before libtpu
 starts; flags in your own LIBTPU_INIT_ARGS come after them and win. --notpu_flags leaves them out.
 """
 from __future__ import annotations
@@ -42,7 +46,8 @@ from absl import flags  # noqa: E402
 from experiments import flags as cli  # noqa: E402
 from experiments import registry  # noqa: E402
 from qwen2vl_jax.model.config import ATTENTION_IMPLS  # noqa: E402
-from qwen2vl_jax.train import aot, flops, roofline, sharding  # noqa: E402
+from qwen2vl_jax.perf import aot, roofline  # noqa: E402
+from qwen2vl_jax.train import flops, sharding  # noqa: E402
 
 FLAGS = flags.FlagValues()
 cli.define_experiment(FLAGS, default="stage2")
@@ -58,6 +63,8 @@ flags.DEFINE_bool("estimate", False, "print the roofline step-time estimate of t
 flags.DEFINE_integer("image_patches", aot.PackedLayout.image_patches,
                      "patches per image the estimate assumes (the rows' patch budget is packed with such images)",
                      flag_values=FLAGS)
+flags.DEFINE_float("kernel_efficiency", None, "the attention kernels' fraction of MXU peak in the estimate "
+                   "(default: the fraction the compiler gives the program's own matmul ops)", flag_values=FLAGS)
 flags.DEFINE_integer("doc_tokens", aot.PackedLayout.doc_tokens,
                      "tokens per document the estimate assumes (rows packed with such documents)", flag_values=FLAGS)
 flags.DEFINE_string("microbatches", None, "gradient-accumulation steps: a positive integer, or auto (the "
@@ -66,10 +73,10 @@ flags.DEFINE_float("hbm_headroom", 0.1, "fraction of HBM --microbatches=auto lea
                    "fragmentation, what the compiler's count leaves out)", flag_values=FLAGS)
 flags.DEFINE_float("hbm_gib", None, "HBM per device to check against, GiB (default: the chip's)", flag_values=FLAGS)
 flags.DEFINE_string("save_hlo", None, "write the compiled program's HLO text here (for re-analysis: "
-                    "qwen2vl_jax.train.roofline.estimate takes it)", flag_values=FLAGS)
+                    "qwen2vl_jax.perf.roofline.estimate takes it)", flag_values=FLAGS)
 flags.DEFINE_string("json", None, "append the result as one JSON line to this file (what benchmarks.estimates "
                     "tabulates)", flag_values=FLAGS)
-flags.DEFINE_bool("tpu_flags", True, "set the TPU compiler flags of qwen2vl_jax.train.aot.TPU_COMPILER_FLAGS",
+flags.DEFINE_bool("tpu_flags", True, "set the TPU compiler flags of qwen2vl_jax.perf.aot.TPU_COMPILER_FLAGS",
                   flag_values=FLAGS)
 
 
@@ -141,10 +148,13 @@ def _record(exp, cfg, result, est, started: float) -> dict:
                microbatches=exp.microbatches, remat=cfg.remat_policy,
                attention=aot.describe_attention(cfg.attention_impl, exp.data.seq_len, exp.data.max_patches),
                memory_gib=result.total_bytes / aot.GiB, hbm_gib=result.hbm_per_device / aot.GiB, fits=result.fits,
-               compile_s=result.compile_s, wall_s=time.time() - started)
+               compile_s=result.compile_s, lower_s=result.lower_s, wall_s=time.time() - started)
     if est is not None:
-        rec.update(step_s=est.step_s, bound=est.bound, no_overlap_s=est.no_overlap_s, terms_s=est.terms,
-                   compiler_view_s=est.compiler_view_s, mfu=est.mfu(est.useful_flops, est.step_s),
+        rec.update(compiler_view_s=est.compiler_view_s, mfu_compiler_view=est.mfu(est.useful_flops, est.compiler_view_s),
+                   compiler_s=est.compiler_s, uncosted_s=est.uncosted_s, kernel_s=est.kernel_s,
+                   kernel_fraction=est.kernel_fraction, matmul_efficiency=est.matmul_efficiency,
+                   step_s=est.step_s, bound=est.bound, no_overlap_s=est.no_overlap_s, terms_s=est.terms,
+                   mfu=est.mfu(est.useful_flops, est.step_s),
                    mfu_no_overlap=est.mfu(est.useful_flops, est.no_overlap_s),
                    mfu_6nd=est.mfu(est.six_nd_flops, est.step_s), useful_flops=est.useful_flops,
                    flops=est.flops, kernel_flops=est.analysis.total_kernel_flops, hbm_bytes=est.analysis.hbm_bytes,
@@ -162,12 +172,13 @@ def main(argv) -> int:
     started, est = time.time(), None
     try:
         layout = aot.PackedLayout(FLAGS.image_patches, FLAGS.doc_tokens)
+        roofline.check_kernel_efficiency(FLAGS.kernel_efficiency)
         exp, cfg, result = run_experiment(FLAGS.experiment, FLAGS.model, FLAGS.topology, FLAGS.set,
                                           FLAGS.attention, _microbatches(FLAGS.microbatches), FLAGS.hbm_headroom,
                                           FLAGS.hbm_gib, FLAGS.tpu_flags, num_slices=FLAGS.num_slices)
         if FLAGS.estimate:
             est = aot.estimate_train_step(result, cfg, exp.trainable, exp.batch_size, exp.data.seq_len,
-                                          exp.data.max_patches, layout)
+                                          exp.data.max_patches, layout, FLAGS.kernel_efficiency)
     except aot.DoesNotFitError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         if FLAGS.json:

@@ -60,7 +60,7 @@ flags.DEFINE_float("poll_s", 60.0, "--watch: seconds between two looks at the sl
 flags.DEFINE_float("create_timeout_h", 6.0, "--watch: hours a (queued) slice may take to come up",
                    lower_bound=0.01, flag_values=FLAGS)
 flags.DEFINE_string("libtpu_args", "", "extra TPU compiler flags for the job's LIBTPU_INIT_ARGS, after the "
-                    "defaults of qwen2vl_jax.train.aot.TPU_COMPILER_FLAGS (yours win)", flag_values=FLAGS)
+                    "defaults of qwen2vl_jax.perf.aot.TPU_COMPILER_FLAGS (yours win)", flag_values=FLAGS)
 flags.DEFINE_bool("dry_run", False, "print the commands, run nothing", flag_values=FLAGS)
 flags.mark_flags_as_required(["experiment", "tpu", "zone", "accelerator"], flag_values=FLAGS)
 

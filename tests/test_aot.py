@@ -1,4 +1,4 @@
-"""qwen2vl_jax.train.aot and its CLI launch.aot: accelerator -> topology mapping, AOT compile of the real
+"""qwen2vl_jax.perf.aot and its CLI launch.aot: accelerator -> topology mapping, AOT compile of the real
 train step for a TPU topology on this CPU machine (libtpu compile-only devices), per-device memory against
 qwen2vl_jax.train.memory, and the does-not-fit exit path."""
 import functools
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from qwen2vl_jax.train import aot
+from qwen2vl_jax.perf import aot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,7 +127,7 @@ def test_packed_layout_useful_flops_hand_count():
 
 
 def test_attention_segments_by_name_stack_then_by_length():
-    from qwen2vl_jax.train import roofline
+    from qwen2vl_jax.perf import roofline
     segments = aot.attention_segments(aot.PackedLayout(image_patches=4, doc_tokens=2), seq_len=6, max_patches=8)
 
     def call(op_name):
@@ -212,7 +212,8 @@ def test_cli_estimate_last_line_and_useful_flops(tmp_path):
     program the estimate analysed."""
     _libtpu_or_skip()
     from experiments import registry
-    from qwen2vl_jax.train import chips, flops, roofline
+    from qwen2vl_jax.perf import roofline
+    from qwen2vl_jax.train import chips, flops
     hlo = tmp_path / "step.hlo.txt"
     proc = subprocess.run(
         [sys.executable, "-m", "launch.aot", "--experiment=stage2", "--model=test", "--topology=v5p:2x2x1",
@@ -221,7 +222,8 @@ def test_cli_estimate_last_line_and_useful_flops(tmp_path):
         cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
-    m = re.fullmatch(r"estimate: step_s=(\S+) bound=(compute|hbm|ici) mfu=(0\.\d{4})", lines[-1])
+    m = re.fullmatch(r"estimate \(compiler view\): (\S+) s/step, MFU (0\.\d{3}) \[upper bound \(roofline\): "
+                     r"(\S+) s/step, MFU (0\.\d{3}), (compute|hbm|ici)-bound\]", lines[-1])
     assert m, lines[-1]
     exp = registry.get_experiment("stage2", "test", ["mesh.data=-1"])
     B, S, P = exp.batch_size, exp.data.seq_len, exp.data.max_patches
@@ -233,28 +235,41 @@ def test_cli_estimate_last_line_and_useful_flops(tmp_path):
     assert "rows of 64-patch images, 32-token documents" in useful
     total = float(re.search(r": (\S+) total", useful).group(1))
     assert total == pytest.approx(hand, rel=1e-5)
-    step_s = float(m.group(1))
-    assert float(m.group(3)) == pytest.approx(hand / 4 / step_s / chips.get_chip("v5p").peak_bf16_flops, abs=1e-4)
+    peak = chips.get_chip("v5p").peak_bf16_flops
+    view_s, bound_s = float(m.group(1)), float(m.group(3))
+    assert float(m.group(2)) == pytest.approx(hand / 4 / view_s / peak, abs=1e-3)
+    assert float(m.group(4)) == pytest.approx(hand / 4 / bound_s / peak, abs=1e-3)
     again = roofline.estimate(hlo.read_text(), chips.get_chip("v5p"))
-    assert f"{again.step_s:.4g}" == m.group(1) and again.bound == m.group(2)
+    assert f"{again.step_s:.4g}" == m.group(3) and again.bound == m.group(5)
+    # the compiler view is the compiler's cycles + the ops it gives none + the (xla-attention test model: no) kernels
+    assert again.kernel_s == 0 and f"{again.compiler_s + again.uncosted_s:.4g}" == m.group(1)
     assert lines[1].startswith("TPU compiler flags (LIBTPU_INIT_ARGS): " + " ".join(aot.TPU_COMPILER_FLAGS))
     # --json: the same figures as the printed estimate, and benchmarks.estimates' table row from it
     from benchmarks import estimates
     rec, = estimates.read(str(tmp_path / "rows.jsonl"))
     assert rec["mesh"] == {"dcn": 1, "data": 4, "fsdp": 1, "tensor": 1, "sequence": 1} and rec["chips"] == 4
-    assert f"{rec['step_s']:.4g}" == m.group(1) and rec["bound"] == m.group(2)
-    assert f"{rec['mfu']:.4f}" == m.group(3) and rec["useful_flops"] == pytest.approx(hand / 4, rel=1e-5)
+    assert f"{rec['compiler_view_s']:.4g}" == m.group(1) and f"{rec['mfu_compiler_view']:.3f}" == m.group(2)
+    assert f"{rec['step_s']:.4g}" == m.group(3) and rec["bound"] == m.group(5)
+    assert f"{rec['mfu']:.3f}" == m.group(4) and rec["useful_flops"] == pytest.approx(hand / 4, rel=1e-5)
+    assert 0 < rec["lower_s"] < rec["compile_s"]
     assert rec["no_overlap_s"] == pytest.approx(sum(rec["terms_s"].values()))
     assert rec["fits"] and 0 < rec["memory_gib"] < 95 and rec["microbatches"] == exp.microbatches
     row = estimates.table([rec]).splitlines()[2]
     assert row.startswith(f"| test | 2 | v5p:2x2x1 (4) | data 4 | {exp.microbatches} | {exp.model.remat_policy} |")
-    assert f"| {rec['step_s']:.2f} | {rec['bound']} | {rec['terms_s']['compute']:.1f} / " in row
-    assert f"| {rec['mfu']:.2f} / {rec['mfu_no_overlap']:.2f} |" in row and row.count("|") == 15
+    assert (f"| {rec['compiler_view_s']:.2f} | {rec['mfu_compiler_view']:.2f} | {rec['step_s']:.2f} | "
+            f"{rec['mfu']:.2f} | {rec['bound']} | {rec['terms_s']['compute']:.1f} / ") in row
+    assert row.count("|") == 16
 
 
 def test_cli_rejects_a_bad_microbatch_count():
     from launch import aot as cli_aot
     assert cli_aot.main(["--model=test", "--microbatches=0", "--topology=v5p-8"]) == 1
+
+
+def test_cli_rejects_a_bad_kernel_efficiency_before_compiling(capsys):
+    from launch import aot as cli_aot
+    assert cli_aot.main(["--model=test", "--estimate", "--kernel_efficiency=0", "--topology=v5p-8"]) == 1
+    assert "kernel_efficiency=0.0; valid: 0 < fraction <= 1" in capsys.readouterr().err
 
 
 def test_cli_topology_defaults_to_the_experiments(capsys):
@@ -279,7 +294,7 @@ FLAG_PROBE = """
 import re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from qwen2vl_jax.train import aot
+from qwen2vl_jax.perf import aot
 mesh = Mesh(np.array(aot.get_topology_devices(aot.parse_topology("v5p:2x2x2"))), ("fsdp",))
 x = jax.ShapeDtypeStruct((8 * 2048, 2048), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp", None)))
 w = jax.ShapeDtypeStruct((2048, 8192), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))

@@ -1,5 +1,5 @@
 """The Pallas attention kernels compiled for a real TPU topology (v5p:2x2x1, 4 chips) on this CPU machine:
-libtpu's compile-only devices (qwen2vl_jax.train.aot.get_topology_devices). A train-like step (projections
+libtpu's compile-only devices (qwen2vl_jax.perf.aot.get_topology_devices). A train-like step (projections
 -> splash attention -> output projection -> loss, gradients of the weights) on a mesh with data / fsdp /
 tensor axes must lower and compile, with the Mosaic kernel partitioned by the shard_map in
 qwen2vl_jax.model.attention; without a mesh in context, XLA cannot partition it (the contract train steps
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding
 
-from qwen2vl_jax.train import aot
+from qwen2vl_jax.perf import aot
 from qwen2vl_jax.train import sharding
 from qwen2vl_jax.model.attention import attention
 
@@ -105,7 +105,7 @@ def test_auto_resolves_for_the_mesh_platform(tpu_devices):
 
 
 def test_block_sparse_train_step_compiles_for_v5p(tpu_devices):
-    """The real train step (train_step.make_train_step, as train/aot.py compiles it) of the test model's
+    """The real train step (train_step.make_train_step, as perf/aot.py compiles it) of the test model's
     stage-2 experiment with attention_impl=block_sparse, compiled for v5p:2x2x1: the compiled program holds
     the kernel's forward, dq and dk/dv Mosaic calls for the vision tower and the decoder."""
     from experiments import registry

@@ -175,7 +175,7 @@ def test_registry_rows_take_the_largest_block():
 
 @pytest.fixture(scope="module")
 def tpu_device():
-    from qwen2vl_jax.train import aot
+    from qwen2vl_jax.perf import aot
     try:
         aot.libtpu_path()
     except RuntimeError as e:

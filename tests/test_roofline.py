@@ -1,4 +1,4 @@
-"""train.roofline: the compiled-program step-time estimate, against hand counts.
+"""perf.roofline: the compiled-program step-time estimate, against hand counts.
 
 Synthetic HLO text (no libtpu needed) pins the parser: loop trip counts (condition constant, loop-invariant
 bound, init, increment, known_trip_count; nested loops multiply), dot / convolution FLOPs, HBM bytes of
@@ -13,7 +13,8 @@ import re
 import numpy as np
 import pytest
 
-from qwen2vl_jax.train import chips, roofline
+from qwen2vl_jax.perf import roofline
+from qwen2vl_jax.train import chips
 
 V5P = chips.get_chip("v5p")
 
@@ -388,10 +389,144 @@ def test_estimate_terms_bound_mfu_and_last_line():
     assert est.terms == pytest.approx({"compute": 1.0, "hbm": 3.0, "ici": 3e9 / 200e9})
     assert (est.bound, est.step_s) == ("hbm", pytest.approx(3.0))
     assert est.no_overlap_s == pytest.approx(1.0 + 3.0 + 0.015)
-    assert est.compiler_s == pytest.approx(1.0)
+    assert est.compiler_s == pytest.approx(1.0) and est.compiler_view_s == pytest.approx(1.0)
     text = roofline.format_estimate(est)
-    assert text.splitlines()[-1] == "estimate: step_s=3 bound=hbm mfu=0.1111"
-    assert "MFU vs 6ND" in text and "0.083 at the bound" in text
+    assert text.splitlines()[-1] == ("estimate (compiler view): 1 s/step, MFU 0.333 "
+                                     "[upper bound (roofline): 3 s/step, MFU 0.111, hbm-bound]")
+    assert "MFU vs 6ND" in text and "0.250 compiler view; 0.083 roofline bound" in text
+
+
+COMPILER_VIEW = """HloModule compiler_view, num_partitions=4
+
+%mm (a: bf16[256,512], b: bf16[512,1024]) -> bf16[256,1024] {
+  %a = bf16[256,512]{1,0} parameter(0)
+  %b = bf16[512,1024]{1,0} parameter(1)
+  ROOT %d = bf16[256,1024]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%neg (g: f32[1024,256]) -> f32[1024,256] {
+  %g = f32[1024,256]{1,0} parameter(0)
+  ROOT %n = f32[1024,256]{1,0} negate(%g)
+}
+
+%sum (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(%x, %y)
+}
+
+%body (p: (s32[], bf16[256,512], bf16[512,1024], f32[1024,256])) -> (s32[], bf16[256,512], bf16[512,1024], f32[1024,256]) {
+  %p = (s32[], bf16[256,512]{1,0}, bf16[512,1024]{1,0}, f32[1024,256]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %a = bf16[256,512]{1,0} get-tuple-element(%p), index=1
+  %b = bf16[512,1024]{1,0} get-tuple-element(%p), index=2
+  %g = f32[1024,256]{1,0} get-tuple-element(%p), index=3
+  %f = bf16[256,1024]{1,0} fusion(%a, %b), kind=kOutput, calls=%mm, backend_config={"window_config":{"estimated_cycles":"40000"}}
+  %u = f32[1024,256]{1,0} fusion(%g), kind=kLoop, calls=%neg
+  %ar = f32[1024,256]{1,0} all-reduce(%u), replica_groups={}, to_apply=%sum
+  %cs = (f32[1024,256]{1,0}, f32[1024,256]{1,0}, u32[]) copy-start(%ar)
+  %cd = f32[1024,256]{1,0} copy-done(%cs)
+  %k = bf16[1,4,1024,80]{3,2,1,0} custom-call(%f), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/my_kernel/pallas_call"}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], bf16[256,512]{1,0}, bf16[512,1024]{1,0}, f32[1024,256]{1,0}) tuple(%next, %a, %b, %cd)
+}
+
+%cond (c: (s32[], bf16[256,512], bf16[512,1024], f32[1024,256])) -> pred[] {
+  %c = (s32[], bf16[256,512]{1,0}, bf16[512,1024]{1,0}, f32[1024,256]{1,0}) parameter(0)
+  %ci = s32[] get-tuple-element(%c), index=0
+  %three = s32[] constant(3)
+  ROOT %lt = pred[] compare(%ci, %three), direction=LT
+}
+
+ENTRY %main (a: bf16[256,512], b: bf16[512,1024], g: f32[1024,256]) -> f32[1024,256] {
+  %a = bf16[256,512]{1,0} parameter(0)
+  %b = bf16[512,1024]{1,0} parameter(1)
+  %g = f32[1024,256]{1,0} parameter(2)
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[256,512]{1,0}, bf16[512,1024]{1,0}, f32[1024,256]{1,0}) tuple(%zero, %a, %b, %g)
+  %loop = (s32[], bf16[256,512]{1,0}, bf16[512,1024]{1,0}, f32[1024,256]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[1024,256]{1,0} get-tuple-element(%loop), index=3
+}
+"""
+
+
+def test_compiler_view_counts_cycles_ops_without_cycles_and_modelled_kernels_per_trip():
+    """Hand count of the compiler view of a loop run 3 times. Per trip: a matmul fusion the compiler gives
+    40000 cycles; ops it gives none, each at its roofline time: a fusion reading and writing 1 MiB (HBM), a
+    synchronous all-reduce of 1 MiB over 4 devices (ring: 2 x 3/4 MiB sent), the scalar counter add (12 B);
+    an asynchronous copy-start (charged nothing); a kernel of 1 GFLOP with head_dim 80, run as 128 lanes, at
+    the fraction of peak the compiler's cycles give the matmul fusion."""
+    def mine(call):
+        return roofline.KernelCost(flops=1e9, mxu_flops=roofline.lane_padded(1e9, roofline.parse_shape(call.result)[0].dims[-1]))
+
+    est = roofline.estimate(COMPILER_VIEW, V5P, kernel_costs=[mine], useful_flops=4 * 1e12)
+    clock, peak, mib = V5P.clock_hz, V5P.peak_bf16_flops, 1024 * 256 * 4
+    mm = 2 * 256 * 1024 * 512
+    assert est.analysis.estimated_cycles == 3 * 40000 and est.compiler_s == pytest.approx(3 * 40000 / clock)
+    fraction = mm / (40000 / clock * peak)
+    assert est.matmul_efficiency == pytest.approx(fraction) and est.kernel_fraction == pytest.approx(fraction)
+    uncosted = 3 * (2 * mib / V5P.hbm_bandwidth + 2 * 3 / 4 * mib / V5P.ring_bandwidth + 12 / V5P.hbm_bandwidth)
+    assert est.uncosted_s == pytest.approx(uncosted)
+    kernel = 3 * 1e9 * 128 / 80 / (fraction * peak)
+    assert est.kernel_s == pytest.approx(kernel)
+    assert est.compiler_view_s == pytest.approx(3 * 40000 / clock + uncosted + kernel)
+    assert est.mfu(est.useful_flops, est.compiler_view_s) == pytest.approx(1e12 / est.compiler_view_s / peak)
+    # a given kernel efficiency replaces the program's matmul fraction; out of (0, 1] it is refused
+    half = roofline.estimate(COMPILER_VIEW, V5P, kernel_costs=[mine], kernel_efficiency=0.5)
+    assert half.kernel_s == pytest.approx(3 * 1e9 * 128 / 80 / (0.5 * peak))
+    with pytest.raises(ValueError, match="kernel_efficiency=1.5; valid: 0 < fraction <= 1"):
+        roofline.estimate(COMPILER_VIEW, V5P, kernel_efficiency=1.5)
+
+
+def test_lane_padding_of_the_attention_kernels():
+    """head_dim D runs on the MXU as D rounded up to 128 lanes: the splash and block-sparse kernels' MXU
+    FLOPs are their FLOPs x 128 / 64 (splash call with D = 64), x 128 / 80 (block-sparse, Qwen2-VL's ViT)
+    and x 1 at D = 128."""
+    assert roofline.lane_padded(1e9, 80) == pytest.approx(1.6e9) and roofline.lane_padded(1e9, 128) == 1e9
+    assert roofline.lane_padded(1e9, 200) == pytest.approx(1e9 * 256 / 200)
+    splash = roofline.splash_cost(_splash_call("fwd", np.ones((1, 4, 4), np.int8)))
+    assert splash.mxu_flops == pytest.approx(2 * splash.flops)
+    from qwen2vl_jax.model import block_sparse_attention as bsa
+    for D in (80, 128):
+        B, Hq, T = 1, 16, 2048
+        bq, bkv = bsa.block_sizes(T, T)
+        call = roofline.KernelCall(
+            name="block_sparse_fwd", target="tpu_custom_call", op_name="", metadata="", result=f"bf16[{B},{Hq},{T},{D}]",
+            operands=("s32[1]", f"s32[{B * (T // bq) * (T // bkv)}]", f"bf16[{B},{Hq},{T},{D}]",
+                      f"bf16[{B},2,{T},{D}]", f"bf16[{B},2,{T},{D}]"), constants=(None,) * 5)
+        cost = roofline.block_sparse_cost(lambda call, t, s: (np.ones(t, np.int32), np.ones(s, np.int32), False))(call)
+        # every block pair of one segment, not causal: T x T pairs per head, q.k and p.v
+        assert cost.flops == 2 * 2 * B * Hq * T * T * D
+        assert cost.mxu_flops == pytest.approx(cost.flops * 128 / D)
+
+
+@pytest.mark.parametrize("init, cond, step, direction, trips", [
+    (2, lambda i: i <= 6, 1, "LE", 5),            # 2, 3, 4, 5, 6
+    (2, lambda i: i < 6, 1, "LT", 4),             # 2, 3, 4, 5
+    (9, lambda i: i >= 3, -2, "GE", 4),           # 9, 7, 5, 3
+    (9, lambda i: i > 3, -2, "GT", 3),            # 9, 7, 5
+    (0, lambda i: i != 12, 3, "NE", 4)])          # 0, 3, 6, 9
+def test_trip_count_of_compiled_while_loops_by_compare_direction(init, cond, step, direction, trips):
+    """A jax while_loop compiled by XLA (host CPU) whose condition compiles to each compare direction: the
+    trip count read from the loop itself (compare, init, increment; the compiler's known_trip_count removed
+    from the text) and the matmul FLOPs of its body x trips, against the hand count in the comments."""
+    import jax
+    import jax.numpy as jnp
+
+    def f(x, w):
+        return jax.lax.while_loop(lambda c: cond(c[0]), lambda c: (c[0] + step, jnp.tanh(c[1] @ w)),
+                                  (jnp.int32(init), x))[1]
+
+    x = jax.ShapeDtypeStruct((32, 32), jnp.float32)
+    text = jax.jit(f).lower(x, x).compile().as_text()
+    assert re.findall(r"direction=(\w+)", text) == [direction]      # the loop tests what this case names
+    assert re.findall(r'"known_trip_count":\{"n":"(\d+)"', text) == [str(trips)]   # XLA's own count agrees
+    text = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", text)
+    module = roofline.parse_module(text)
+    loop, = [i for i in module.instrs.values() if i.opcode == "while"]
+    assert roofline.trip_count(module, loop) == trips
+    assert roofline.analyze(text).matmul_flops == trips * 2 * 32 ** 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +534,7 @@ def test_estimate_terms_bound_mfu_and_last_line():
 
 @pytest.fixture(scope="module")
 def tpu():
-    from qwen2vl_jax.train import aot
+    from qwen2vl_jax.perf import aot
     try:
         aot.libtpu_path()
     except RuntimeError as e:
@@ -587,5 +722,5 @@ def test_test_model_train_step_matmul_flops_match_flops_py(tpu, remat):
     assert est.analysis.num_devices == n == 4
     assert est.analysis.matmul_flops == hand / n
     assert est.analysis.total_kernel_flops == 0 and not est.analysis.warnings
-    assert re.fullmatch(r"estimate: step_s=\S+ bound=(compute|hbm|ici) mfu=0\.\d+",
-                        roofline.format_estimate(est).splitlines()[-1])
+    assert re.fullmatch(r"estimate \(compiler view\): \S+ s/step, MFU 0\.\d+ \[upper bound \(roofline\): \S+ "
+                        r"s/step, MFU 0\.\d+, (compute|hbm|ici)-bound\]", roofline.format_estimate(est).splitlines()[-1])

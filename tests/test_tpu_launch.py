@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from qwen2vl_jax.cloud import tpu
-from qwen2vl_jax.train import aot
+from qwen2vl_jax.perf import aot
 from qwen2vl_jax.cloud.tpu import REPO_ROOT, TpuVm
 
 VM = TpuVm(name="qv-pod", zone="us-east5-a", accelerator="v5p-128", project="my-proj", spot=True)

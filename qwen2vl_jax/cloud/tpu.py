@@ -16,7 +16,7 @@ one command; `dry_run_script` renders them one per line as a runnable shell scri
      python3 -m launch.pretrain ...; echo $? > logs/RUN.exit' > logs/RUN.log &` (`start_command`). Every
      worker runs the same command; launch.pretrain calls jax.distributed.initialize(), which finds the
      coordinator from the TPU metadata (train/distributed.py). LIBTPU_INIT_ARGS holds the TPU compiler flags
-     launch.aot compiles with (qwen2vl_jax.train.aot TPU_COMPILER_FLAGS), then `libtpu_args` if given (they
+     launch.aot compiles with (qwen2vl_jax.perf.aot TPU_COMPILER_FLAGS), then `libtpu_args` if given (they
      win), so the job runs the program launch.aot measured; QWEN2VL_JOB=NAME/RUN names the job (a restart
      takes over the run lock its killed predecessor left in a bucket workdir). Several slices also get
      MEGASCALE_COORDINATOR_ADDRESS (worker 0 of slice 0, looked up with `describe` when the job starts),
@@ -256,7 +256,8 @@ def make_job(vm: TpuVm, experiment: str, *, model: str | None = None, overrides:
     setup = [("git", "-C", REPO_ROOT, "archive", "--format=tar.gz", f"--output={tarball}", "HEAD")]
     for node in vm.nodes:
         setup += [tuple(vm.scp(tarball, REMOTE_TARBALL, node)), tuple(vm.ssh(install, node))]
-    from qwen2vl_jax.train import aot, trainer
+    from qwen2vl_jax.perf import aot
+    from qwen2vl_jax.train import trainer
     start = []
     for i, node in enumerate(vm.nodes):
         # the job's name lets a restarted run take over the run lock its killed predecessor left in the bucket

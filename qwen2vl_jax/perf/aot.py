@@ -7,8 +7,14 @@ the NamedShardings of the mesh over those devices, then compiled by the TPU comp
 the per-chip memory (`compiled.memory_analysis()`), FLOPs (`compiled.cost_analysis()`) and the compiled
 program; `check_fits` raises DoesNotFitError when the step does not fit in the chip's HBM;
 `fit_microbatches` searches the smallest microbatch count that fits; `estimate_train_step` is the
-roofline step-time estimate of the compiled step (train/roofline.py) with the useful FLOPs of flops.py
-for an assumed packing (`PackedLayout`).
+step-time estimate of the compiled step (perf/roofline.py: the compiler view, and the roofline bound
+beside it) with the useful FLOPs of flops.py for an assumed packing (`PackedLayout`).
+
+Compile time: on a 2-core CPU nearly all of it is the TPU compiler's code generation for each distinct
+fusion (lowering to its low-level IR, scheduling, register allocation), not the HLO passes nor jax's
+lowering; the layer scans compile their body once, so a model cut to fewer layers compiles barely faster
+(docs/performance.md). jax's persistent compilation cache cannot serve these compile-only devices (an
+executable is deserialized only with a real TPU client), so every run compiles.
 
 TPU compiler flags: `TPU_COMPILER_FLAGS` go into LIBTPU_INIT_ARGS before libtpu starts, followed by the
 caller's own LIBTPU_INIT_ARGS (libtpu takes a flag's last value, so the caller's win). The compile-only
@@ -37,7 +43,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from qwen2vl_jax.model import attention
-from qwen2vl_jax.train import flops, roofline, sharding, train_step
+from qwen2vl_jax.perf import roofline
+from qwen2vl_jax.train import flops, sharding, train_step
 from qwen2vl_jax.train.chips import CHIPS, Chip, GiB
 
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
@@ -210,9 +217,10 @@ class AotResult:
     code_bytes: int
     flops_per_device: float
     hbm_per_device: int
-    compile_s: float
+    compile_s: float         # lowering (jax trace + StableHLO) + the TPU compiler
     compiled: Any = dataclasses.field(default=None, repr=False, compare=False)   # the jax Compiled
     generation: str = ""   # the chip generation (v5p); "" when `topology` names it (one slice)
+    lower_s: float = 0.0     # of compile_s: jax's lowering
 
     @property
     def total_bytes(self) -> int:
@@ -227,7 +235,8 @@ class AotResult:
         g = lambda b: f"{b / GiB:9.3f} GiB"  # noqa: E731
         return "\n".join([
             f"topology {self.topology}: {self.chips} chips, {self.n_devices} devices "
-            f"(HBM {self.hbm_per_device / GiB:.1f} GiB per device); compiled in {self.compile_s:.1f} s",
+            f"(HBM {self.hbm_per_device / GiB:.1f} GiB per device); compiled in {self.compile_s:.1f} s "
+            f"(jax lowering {self.lower_s:.1f} s, TPU compiler {self.compile_s - self.lower_s:.1f} s)",
             f"per device: argument {g(self.argument_bytes)}",
             f"            output   {g(self.output_bytes)}  (aliased to donated arguments: {g(self.alias_bytes).strip()})",
             f"            temp     {g(self.temp_bytes)}",
@@ -254,6 +263,7 @@ def compile_for_topology(lowerable: Any, args: tuple, topo: Topology, n_devices:
     per_dev_hbm = hbm_per_device or topo.chip.hbm_bytes * topo.chips // n_devices
     t0 = time.time()
     lowered = lowerable.lower(*args)
+    lower_s = time.time() - t0
     try:
         compiled = lowered.compile()
     except Exception as e:  # jax.errors.JaxRuntimeError; the TPU compiler refuses programs over HBM
@@ -273,7 +283,7 @@ def compile_for_topology(lowerable: Any, args: tuple, topo: Topology, n_devices:
                      alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
                      code_bytes=int(mem.generated_code_size_in_bytes),
                      flops_per_device=float((cost or {}).get("flops", float("nan"))),
-                     hbm_per_device=per_dev_hbm, compile_s=dt, compiled=compiled)
+                     hbm_per_device=per_dev_hbm, compile_s=dt, compiled=compiled, lower_s=lower_s)
 
 
 def check_fits(result: AotResult) -> None:
@@ -418,13 +428,14 @@ def attention_segments(layout: PackedLayout, seq_len: int, max_patches: int) -> 
 
 
 def estimate_train_step(result: AotResult, cfg, trainable: Sequence[str], batch_size: int, seq_len: int,
-                        max_patches: int, layout: PackedLayout = PackedLayout()) -> roofline.Estimate:
-    """Roofline estimate of a compiled train step (`result` from compile_train_step) with flops.py's useful
-    FLOPs and 6ND for `batch_size` rows packed as `layout` says; the block-sparse attention kernels are
-    costed from the block pairs they visit for that layout."""
+                        max_patches: int, layout: PackedLayout = PackedLayout(),
+                        kernel_efficiency: float | None = None) -> roofline.Estimate:
+    """Estimate of a compiled train step (`result` from compile_train_step) with flops.py's useful FLOPs and
+    6ND for `batch_size` rows packed as `layout` says; the block-sparse attention kernels are costed from the
+    block pairs they visit for that layout, at `kernel_efficiency` of peak (roofline.estimate)."""
     useful = useful_flops(cfg, trainable, batch_size, seq_len, max_patches, layout).total
     six = flops.six_nd(cfg, tokens=batch_size * seq_len, patches=batch_size * max_patches)
     chip = CHIPS[result.generation or parse_topology(result.topology).generation]
     costs = [roofline.block_sparse_cost(attention_segments(layout, seq_len, max_patches))]
     return roofline.estimate(result.compiled, chip, useful_flops=useful, six_nd_flops=six, kernel_costs=costs,
-                             num_devices=result.n_devices)
+                             num_devices=result.n_devices, kernel_efficiency=kernel_efficiency)

@@ -1,8 +1,9 @@
-"""Step-time estimate of a compiled TPU program: a roofline over its optimized HLO, loop trip counts applied.
+"""Step-time estimate of a compiled TPU program, loop trip counts applied: the compiler view (THE estimate)
+and the roofline (an upper bound on speed) beside it.
 
     text = roofline.hlo_text(compiled)            # jax `.lower(...).compile()` for (compile-only) TPU devices
     est = roofline.estimate(text, chips.get_chip("v5p"), useful_flops=..., six_nd_flops=...)
-    print(roofline.format_estimate(est))          # last line: estimate: step_s=.. bound=.. mfu=..
+    print(roofline.format_estimate(est))          # last line: roofline.last_line(est)
 
 Why not `compiled.cost_analysis()`: it counts every while-loop body once (layer scan, microbatch scan, loss
 chunks), so its FLOPs are off by the product of the trip counts, and custom calls (Pallas / Mosaic kernels:
@@ -21,7 +22,7 @@ it; nested loops multiply):
   values of operands that are compile-time constants (block masks), and returns FLOPs and optionally HBM
   bytes; pass it as `estimate(..., kernel_costs=[fn])`. `block_sparse_cost(segments)` is the one for
   model/block_sparse_attention.py's kernels, whose visited blocks depend on the segment ids at run time:
-  the caller says which segment layout to assume (train/aot.py: `PackedLayout`).
+  the caller says which segment layout to assume (perf/aot.py: `PackedLayout`).
 - HBM bytes: per top-level op (fusion, convolution, copy, custom call, collective, ...), operand + result
   bytes that live in HBM (memory space 0; `S(1)` VMEM operands are on-chip). A fusion operand that the fused
   computation only slices (a layer's weights out of the stacked [L, ...] array) counts the slices; a fusion
@@ -36,17 +37,29 @@ it; nested loops multiply):
   collective-permute its buffer once. ICI time = those bytes / the chip's bidirectional ring bandwidth on
   one torus axis (one link each way, `Chip.ring_bandwidth`). Optimistic where a slice dimension has no
   wraparound (a ring becomes a line) and pessimistic where the compiler drives several torus axes at once.
-- the compiler's own per-op `estimated_cycles` (each fusion's backend_config), summed with trip counts and
-  converted at the chip clock: a second, independent time for the XLA part of the step (kernels and
-  collectives have none).
-Roofline step time = max(compute, HBM, ICI) with compute = (matmul + kernel FLOPs) / peak (all FLOPs at the
-bf16 peak), HBM = bytes / HBM bandwidth, ICI as above; the no-overlap time is their sum. MFU = the caller's
-useful FLOPs per step (qwen2vl_jax.train.flops: attended pairs only, no remat recompute) per device / step
-time / peak, and the same for 6ND.
+- the compiler's own per-op `estimated_cycles` (each op's backend_config), summed with trip counts and
+  converted at the chip clock.
+
+The compiler view (`Estimate.compiler_view_s`, THE estimate) = the XLA ops' estimated_cycles + the ops the
+compiler gives no cycles (synchronous collectives, gather / scatter fusions; not the asynchronous starts
+whose transfers overlap compute) at their roofline time + the kernels' modelled time. Kernel model: a
+kernel's FLOPs (the block pairs it visits) as the MXU runs them, with head_dim padded to whole 128-element
+lanes (`lane_padded`: every attention matmul has head_dim as its contraction or its output dimension, so a
+head_dim of 80 costs like 128, efficiency 80/128), at `kernel_fraction` of peak: by default the fraction
+the compiler's own cycle model gives this program's matmul ops (their matmul FLOPs / their cycles), i.e.
+a kernel is assumed to drive the MXU as well as the compiler's matmul fusions do (docs/performance.md). FlashAttention-2 reaches 50-73% of A100 peak (Dao 2023, arXiv:2307.08691), the same range.
+No overlap is assumed between the three parts; overlap the compiler schedules (async collectives inside
+compute fusions) is inside its cycles.
+
+The roofline step time = max(compute, HBM, ICI) with compute = (matmul + kernel FLOPs) / peak (all FLOPs
+at the bf16 peak), HBM = bytes / HBM bandwidth, ICI as above: a bound no schedule can beat; the
+no-overlap time is their sum. MFU = the caller's useful FLOPs per step (qwen2vl_jax.train.flops: attended
+pairs only, no remat recompute) per device / step time / peak, and the same for 6ND.
 
 While-loop trip counts come from backend_config `known_trip_count` when present, else from the loop itself:
-the condition's compare of the induction variable against a constant (or a loop-invariant tuple element),
-the induction variable's initial value in the while operand and its constant increment in the body. A
+the condition's compare (LT, LE, GT, GE, NE; either operand order) of the induction variable against a
+constant (or a loop-invariant tuple element), the induction variable's initial value in the while operand
+and its constant increment in the body: `i <= n` from i0 by s runs floor((n - i0) / s) + 1 times. A
 loop whose count cannot be read is counted once and listed in the estimate's warnings. Of a conditional's
 branches the most expensive one is counted.
 """
@@ -254,14 +267,7 @@ def trip_count(module: Module, loop: Instr) -> int | None:
     cond, body = loop.called("condition"), loop.called("body")
     if not cond or not body:
         return None
-    cmp_ = module.roots[cond[0]]
-    if cmp_.opcode == "fusion":                     # compare fused: map the fused parameters back
-        inner = module.roots[cmp_.called("calls")[0]]
-        if inner.opcode != "compare":
-            return None
-        args = [cmp_.operands[int(module.instrs[o].literal)] if module.instrs[o].opcode == "parameter" else o
-                for o in inner.operands]
-        cmp_ = dataclasses.replace(inner, operands=tuple(args))
+    cmp_ = _unfused(module, module.roots[cond[0]])
     if cmp_.opcode != "compare" or len(cmp_.operands) != 2:
         return None
     direction = cmp_.attr("direction")
@@ -305,11 +311,22 @@ def trip_count(module: Module, loop: Instr) -> int | None:
     return None
 
 
+def _unfused(module: Module, ins: Instr) -> Instr:
+    """A fusion of one op (the compiler wraps a loop's compare or increment: `wrapped_compare`) as that op on
+    the fusion's own operands; any other instruction as it is."""
+    if ins.opcode != "fusion":
+        return ins
+    inner = module.roots[ins.called("calls")[0]]
+    args = [ins.operands[int(module.instrs[o].literal)] if module.instrs[o].opcode == "parameter" else o
+            for o in inner.operands]
+    return dataclasses.replace(inner, operands=tuple(args))
+
+
 def _increment(module: Module, body: str, idx: int) -> int | None:
     root = module.roots[body]
     if root.opcode != "tuple" or idx >= len(root.operands):
         return None
-    upd = _through(module, root.operands[idx])
+    upd = _unfused(module, _through(module, root.operands[idx]))
     if upd.opcode not in ("add", "subtract") or len(upd.operands) != 2:
         return None
     x, y = upd.operands
@@ -411,6 +428,18 @@ class KernelCost:
     hbm_bytes: float | None = None     # None: operand + result bytes
     label: str = ""                    # row name in the estimate's table (default: the kernel name)
     warning: str = ""                  # shown under the estimate (an assumption the count had to make)
+    mxu_flops: float | None = None     # the FLOPs the MXU runs with its lanes padded (None: `flops`)
+
+
+# Vector lanes of every TPU generation: a Pallas block's last dimension is laid out over 128 lanes, so a
+# head_dim of 80 occupies the MXU like 128 (`lane_padded`).
+LANES = 128
+
+
+def lane_padded(flops: float, dim: int) -> float:
+    """`flops` of attention matmuls whose every product has `dim` (head_dim) as its contraction (q.k, dO.v)
+    or output (p.v, dS.k, dS.q, p.dO) dimension, as the MXU runs them with `dim` padded to whole lanes."""
+    return flops * (-(-dim // LANES) * LANES) / dim
 
 
 KernelCostFn = Callable[[KernelCall], "KernelCost | None"]
@@ -463,11 +492,11 @@ def splash_cost(call: KernelCall) -> KernelCost | None:
         bq, bkv = sizes[q_key], sizes[kv_key]
         rows = bkv if streamed == "kv" else bq
         hbm += pairs / (bq * bkv) * 2 * rows * D * DTYPE_BYTES[q_arr.dtype]
-    return KernelCost(flops, hbm, label=label, warning=warning)
+    return KernelCost(flops, hbm, label=label, warning=warning, mxu_flops=lane_padded(flops, D))
 
 
 # One row's segment ids for a kernel call with query length T and key length S: (q_segment_ids [T],
-# kv_segment_ids [S], causal), or None when the caller cannot tell (train/aot.py attention_segments).
+# kv_segment_ids [S], causal), or None when the caller cannot tell (perf/aot.py attention_segments).
 SegmentFn = Callable[[KernelCall, int, int], "tuple[np.ndarray, np.ndarray, bool] | None"]
 _BLOCK_SPARSE = re.compile(r"block_sparse_(fwd|dq|dkv)")
 
@@ -510,7 +539,7 @@ def block_sparse_cost(segments: SegmentFn) -> KernelCostFn:
         dtype = parse_shape(call.operands[2])[0].dtype
         hbm = sum(shape_bytes(s) for s in call.operands) + shape_bytes(call.result)
         hbm += pairs * Hq * 2 * (bkv if phase != "dkv" else bq) * D * DTYPE_BYTES[dtype]
-        return KernelCost(flops, hbm, label=label, warning="; ".join(warnings))
+        return KernelCost(flops, hbm, label=label, warning="; ".join(warnings), mxu_flops=lane_padded(flops, D))
     return cost
 
 
@@ -632,20 +661,30 @@ class Analysis:
     matmul_flops: float = 0.0
     kernel_flops: dict = dataclasses.field(default_factory=lambda: defaultdict(float))   # label -> FLOPs
     kernel_calls: dict = dataclasses.field(default_factory=lambda: defaultdict(float))   # label -> calls
+    kernel_mxu_flops: dict = dataclasses.field(default_factory=lambda: defaultdict(float))  # label -> lane-padded
     hbm_bytes: float = 0.0
     kernel_hbm_bytes: float = 0.0                              # the custom calls' share of hbm_bytes
     collectives: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0, 0.0]))
     estimated_cycles: float = 0.0
+    matmul_op_flops: float = 0.0       # matmul FLOPs of the XLA ops that hold matmuls and carry estimated_cycles
+    matmul_op_cycles: float = 0.0      # ... and those ops' estimated_cycles (their achieved fraction of peak)
+    uncosted: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0, 0.0, 0.0]))
     ops: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0, 0.0, 0.0]))
     loops: list = dataclasses.field(default_factory=list)      # (while name, trips, multiplier)
     warnings: list = dataclasses.field(default_factory=list)
 
     # collectives: (kind, group size) -> [calls, operand bytes, ring bytes sent]
+    # uncosted: XLA ops that block the step but carry no estimated_cycles (synchronous collectives, gather /
+    #   scatter fusions, ...), per op: [matmul FLOPs, HBM bytes, ICI ring bytes sent, executions]
     # ops: op_name -> [FLOPs (matmul + kernel), HBM bytes, estimated cycles, calls]: the costliest-ops table
 
     @property
     def total_kernel_flops(self) -> float:
         return sum(self.kernel_flops.values())
+
+    @property
+    def total_kernel_mxu_flops(self) -> float:
+        return sum(self.kernel_mxu_flops.values())
 
     @property
     def ici_bytes(self) -> float:
@@ -656,10 +695,18 @@ class Analysis:
         self.hbm_bytes += times * other.hbm_bytes
         self.kernel_hbm_bytes += times * other.kernel_hbm_bytes
         self.estimated_cycles += times * other.estimated_cycles
+        self.matmul_op_flops += times * other.matmul_op_flops
+        self.matmul_op_cycles += times * other.matmul_op_cycles
         for k, v in other.kernel_flops.items():
             self.kernel_flops[k] += times * v
         for k, v in other.kernel_calls.items():
             self.kernel_calls[k] += times * v
+        for k, v in other.kernel_mxu_flops.items():
+            self.kernel_mxu_flops[k] += times * v
+        for k, v in other.uncosted.items():
+            acc = self.uncosted[k]
+            for i in range(4):
+                acc[i] += times * v[i]
         for k, v in other.collectives.items():
             acc = self.collectives[k]
             for i in range(3):
@@ -676,6 +723,15 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "copy
          "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain", "async-update", "async-done",
          "all-gather-done", "all-reduce-done", "collective-permute-done", "send-done", "recv-done"}
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+# Asynchronous starts whose transfer overlaps compute: no estimated_cycles, and no time charged for them in the
+# compiler view (`Estimate.uncosted_s`); async collective fusions are recognised by `_is_async_collective`.
+_ASYNC = {"copy-start", "all-gather-start", "all-reduce-start", "collective-permute-start", "send", "recv"}
+
+
+def _is_async_collective(module: Module, ins: Instr) -> bool:
+    """A fusion the compiler made for an asynchronous collective (async collective fusion: its start and done
+    fusions hold the collective and overlap the compute between them)."""
+    return ins.opcode == "fusion" and bool(_fused_collectives(module, ins.called("calls")[0]))
 
 
 def _users(module: Module, comp: str) -> dict[str, list[Instr]]:
@@ -793,9 +849,11 @@ def _walk(module: Module, comp: str, kernel_costs: Sequence[KernelCostFn]) -> An
             continue
         meta = re.search(r'op_name="([^"]*)"', ins.attr("metadata") or "")
         key = meta.group(1) if meta else f"%{ins.name}"
-        flops, kflops, hbm = 0.0, 0.0, None
+        flops, kflops, hbm, ici = 0.0, 0.0, None, 0.0
         if _collective_kind(op):
+            before = out.ici_bytes
             hbm = _count_collective(module, ins, out)
+            ici = out.ici_bytes - before
         elif op == "fusion":
             flops = _fused_flops(module, ins.called("calls")[0])
             hbm = _fusion_hbm(module, ins)
@@ -824,6 +882,7 @@ def _walk(module: Module, comp: str, kernel_costs: Sequence[KernelCostFn]) -> An
                 label = cost.label or call.name
                 out.kernel_flops[label] += cost.flops
                 out.kernel_calls[label] += 1
+                out.kernel_mxu_flops[label] += cost.flops if cost.mxu_flops is None else cost.mxu_flops
                 kflops = cost.flops
                 hbm = _io_bytes(module, ins) if cost.hbm_bytes is None else cost.hbm_bytes
                 out.kernel_hbm_bytes += hbm
@@ -834,7 +893,16 @@ def _walk(module: Module, comp: str, kernel_costs: Sequence[KernelCostFn]) -> An
         if hbm is None:
             hbm = _io_bytes(module, ins)
         cycles = _CYCLES.search(ins.attrs)
+        if cycles is None and op not in _ASYNC and op != "custom-call" and not _is_async_collective(module, ins):
+            acc = out.uncosted[key]
+            acc[0] += flops
+            acc[1] += hbm
+            acc[2] += ici
+            acc[3] += 1
         cycles = float(cycles.group(1)) if cycles else 0.0
+        if flops and cycles:
+            out.matmul_op_flops += flops
+            out.matmul_op_cycles += cycles
         out.matmul_flops += flops
         out.hbm_bytes += hbm
         out.estimated_cycles += cycles
@@ -867,12 +935,21 @@ def hlo_text(compiled) -> str:
 # ---------------------------------------------------------------------------------------------
 # the estimate
 
+def check_kernel_efficiency(fraction: float | None) -> None:
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"kernel_efficiency={fraction}; valid: 0 < fraction <= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class Estimate:
     analysis: Analysis
     chip: Chip
     useful_flops: float | None        # per device per step (flops.py), None if not given
     six_nd_flops: float | None        # per device per step
+    kernel_efficiency: float | None = None   # kernels' fraction of MXU peak; None: `matmul_efficiency`
+
+    def __post_init__(self):
+        check_kernel_efficiency(self.kernel_efficiency)
 
     @property
     def flops(self) -> float:
@@ -896,9 +973,39 @@ class Estimate:
         return self.analysis.estimated_cycles / self.chip.clock_hz
 
     @property
+    def matmul_efficiency(self) -> float | None:
+        """The fraction of MXU peak the compiler's own cycle model gives its matmul ops in this program: their
+        matmul FLOPs / (their estimated_cycles at the clock x peak); None when no op holds both."""
+        a = self.analysis
+        if not a.matmul_op_flops or not a.matmul_op_cycles:
+            return None
+        return a.matmul_op_flops / (a.matmul_op_cycles / self.chip.clock_hz * self.chip.peak_bf16_flops)
+
+    @property
+    def kernel_fraction(self) -> float:
+        """The fraction of MXU peak the kernels are costed at: `kernel_efficiency` if given, else the program's
+        `matmul_efficiency` (1.0 when the program has no costed matmul)."""
+        return self.kernel_efficiency or self.matmul_efficiency or 1.0
+
+    @property
+    def kernel_s(self) -> float:
+        """Modelled time of the Pallas kernels: their lane-padded MXU FLOPs at `kernel_fraction` of peak."""
+        return self.analysis.total_kernel_mxu_flops / (self.kernel_fraction * self.chip.peak_bf16_flops)
+
+    @property
+    def uncosted_s(self) -> float:
+        """Ops that block the step but carry no estimated_cycles, each at its roofline time (the largest of its
+        FLOPs at peak, its HBM bytes, its ICI ring bytes)."""
+        c = self.chip
+        return sum(max(f / c.peak_bf16_flops, b / c.hbm_bandwidth, i / c.ring_bandwidth)
+                   for f, b, i, _ in self.analysis.uncosted.values())
+
+    @property
     def compiler_view_s(self) -> float:
-        """No-overlap time in the compiler's own terms: its XLA-op cycles + the kernels' FLOPs at peak."""
-        return self.compiler_s + self.analysis.total_kernel_flops / self.chip.peak_bf16_flops
+        """The step time in the compiler's own terms, THE estimate: its XLA-op cycles (x trip counts) + the ops
+        it gives no cycles at their roofline time + the kernels' modelled time (`kernel_s`); no overlap
+        between them (overlap the compiler schedules is inside its cycles: async collectives)."""
+        return self.compiler_s + self.uncosted_s + self.kernel_s
 
     @property
     def terms(self) -> dict[str, float]:
@@ -923,48 +1030,74 @@ class Estimate:
 
 
 def estimate(program, chip: Chip, *, useful_flops: float | None = None, six_nd_flops: float | None = None,
-             kernel_costs: Iterable[KernelCostFn] = (), num_devices: int | None = None) -> Estimate:
-    """Roofline estimate of a compiled step. `program`: a jax Compiled or its HLO text (`hlo_text`).
+             kernel_costs: Iterable[KernelCostFn] = (), num_devices: int | None = None,
+             kernel_efficiency: float | None = None) -> Estimate:
+    """Estimate of a compiled step. `program`: a jax Compiled or its HLO text (`hlo_text`).
     useful_flops / six_nd_flops: the model FLOPs of one step over ALL devices (flops.py); divided by the
-    number of devices (the module's num_partitions x replica_count unless `num_devices` is given)."""
+    number of devices (the module's num_partitions x replica_count unless `num_devices` is given).
+    kernel_efficiency: the kernels' fraction of MXU peak (default: the program's `matmul_efficiency`)."""
     text = program if isinstance(program, str) else hlo_text(program)
     an = analyze(text, kernel_costs)
     if num_devices is not None:
         an.num_devices = num_devices
     n = an.num_devices
     return Estimate(an, chip, None if useful_flops is None else useful_flops / n,
-                    None if six_nd_flops is None else six_nd_flops / n)
+                    None if six_nd_flops is None else six_nd_flops / n, kernel_efficiency)
 
 
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
+def last_line(est: Estimate) -> str:
+    """`estimate (compiler view): <s> s/step, MFU <f> [upper bound (roofline): <s> s/step, MFU <f>, <term>-bound]`:
+    THE estimate (the compiler view), then the roofline bound beside it. MFU against the useful FLOPs ("n/a"
+    without them)."""
+    def mfu(seconds):
+        m = est.mfu(est.useful_flops, seconds)
+        return "n/a" if m is None else f"{m:.3f}"
+    return (f"estimate (compiler view): {est.compiler_view_s:.4g} s/step, MFU {mfu(est.compiler_view_s)} "
+            f"[upper bound (roofline): {est.step_s:.4g} s/step, MFU {mfu(est.step_s)}, {est.bound}-bound]")
+
+
 def format_estimate(est: Estimate, top: int = 8) -> str:
-    """A table of the estimate; the last line is `estimate: step_s=<s> bound=<term> mfu=<fraction>`."""
+    """A table of the estimate: the roofline terms, then the compiler view; the last line is `last_line`."""
     a, c = est.analysis, est.chip
     peak = c.peak_bf16_flops
-    rows = [f"roofline estimate per device per step ({a.num_devices} devices, {c.name}: "
+    w = 66
+    rows = [f"estimate per device per step ({a.num_devices} devices, {c.name}: "
             f"{peak / 1e12:.0f} TFLOP/s bf16, HBM {c.hbm_bandwidth / 1e9:.0f} GB/s, "
             f"ICI ring {c.ring_bandwidth / 1e9:.0f} GB/s)",
-            f"  {'term':<58} {'amount':>10} {'seconds':>9}",
-            f"  {'matmul FLOPs (XLA convolutions and dots, x trip counts)':<58} {_fmt(a.matmul_flops):>10} "
+            f"  {'roofline (upper bound: every FLOP at peak, overlap assumed)':<{w}} {'amount':>10} {'seconds':>9}",
+            f"  {'matmul FLOPs (XLA convolutions and dots, x trip counts)':<{w}} {_fmt(a.matmul_flops):>10} "
             f"{a.matmul_flops / peak:9.3f}"]
     for label in sorted(a.kernel_flops, key=lambda k: -a.kernel_flops[k]):
         f = a.kernel_flops[label]
-        rows.append(f"  {'kernel ' + label + f' x{a.kernel_calls[label]:.0f}':<58} {_fmt(f):>10} {f / peak:9.3f}")
-    rows.append(f"  {'compute (all FLOPs at peak)':<58} {_fmt(est.flops):>10} {est.compute_s:9.3f}")
-    rows.append(f"  {'HBM bytes (operands + results of each op)':<58} {_fmt(a.hbm_bytes):>10} {est.hbm_s:9.3f}")
+        rows.append(f"  {'kernel ' + label + f' x{a.kernel_calls[label]:.0f}':<{w}} {_fmt(f):>10} {f / peak:9.3f}")
+    rows.append(f"  {'compute (all FLOPs at peak)':<{w}} {_fmt(est.flops):>10} {est.compute_s:9.3f}")
+    rows.append(f"  {'HBM bytes (operands + results of each op)':<{w}} {_fmt(a.hbm_bytes):>10} {est.hbm_s:9.3f}")
     if a.kernel_hbm_bytes:
-        rows.append(f"  {'  of which kernels (operands, results, streamed blocks)':<58} {_fmt(a.kernel_hbm_bytes):>10} "
-                    f"{a.kernel_hbm_bytes / c.hbm_bandwidth:9.3f}")
+        rows.append(f"  {'  of which kernels (operands, results, streamed blocks)':<{w}} "
+                    f"{_fmt(a.kernel_hbm_bytes):>10} {a.kernel_hbm_bytes / c.hbm_bandwidth:9.3f}")
     for (kind, n), (calls, b, sent) in sorted(a.collectives.items(), key=lambda kv: -kv[1][2]):
-        rows.append(f"  {f'ICI {kind} over {n} x{calls:.0f} (buffer {_fmt(b)} B), ring bytes':<58} "
+        rows.append(f"  {f'ICI {kind} over {n} x{calls:.0f} (buffer {_fmt(b)} B), ring bytes':<{w}} "
                     f"{_fmt(sent):>10} {sent / c.ring_bandwidth:9.3f}")
-    rows.append(f"  {'ICI bytes sent (ring algorithm)':<58} {_fmt(a.ici_bytes):>10} {est.ici_s:9.3f}")
-    rows.append(f"  {'XLA ops, compiler estimated_cycles at ' + f'{c.clock_hz / 1e9:.2f} GHz':<58} "
-                f"{_fmt(a.estimated_cycles):>10} {est.compiler_s:9.3f}")
-    rows.append(f"  {'compiler view, no overlap: XLA op cycles + kernel FLOPs at peak':<58} {'':>10} "
+    rows.append(f"  {'ICI bytes sent (ring algorithm)':<{w}} {_fmt(a.ici_bytes):>10} {est.ici_s:9.3f}")
+    rows.append(f"  {'roofline: max(compute, HBM, ICI) (' + est.bound + '-bound)':<{w}} {'':>10} {est.step_s:9.3f}")
+    eff = est.matmul_efficiency
+    source = ("given" if est.kernel_efficiency else "as its matmul ops" if eff else "peak: no costed matmul")
+    rows += [f"  {'compiler view (THE estimate: the compiler cycle model, no overlap)':<{w}} {'':>10} {'':>9}",
+             f"  {'XLA ops, compiler estimated_cycles at ' + f'{c.clock_hz / 1e9:.2f} GHz, x trip counts':<{w}} "
+             f"{_fmt(a.estimated_cycles):>10} {est.compiler_s:9.3f}"]
+    if eff:
+        rows.append(f"  {f'  its matmul ops run at {eff:.3f} of peak (matmul FLOPs / their cycles)':<{w}} "
+                    f"{_fmt(a.matmul_op_flops):>10} {a.matmul_op_cycles / c.clock_hz:9.3f}")
+    rows.append(f"  {'ops without cycles at their roofline time (sync collectives, ...)':<{w}} "
+                f"{sum(v[3] for v in a.uncosted.values()):>10.0f} {est.uncosted_s:9.3f}")
+    if a.kernel_flops:
+        rows.append(f"  {f'kernels: lane-padded MXU FLOPs at {est.kernel_fraction:.3f} of peak ({source})':<{w}} "
+                    f"{_fmt(a.total_kernel_mxu_flops):>10} {est.kernel_s:9.3f}")
+    rows.append(f"  {'compiler view: XLA op cycles + ops without cycles + kernels':<{w}} {'':>10} "
                 f"{est.compiler_view_s:9.3f}")
     loops = ", ".join(f"%{n} x{t}" for n, t in a.loops[:12]) + (" ..." if len(a.loops) > 12 else "")
     rows.append(f"  loops: {loops or 'none'}")
@@ -977,12 +1110,10 @@ def format_estimate(est: Estimate, top: int = 8) -> str:
                         f"{max(f / peak, b / c.hbm_bandwidth):8.3f} s")
     for w in a.warnings:
         rows.append(f"  WARNING: {w}")
-    mfu = est.mfu(est.useful_flops, est.step_s)
     for name, flops in (("useful FLOPs (flops.py)", est.useful_flops), ("6ND", est.six_nd_flops)):
         if flops is not None:
-            rows.append(f"  MFU vs {name} {_fmt(flops)}: {est.mfu(flops, est.step_s):.3f} at the bound, "
-                        f"{est.mfu(flops, est.no_overlap_s):.3f} with no overlap")
-    rows.append(f"  roofline: {est.step_s:.3f} s ({est.bound}-bound); no overlap: {est.no_overlap_s:.3f} s")
-    rows.append(f"estimate: step_s={est.step_s:.4g} bound={est.bound} "
-                f"mfu={'n/a' if mfu is None else f'{mfu:.4f}'}")
+            rows.append(f"  MFU vs {name} {_fmt(flops)}: {est.mfu(flops, est.compiler_view_s):.3f} compiler view; "
+                        f"{est.mfu(flops, est.step_s):.3f} roofline bound, "
+                        f"{est.mfu(flops, est.no_overlap_s):.3f} roofline terms without overlap")
+    rows.append(last_line(est))
     return "\n".join(rows)
