@@ -81,6 +81,56 @@ def test_matches_xla_forward_and_gradients(causal, dtype, heads, blocks):
     _compare(SEGMENTS, SEGMENTS, causal, dtype, heads, *blocks, T=T, S=T)
 
 
+def _plain_attention(q, k, v, q_seg, kv_seg, causal):
+    """Independent reference: dense masked softmax in fp32 jnp (kv heads repeated for GQA); a query row
+    with no allowed key returns 0. q [B,T,Hq,D], k/v [B,S,Hkv,D]."""
+    G = q.shape[2] // k.shape[2]
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+    s = jnp.einsum("bthd,bshd->bhts", q, k, precision="highest") * q.shape[-1] ** -0.5
+    allowed = (q_seg[:, :, None] == kv_seg[:, None, :]) & (q_seg[:, :, None] != 0)
+    if causal:
+        allowed = allowed & (np.arange(kv_seg.shape[1])[None, :] <= np.arange(q_seg.shape[1])[:, None])
+    allowed = jnp.asarray(allowed)[:, None]                                  # [B,1,T,S]
+    s = jnp.where(allowed, s, -1e30)
+    p = jnp.where(allowed, jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)), 0.0)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(l > 0, l, 1.0)
+    return jnp.einsum("bhts,bshd->bthd", p, v, precision="highest")
+
+
+def _odd_layout(T, b):
+    """Rows of length T (two blocks of b) : segment lengths 1, b - 1, b / 2 + 1 and others that are no
+    multiple of b, length-1 segments in a row, padding inside a block and at the end; an all-padding row."""
+    rest = T - (b + b // 2 + 1 + 5 + 1 + 1 + 7)
+    rows = [[(1, 1), (2, b - 1), (3, b // 2 + 1), (0, 5), (4, 1), (5, 1), (6, rest), (0, 7)],
+            [(0, T)],
+            [(1, T // 2 + 3), (2, 1), (3, T - T // 2 - 3 - 1 - 11), (0, 11)]]
+    out = np.stack([np.concatenate([np.full(n, s, np.int32) for s, n in r]) for r in rows])
+    assert out.shape == (3, T)
+    return out
+
+
+@pytest.mark.parametrize("block", [128, 512], ids=["block128", "block512"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_tpu_block_sizes_match_plain_softmax_on_odd_layouts(block, causal):
+    """At the block sizes the kernels take on TPU (BLOCK_CHOICES' smallest and largest), head_dim 80, GQA
+    2:1, fp32: forward and gradients against a plain masked softmax (not model/attention.py) on segment
+    lengths that are no multiple of the block (1, b - 1, b + 1, ...), length-1 segments and an all-padding
+    row."""
+    T = 2 * block
+    seg = _odd_layout(T, block)
+    q, k, v, w = _inputs(3, T, T, 2, 1, 80, jnp.float32, seed=4)
+    got = _value_and_grads(lambda q, k, v: block_sparse_attention(
+        q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal, block_q=block, block_kv=block,
+        interpret=True), q, k, v, w)
+    ref = _value_and_grads(lambda q, k, v: _plain_attention(q, k, v, seg, seg, causal), q, k, v, w)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), jax.tree.leaves(got), jax.tree.leaves(ref)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, atol=2e-5 * max(1.0, np.abs(b).max()), rtol=0, err_msg=name)
+    assert np.all(np.asarray(got[0])[seg == 0] == 0) and np.all(np.asarray(got[1][1])[seg == 0] == 0)
+
+
 def test_cross_attention_lengths_differ():
     """T != S, different segment layouts: query rows whose segment has no key return zeros. Three key
     blocks: the dk/dv list cannot split into two interleaved parts."""
