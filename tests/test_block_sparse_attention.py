@@ -11,7 +11,7 @@ import pytest
 
 from qwen2vl_jax.model.attention import attention
 from qwen2vl_jax.model.block_sparse_attention import (block_meets, block_sparse_attention, block_sizes,
-                                                     visited_flops, visited_pairs)
+                                                     choose_block, modelled_seconds, visited_flops, visited_pairs)
 
 T = 128
 
@@ -208,6 +208,30 @@ def test_block_size_errors():
     assert block_sizes(1000, 384, interpret=True) == (1000, 128)      # interpret: an untileable row is one block
 
 
+def test_choose_block_weighs_grid_steps_against_wasted_flops():
+    """The block-size model by hand: seconds = hand-counted block pairs x 3 kernels x 0.35 us + their FLOPs
+    (9 matmuls of 2 x 128-lane-padded head_dim per row pair) at 229.5 TFLOP/s. One segment filling the row
+    wastes nothing at any size: the largest block (fewest steps) wins. Eight 128-row segments: 512-row blocks
+    compute 4x the useful pairs, 128-row blocks take 4x the steps; 256 wins at head_dim 80 (padded to 128),
+    and 128 once the FLOPs weigh more (head_dim 512)."""
+    from qwen2vl_jax.model.config import get_config
+
+    one = np.ones((1, 1024), np.int32)
+    eight = np.repeat(np.arange(1, 9, dtype=np.int32), 128)[None]
+    for b in (128, 256, 512):
+        pairs = int(_hand_count(eight, eight, False, b, b)[0])
+        want = pairs * 3 * 0.35e-6 + pairs * b * b * 2 * 128 * 9 / 229.5e12
+        assert modelled_seconds(eight, causal=False, block=b, head_dim=80) == pytest.approx(want, rel=1e-6)
+    assert choose_block(one, causal=False, head_dim=80) == 512
+    assert choose_block(eight, causal=False, head_dim=80) == 256
+    assert choose_block(eight, causal=False, head_dim=512) == 128
+    assert choose_block(eight[:, :768], causal=False, head_dim=80) == 256           # 512 does not divide 768
+    with pytest.raises(ValueError, match=r"row length 100: no block size in \(512, 256, 128\) divides it"):
+        choose_block(one[:, :100], causal=False, head_dim=80)
+    with pytest.raises(ValueError, match=r"attention_block_decoder=-128; valid: 0"):
+        get_config("test", attention_block_decoder=-128)
+
+
 def test_registry_rows_take_the_largest_block():
     """Every paper-size experiment's rows (decoder seq_len, vision max_patches) tile into 512-row blocks,
     the kernels' default, so "auto" on TPU never falls back to xla for them."""
@@ -233,17 +257,19 @@ def tpu_device():
     return aot.get_topology_devices(aot.parse_topology("v5p:2x2x1"))[0]
 
 
-# (B, T, Hq, Hkv, head_dim, causal): vision-tower-shaped (MHA, head_dim 80) and decoder-shaped (GQA 6:1)
-TPU_CASES = [(2, 2048, 4, 4, 80, False), (1, 2048, 12, 2, 128, True)]
+# (B, T, Hq, Hkv, head_dim, causal, block): vision-tower-shaped (MHA, head_dim 80) at the default block (512)
+# and decoder-shaped (GQA 6:1) at the smaller blocks choose_block picks for short documents
+TPU_CASES = [(2, 2048, 4, 4, 80, False, None), (1, 2048, 12, 2, 128, True, 256), (1, 2048, 12, 2, 128, True, 128)]
 
 
-@pytest.mark.parametrize("B, T, Hq, Hkv, D, causal", TPU_CASES, ids=["vision", "decoder"])
-def test_fwd_bwd_compile_for_v5p(tpu_device, B, T, Hq, Hkv, D, causal):
+@pytest.mark.parametrize("B, T, Hq, Hkv, D, causal, block", TPU_CASES, ids=["vision", "decoder-256", "decoder-128"])
+def test_fwd_bwd_compile_for_v5p(tpu_device, B, T, Hq, Hkv, D, causal, block):
     from jax.sharding import SingleDeviceSharding
     sh = SingleDeviceSharding(tpu_device)
 
     def loss(q, k, v, seg):
-        o = block_sparse_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal)
+        o = block_sparse_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal, block_q=block,
+                                   block_kv=block)
         return jnp.mean(jnp.square(o.astype(jnp.float32)))
 
     bf16 = jnp.bfloat16
