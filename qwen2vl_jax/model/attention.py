@@ -21,8 +21,8 @@ Backends:
   block_sparse  Pallas TPU kernel (model/block_sparse_attention.py) that visits only the (query block,
          key block) pairs whose segment-id ranges meet (and, causal, that are not above the diagonal):
          a packed row of many images or documents costs the pairs inside its segments, not the whole
-         row squared. Forward and backward kernels; block sizes the largest of (512, 256, 128)
-         dividing each length.
+         row squared. Forward and backward kernels; block sizes `block` (model.attention_block_vision /
+         attention_block_decoder), else the largest of (512, 256, 128) dividing each length.
   splash jax's Pallas TPU splash kernel with SegmentIds: computes every block pair of the row (it
          skips blocks by its static causal mask only) and masks by segment inside them.
          Both Pallas kernels: on TPU, sequence lengths must be multiples of 128 (else a one-line
