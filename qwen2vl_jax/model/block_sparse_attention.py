@@ -161,8 +161,8 @@ def modelled_seconds(segment_ids, *, causal: bool, block: int, head_dim: int) ->
     """Modelled seconds of the three kernels (forward, dq, dk/dv) per query head, summed over the rows of
     segment_ids [B, L] (self-attention, square blocks of `block`): every visited pair is one grid step
     of each kernel (dk/dv steps once per query head of its kv head group) costing STEP_OVERHEAD_S plus its
-    matmul FLOPs (MATMULS, head_dim padded to 128 lanes) at CORE_PEAK_FLOPS. Softmax VPU work and HBM
-    traffic are not modelled."""
+    matmul FLOPs (MATMULS, head_dim padded to 128 lanes) at CORE_PEAK_FLOPS. Softmax VPU work, HBM
+    traffic and the compute-free filler / padding steps of `visit_list` are not modelled."""
     pairs = float(jnp.sum(visited_pairs(segment_ids, segment_ids, causal=causal, block_q=block, block_kv=block)))
     lanes = -(-head_dim // _LANES) * _LANES
     flops = pairs * block * block * 2 * lanes * sum(MATMULS.values())
