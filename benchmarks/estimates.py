@@ -71,10 +71,11 @@ flags.DEFINE_string("results", "estimates.jsonl", "JSON lines of launch.aot --js
                     "table is read from it", flag_values=FLAGS)
 flags.DEFINE_bool("table_only", False, "print the table of --results without compiling", flag_values=FLAGS)
 flags.DEFINE_integer("timeout_s", 3600, "per row", flag_values=FLAGS)
-flags.DEFINE_string("mix", None, "instead of compiling: the attention pairs the block-sparse kernels visit over the "
-                    "useful pairs on rows packed from each stage's data mixture at this model's sizes (2b, ...)",
-                    flag_values=FLAGS)
-flags.DEFINE_integer("mix_rows", 4, "packed rows per stage for --mix", flag_values=FLAGS)
+flags.DEFINE_string("mix", None, "instead of compiling: per block size, the attention pairs the block-sparse kernels "
+                    "visit over the useful pairs, their modelled time and the block choose_block picks, on rows "
+                    "packed from each stage's data mixture at this model's sizes (2b, ...) and from a LLaVA-like "
+                    "length distribution", flag_values=FLAGS)
+flags.DEFINE_integer("mix_rows", 4, "packed rows per mix for --mix", flag_values=FLAGS)
 
 
 def row_key(rec: dict) -> str:
@@ -120,29 +121,74 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def attention_mix(model: str, stage: int, rows: int, blocks=(512, 256, 128)) -> list[tuple]:
-    """(tower, block size, visited / useful pairs, useful pairs per row, mean segment length, non-padding
-    fraction) for `rows` rows packed from the stage's mixture at `model`'s sizes: what the block-sparse
-    kernels compute (square blocks of that size; the kernels take 512 for the registry's lengths) over
-    the (query, key) pairs that attend (flops.attention_pairs)."""
+def llava_like_rows(rows: int, seq_len: int, max_patches: int, seed: int = 0):
+    """(patch segment ids [rows, max_patches], token segment ids [rows, seq_len]) packed by the packer from
+    a LLaVA-like length distribution: one image per sample, a merged grid of h x w tokens (h, w in 8..20,
+    64..320 tokens: 256-1280 patches), the document its image tokens + 2 vision marks + 30-280 text
+    tokens (~100-600 tokens)."""
     import numpy as np
+    from qwen2vl_jax.data import packing
+    r = np.random.default_rng(seed)
+    packer = packing.OnlinePacker(seq_len, max_patches, lookahead=32)
+    sizes, done, key = {}, [], 0
+    while len(done) < rows:
+        while True:
+            h, w = r.integers(8, 21, size=2)
+            if 64 <= h * w <= 320:
+                break
+        sizes[key] = (int(h * w + 2 + r.integers(30, 281)), int(4 * h * w))
+        done += packer.push(key, *sizes[key])
+        key += 1
+    vision, decoder = np.zeros((rows, max_patches), np.int32), np.zeros((rows, seq_len), np.int32)
+    for row, keys in enumerate(done[:rows]):
+        for seg_ids, col in ((decoder, 0), (vision, 1)):
+            at = 0
+            for i, k in enumerate(keys, 1):
+                seg_ids[row, at:at + sizes[k][col]] = i
+                at += sizes[k][col]
+    return vision, decoder
+
+
+def mix_rows(model: str, rows: int) -> list[tuple]:
+    """(mix name, patch segment ids, token segment ids, vision head_dim, decoder head_dim): `rows` rows
+    packed from each stage's mixture at `model`'s sizes, and LLaVA-like rows at stage 2's row shape."""
     from experiments import registry
     from qwen2vl_jax.data import pipeline, tokenizer as tokenizer_lib
+    out = []
+    for stage in (1, 2, 3):
+        exp = registry.get_experiment(f"stage{stage}", model)
+        batch = next(pipeline.make_iterator(exp.data, exp.model, tokenizer_lib.load_for(exp.tokenizer, exp.model),
+                                            batch_size=rows))
+        out.append((f"stage {stage}", batch["patch_segment_ids"], batch["segment_ids"], exp.model.vision.head_dim,
+                    exp.model.head_dim))
+    exp = registry.get_experiment("stage2", model)
+    out.append(("llava-like", *llava_like_rows(rows, exp.data.seq_len, exp.data.max_patches),
+                exp.model.vision.head_dim, exp.model.head_dim))
+    return out
+
+
+def attention_mix(model: str, rows: int) -> list[tuple]:
+    """Per mix and tower: (mix, tower, block size, visited / useful pairs, modelled kernel seconds per query
+    head over the rows, chosen, useful pairs per row, mean segment length, non-padding fraction). Visited:
+    what the block-sparse kernels compute (square blocks of that size) over the (query, key) pairs that
+    attend (flops.attention_pairs); modelled seconds and the chosen size: block_sparse_attention's
+    `modelled_seconds` / `choose_block` (a fixed cost per grid step + FLOPs at peak)."""
+    import numpy as np
     from qwen2vl_jax.model import block_sparse_attention as bsa
     from qwen2vl_jax.train import flops
-    exp = registry.get_experiment(f"stage{stage}", model)
-    batch = next(pipeline.make_iterator(exp.data, exp.model, tokenizer_lib.load_for(exp.tokenizer, exp.model),
-                                        batch_size=rows))
     out = []
-    for tower, seg, causal in (("vision", batch["patch_segment_ids"], False), ("decoder", batch["segment_ids"], True)):
-        useful = flops.attention_pairs(seg, causal)
-        lengths = np.concatenate([np.bincount(r[r > 0])[1:] for r in seg])
-        lengths = lengths[lengths > 0]
-        for b in blocks:
-            visited = int(np.sum(np.asarray(bsa.visited_pairs(seg, seg, causal=causal, block_q=b, block_kv=b),
-                                            np.int64))) * b * b
-            out.append((tower, b, visited / max(useful, 1), useful / rows, float(lengths.mean()),
-                        float((seg > 0).mean())))
+    for mix, vision, decoder, vision_hd, decoder_hd in mix_rows(model, rows):
+        for tower, seg, causal, hd in (("vision", vision, False, vision_hd), ("decoder", decoder, True, decoder_hd)):
+            useful = flops.attention_pairs(seg, causal)
+            lengths = np.concatenate([np.bincount(r[r > 0])[1:] for r in seg])
+            lengths = lengths[lengths > 0]
+            chosen = bsa.choose_block(seg, causal=causal, head_dim=hd)
+            for b in bsa.BLOCK_CHOICES:
+                visited = int(np.sum(np.asarray(bsa.visited_pairs(seg, seg, causal=causal, block_q=b, block_kv=b),
+                                                np.int64))) * b * b
+                out.append((mix, tower, b, visited / max(useful, 1),
+                            bsa.modelled_seconds(seg, causal=causal, block=b, head_dim=hd), b == chosen,
+                            useful / rows, float(lengths.mean()), float((seg > 0).mean())))
     return out
 
 
@@ -171,11 +217,12 @@ def main(argv) -> int:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
     if FLAGS.mix:
-        print("| stage | tower | block | visited / useful pairs | useful pairs per row | mean segment | filled |")
-        print("|---|---|---|---|---|---|---|")
-        for stage in (1, 2, 3):
-            for tower, b, ratio, per_row, mean, fill in attention_mix(FLAGS.mix, stage, FLAGS.mix_rows):
-                print(f"| {stage} | {tower} | {b} | {ratio:.2f} | {per_row:.3g} | {mean:.0f} | {fill:.0%} |")
+        print("| mix | tower | block | visited / useful pairs | modelled kernel ms per head (estimate) | chosen | "
+              "useful pairs per row | mean segment | filled |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for mix, tower, b, ratio, secs, chosen, per_row, mean, fill in attention_mix(FLAGS.mix, FLAGS.mix_rows):
+            print(f"| {mix} | {tower} | {b} | {ratio:.2f} | {secs * 1e3:.2f} | {'yes' if chosen else ''} | "
+                  f"{per_row:.3g} | {mean:.0f} | {fill:.0%} |")
         return 0
     if not FLAGS.table_only:
         for i, row in enumerate(rows, 1):

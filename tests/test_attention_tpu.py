@@ -107,11 +107,14 @@ def test_auto_resolves_for_the_mesh_platform(tpu_devices):
 def test_block_sparse_train_step_compiles_for_v5p(tpu_devices):
     """The real train step (train_step.make_train_step, as perf/aot.py compiles it) of the test model's
     stage-2 experiment with attention_impl=block_sparse, compiled for v5p:2x2x1: the compiled program holds
-    the kernel's forward, dq and dk/dv Mosaic calls for the vision tower and the decoder."""
+    the kernel's forward, dq and dk/dv Mosaic calls for the vision tower and the decoder; the vision tower
+    takes its configured block (128 rows, not the default 256 for its 256 patch rows: a visit list of
+    2 x 2 block pairs per row)."""
     from experiments import registry
     from qwen2vl_jax.train import train_step
 
-    exp = registry.get_experiment("stage2", "test", ["model.attention_impl=block_sparse"])
+    exp = registry.get_experiment("stage2", "test", ["model.attention_impl=block_sparse",
+                                                      "model.attention_block_vision=128"])
     cfg, step_cfg = exp.model, exp.step_config()
     mesh = sharding.make_mesh(exp.mesh, tpu_devices)
     abs_state, st_sh = train_step.abstract_state(cfg.replace(attention_impl="xla"), step_cfg, mesh)
@@ -125,3 +128,6 @@ def test_block_sparse_train_step_compiles_for_v5p(tpu_devices):
         # one kernel per attention site (vision tower, decoder): the layer stacks are scanned
         n = len(re.findall(rf'custom_call_target="tpu_custom_call"[^\n]*{kernel}', text))
         assert n >= 2, (kernel, n)
+    vision_fwd = [line for line in text.splitlines() if "block_sparse_fwd" in line and "tpu_custom_call" in line
+                  and f",{exp.data.max_patches}," in line]
+    assert vision_fwd and all("s32[1,4]" in line for line in vision_fwd), vision_fwd

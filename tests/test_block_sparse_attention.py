@@ -11,7 +11,7 @@ import pytest
 
 from qwen2vl_jax.model.attention import attention
 from qwen2vl_jax.model.block_sparse_attention import (block_meets, block_sparse_attention, block_sizes,
-                                                     visited_flops, visited_pairs)
+                                                     choose_block, modelled_seconds, visited_flops, visited_pairs)
 
 T = 128
 
@@ -79,6 +79,57 @@ def _compare(q_seg, kv_seg, causal, dtype, heads, block_q, block_kv, T, S, D=16)
 ], ids=["noncausal-f32-gqa", "causal-f32-gqa", "causal-bf16-mha"])
 def test_matches_xla_forward_and_gradients(causal, dtype, heads, blocks):
     _compare(SEGMENTS, SEGMENTS, causal, dtype, heads, *blocks, T=T, S=T)
+
+
+def _plain_attention(q, k, v, q_seg, kv_seg, causal):
+    """Independent reference: dense masked softmax in fp32 jnp (kv heads repeated for GQA); a query row
+    with no allowed key returns 0. q [B,T,Hq,D], k/v [B,S,Hkv,D]."""
+    G = q.shape[2] // k.shape[2]
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+    s = jnp.einsum("bthd,bshd->bhts", q, k, precision="highest") * q.shape[-1] ** -0.5
+    allowed = (q_seg[:, :, None] == kv_seg[:, None, :]) & (q_seg[:, :, None] != 0)
+    if causal:
+        allowed = allowed & (np.arange(kv_seg.shape[1])[None, :] <= np.arange(q_seg.shape[1])[:, None])
+    allowed = jnp.asarray(allowed)[:, None]                                  # [B,1,T,S]
+    s = jnp.where(allowed, s, -1e30)
+    p = jnp.where(allowed, jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)), 0.0)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(l > 0, l, 1.0)
+    return jnp.einsum("bhts,bshd->bthd", p, v, precision="highest")
+
+
+def _odd_layout(T, b):
+    """Rows of length T (two blocks of b) : segment lengths 1, b - 1, b / 2 + 1 and others that are no
+    multiple of b, length-1 segments in a row, padding inside a block and at the end; an all-padding row."""
+    rest = T - (b + b // 2 + 1 + 5 + 1 + 1 + 7)
+    rows = [[(1, 1), (2, b - 1), (3, b // 2 + 1), (0, 5), (4, 1), (5, 1), (6, rest), (0, 7)],
+            [(0, T)],
+            [(1, T // 2 + 3), (2, 1), (3, T - T // 2 - 3 - 1 - 11), (0, 11)]]
+    out = np.stack([np.concatenate([np.full(n, s, np.int32) for s, n in r]) for r in rows])
+    assert out.shape == (3, T)
+    return out
+
+
+@pytest.mark.parametrize("block, causal", [(512, False), (256, True), (128, True)],
+                         ids=["vision-512", "decoder-256", "decoder-128"])
+def test_tpu_block_sizes_match_plain_softmax_on_odd_layouts(block, causal):
+    """At the block sizes the kernels take on TPU (BLOCK_CHOICES: 512 the default, 256 what choose_block
+    picks for short documents, 128 the smallest), head_dim 80, GQA
+    2:1, fp32: forward and gradients against a plain masked softmax (not model/attention.py) on segment
+    lengths that are no multiple of the block (1, b - 1, b + 1, ...), length-1 segments and an all-padding
+    row."""
+    T = 2 * block
+    seg = _odd_layout(T, block)
+    q, k, v, w = _inputs(3, T, T, 2, 1, 80, jnp.float32, seed=4)
+    got = _value_and_grads(lambda q, k, v: block_sparse_attention(
+        q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal, block_q=block, block_kv=block,
+        interpret=True), q, k, v, w)
+    ref = _value_and_grads(lambda q, k, v: _plain_attention(q, k, v, seg, seg, causal), q, k, v, w)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), jax.tree.leaves(got), jax.tree.leaves(ref)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, atol=2e-5 * max(1.0, np.abs(b).max()), rtol=0, err_msg=name)
+    assert np.all(np.asarray(got[0])[seg == 0] == 0) and np.all(np.asarray(got[1][1])[seg == 0] == 0)
 
 
 def test_cross_attention_lengths_differ():
@@ -158,6 +209,30 @@ def test_block_size_errors():
     assert block_sizes(1000, 384, interpret=True) == (1000, 128)      # interpret: an untileable row is one block
 
 
+def test_choose_block_weighs_grid_steps_against_wasted_flops():
+    """The block-size model by hand: seconds = hand-counted block pairs x 3 kernels x 0.35 us + their FLOPs
+    (9 matmuls of 2 x 128-lane-padded head_dim per row pair) at 229.5 TFLOP/s. One segment filling the row
+    wastes nothing at any size: the largest block (fewest steps) wins. Eight 128-row segments: 512-row blocks
+    compute 4x the useful pairs, 128-row blocks take 4x the steps; 256 wins at head_dim 80 (padded to 128),
+    and 128 once the FLOPs weigh more (head_dim 512)."""
+    from qwen2vl_jax.model.config import get_config
+
+    one = np.ones((1, 1024), np.int32)
+    eight = np.repeat(np.arange(1, 9, dtype=np.int32), 128)[None]
+    for b in (128, 256, 512):
+        pairs = int(_hand_count(eight, eight, False, b, b)[0])
+        want = pairs * 3 * 0.35e-6 + pairs * b * b * 2 * 128 * 9 / 229.5e12
+        assert modelled_seconds(eight, causal=False, block=b, head_dim=80) == pytest.approx(want, rel=1e-6)
+    assert choose_block(one, causal=False, head_dim=80) == 512
+    assert choose_block(eight, causal=False, head_dim=80) == 256
+    assert choose_block(eight, causal=False, head_dim=512) == 128
+    assert choose_block(eight[:, :768], causal=False, head_dim=80) == 256           # 512 does not divide 768
+    with pytest.raises(ValueError, match=r"row length 100: no block size in \(512, 256, 128\) divides it"):
+        choose_block(one[:, :100], causal=False, head_dim=80)
+    with pytest.raises(ValueError, match=r"attention_block_decoder=-128; valid: 0"):
+        get_config("test", attention_block_decoder=-128)
+
+
 def test_registry_rows_take_the_largest_block():
     """Every paper-size experiment's rows (decoder seq_len, vision max_patches) tile into 512-row blocks,
     the kernels' default, so "auto" on TPU never falls back to xla for them."""
@@ -183,17 +258,19 @@ def tpu_device():
     return aot.get_topology_devices(aot.parse_topology("v5p:2x2x1"))[0]
 
 
-# (B, T, Hq, Hkv, head_dim, causal): vision-tower-shaped (MHA, head_dim 80) and decoder-shaped (GQA 6:1)
-TPU_CASES = [(2, 2048, 4, 4, 80, False), (1, 2048, 12, 2, 128, True)]
+# (B, T, Hq, Hkv, head_dim, causal, block): vision-tower-shaped (MHA, head_dim 80) at the default block (512)
+# and decoder-shaped (GQA 6:1) at the smaller blocks choose_block picks for short documents
+TPU_CASES = [(2, 2048, 4, 4, 80, False, None), (1, 2048, 12, 2, 128, True, 256), (1, 2048, 12, 2, 128, True, 128)]
 
 
-@pytest.mark.parametrize("B, T, Hq, Hkv, D, causal", TPU_CASES, ids=["vision", "decoder"])
-def test_fwd_bwd_compile_for_v5p(tpu_device, B, T, Hq, Hkv, D, causal):
+@pytest.mark.parametrize("B, T, Hq, Hkv, D, causal, block", TPU_CASES, ids=["vision", "decoder-256", "decoder-128"])
+def test_fwd_bwd_compile_for_v5p(tpu_device, B, T, Hq, Hkv, D, causal, block):
     from jax.sharding import SingleDeviceSharding
     sh = SingleDeviceSharding(tpu_device)
 
     def loss(q, k, v, seg):
-        o = block_sparse_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal)
+        o = block_sparse_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal, block_q=block,
+                                   block_kv=block)
         return jnp.mean(jnp.square(o.astype(jnp.float32)))
 
     bf16 = jnp.bfloat16

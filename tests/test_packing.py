@@ -292,6 +292,22 @@ def test_packer_beats_first_fit_baseline():
     assert tok_eff > naive + 0.05
 
 
+@pytest.mark.parametrize("max_wait_rows", [1, 3])
+def test_a_starved_item_is_in_the_next_row(max_wait_rows):
+    """No starvation: an item passed over for max_wait_rows rows is in the next row closed, even when the
+    row-improvement swaps could fill that row better without it. Hand-built stream: one 6-token item, then
+    items of 10 and 9 tokens (rows of 10): every 10 fills a row alone and a 9 fills more than the 6, so
+    best fit and swaps alone would leave the 6 for the flush."""
+    packer = packing.OnlinePacker(seq_len=10, max_patches=0, lookahead=2, max_wait_rows=max_wait_rows)
+    rows = packer.push("starved", 6, 0)
+    for i in range(12):
+        rows += packer.push(f"x{i}", 10 if i % 2 == 0 else 9, 0)
+    rows += packer.flush()
+    where = next(n for n, row in enumerate(rows) if "starved" in row)
+    assert where == max_wait_rows, (where, rows)   # rows 0..max_wait_rows-1 passed it over, then its row
+    assert sorted(k for r in rows for k in r) == sorted(["starved"] + [f"x{i}" for i in range(12)])
+
+
 # ----------------------------------------------------------------------------------------------
 # overflow rules
 

@@ -253,7 +253,8 @@ class OnlinePacker:
     fills the row while keeping the two budgets level, so neither runs out while the other has room.
     When nothing fits, single swaps of a row item for a buffered item that lower `rt + rp` are applied
     (then the row is refilled) before the row is closed: this closes most of the remaining gaps.
-    A fresh row starts with any item that has been passed over for `max_wait_rows` rows (no starvation).
+    A fresh row starts with any item that has been passed over for `max_wait_rows` rows, and the swaps never
+    take such an item back out (no starvation: it is in the next row closed).
     """
 
     BALANCE = 2.0      # weight of the |rt - rp| imbalance term (1 = minimise max(rt, rp); 2 measured best)
@@ -334,11 +335,14 @@ class OnlinePacker:
         self._add(best)
         return closed
 
+    def _starved(self, it: _Item) -> bool:
+        return it.waited >= self.max_wait_rows
+
     def _choose(self) -> int | None:
         """Index of the buffered item to place next, or None if none fits the open row."""
         if not self._row:  # a fresh row first takes the longest-waiting starved item, if any
             for i, it in enumerate(self._buffer):
-                if it.waited >= self.max_wait_rows:
+                if self._starved(it):
                     return i
         best, best_cost = None, float("inf")
         for i, it in enumerate(self._buffer):
@@ -355,6 +359,8 @@ class OnlinePacker:
             base = sum(self._free(0, 0))
             best, best_free = None, base - 1e-12
             for ri, r in enumerate(self._row):
+                if self._starved(r):       # placed because it waited too long: it stays in this row
+                    continue
                 for bi, b in enumerate(self._buffer):
                     dt, dp = b.tokens - r.tokens, b.patches - r.patches
                     if self._fits(dt, dp):

@@ -21,8 +21,8 @@ Backends:
   block_sparse  Pallas TPU kernel (model/block_sparse_attention.py) that visits only the (query block,
          key block) pairs whose segment-id ranges meet (and, causal, that are not above the diagonal):
          a packed row of many images or documents costs the pairs inside its segments, not the whole
-         row squared. Forward and backward kernels; block sizes the largest of (512, 256, 128)
-         dividing each length.
+         row squared. Forward and backward kernels; block sizes `block` (model.attention_block_vision /
+         attention_block_decoder), else the largest of (512, 256, 128) dividing each length.
   splash jax's Pallas TPU splash kernel with SegmentIds: computes every block pair of the row (it
          skips blocks by its static causal mask only) and masks by segment inside them.
          Both Pallas kernels: on TPU, sequence lengths must be multiples of 128 (else a one-line
@@ -159,25 +159,25 @@ def _cudnn(q, k, v, q_seg, kv_seg, causal, scale, single_segment, max_segments):
 # Not cached: the kernel holds its mask-info arrays, which become tracers when it is built inside a
 # transformation (remat, scan); a cached kernel reused by a later trace leaks them. Building it is
 # host-side numpy work at trace time.
-def _splash_kernel(T: int, S: int, groups: int, causal: bool, interpret: bool):
+def _splash_kernel(T: int, S: int, groups: int, causal: bool, interpret: bool, block: int | None):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     base = sa.CausalMask((T, S)) if causal else sa.FullMask((T, S))
     mask = sa.MultiHeadMask([base] * groups)
-    bq, bkv = block_sizes(T, S)
+    bq, bkv = block_sizes(T, S, block, block)
     blocks = sa.BlockSizes(block_q=bq, block_kv_compute=bkv, block_kv=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                            block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
     return sa.make_splash_mqa_single_device(mask=mask, block_sizes=blocks, interpret=interpret)
 
 
-def _splash_local(q, k, v, q_seg, kv_seg, causal, scale, interpret):
+def _splash_local(q, k, v, q_seg, kv_seg, causal, scale, interpret, block):
     """Splash on one device's arrays. q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D]."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    kernel = _splash_kernel(T, S, G, causal, interpret)
+    kernel = _splash_kernel(T, S, G, causal, interpret, block)
     qh = (q * scale).astype(q.dtype).reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4)   # [B,Hkv,G,T,D]
     kh = k.transpose(0, 2, 1, 3)                                                        # [B,Hkv,S,D]
     vh = v.transpose(0, 2, 1, 3)
@@ -191,10 +191,10 @@ def _splash_local(q, k, v, q_seg, kv_seg, causal, scale, interpret):
     return jnp.where((q_seg != 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
-def _block_sparse_local(q, k, v, q_seg, kv_seg, causal, scale, interpret):
+def _block_sparse_local(q, k, v, q_seg, kv_seg, causal, scale, interpret, block):
     """The block-sparse kernel on one device's arrays (block sizes: block_sparse_attention.block_sizes)."""
     return block_sparse_attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal,
-                                  scale=scale, interpret=interpret)
+                                  scale=scale, block_q=block, block_kv=block, interpret=interpret)
 
 
 KERNELS = {"splash": _splash_local, "block_sparse": _block_sparse_local}
@@ -214,7 +214,7 @@ def mesh_context(mesh):
     return partitioning.activation_sharding(mesh)
 
 
-def _kernel(impl, q, k, v, q_seg, kv_seg, causal, scale, interpret):
+def _kernel(impl, q, k, v, q_seg, kv_seg, causal, scale, interpret, block):
     """A Pallas kernel (KERNELS[impl]) over the active mesh (shard_map), or on one device when no
     multi-device mesh is active. Specs from partitioning's resolver and active rules: batch over "batch",
     query heads over "act_heads", kv heads over "act_kv_heads" when they split like the query heads
@@ -223,7 +223,7 @@ def _kernel(impl, q, k, v, q_seg, kv_seg, causal, scale, interpret):
     local_fn = KERNELS[impl]
     mesh = partitioning.active_mesh()
     if mesh is None:
-        return local_fn(q, k, v, q_seg, kv_seg, causal, scale, interpret)
+        return local_fn(q, k, v, q_seg, kv_seg, causal, scale, interpret, block)
     Hq, Hkv = q.shape[2], k.shape[2]
     G = Hq // Hkv
     rules = partitioning.active_rules()
@@ -243,7 +243,7 @@ def _kernel(impl, q, k, v, q_seg, kv_seg, causal, scale, interpret):
             else:                                                 # uneven straddle: one kv head per q head
                 kv_index = (first + jnp.arange(q_loc)) // G
                 k, v = jnp.take(k, kv_index, axis=2), jnp.take(v, kv_index, axis=2)
-        return local_fn(q, k, v, q_seg, kv_seg, causal, scale, interpret)
+        return local_fn(q, k, v, q_seg, kv_seg, causal, scale, interpret, block)
 
     fn = shard_map(local, mesh, (q_spec, kv_spec, kv_spec, seg_spec, seg_spec), q_spec)
     return fn(q, k, v, q_seg, kv_seg)
@@ -283,7 +283,7 @@ def resolve_impl(impl: str, dtype, lengths: tuple[int, int] | None = None) -> st
 
 def attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, impl: str = "xla", q_offset=None,
               scale: float | None = None, single_segment: bool = False, max_segments: int | None = None,
-              interpret: bool | None = None):
+              interpret: bool | None = None, block: int | None = None):
     """Masked attention (rule in the module docstring). q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D] in q.dtype.
 
     q_segment_ids [B,T], kv_segment_ids [B,S]: int, 0 = padding. q_offset: None (self-attention, T == S
@@ -294,6 +294,8 @@ def attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, impl: str
     layout instead of a [T, S] mask; a row with more runs gives NaN, never a wrong value).
     interpret: run the Pallas kernels (splash, block_sparse) in interpret mode; None: iff a mesh in
     context has non-TPU devices (`mesh_platform`: a CPU run or test).
+    block: square block size of the Pallas kernels (splash, block_sparse); None or 0: their default, the
+    largest of BLOCK_CHOICES dividing each length (block_sparse_attention.choose_block prices a size).
     """
     q_segment_ids = jnp.asarray(q_segment_ids)
     kv_segment_ids = jnp.asarray(kv_segment_ids)
@@ -309,5 +311,5 @@ def attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, impl: str
         return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, scale, single_segment, max_segments)
     if interpret is None:               # compiled for TPU unless a mesh in context says otherwise
         interpret = mesh_platform() not in (None, "tpu")
-    return _kernel(impl, q, k, v, q_segment_ids, kv_segment_ids, causal, scale, interpret)
+    return _kernel(impl, q, k, v, q_segment_ids, kv_segment_ids, causal, scale, interpret, block or None)
 

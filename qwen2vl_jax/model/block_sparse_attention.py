@@ -42,6 +42,15 @@ step-time estimator uses them for the FLOPs of these custom calls, which XLA's c
 
 Block sizes: block_q must divide T and block_kv must divide S; on TPU both must be multiples of 128
 (the segment-id tiles are lane-aligned). Default: the largest of BLOCK_CHOICES that divides the length.
+A smaller block wastes fewer pairs where segments shorter than the block meet, but every visited pair is
+one grid step of each kernel, and a Pallas TPU grid step has a fixed cost (~0.35 us: pipeline
+bookkeeping, DMA issue and wait) whatever its size. `modelled_seconds` prices a block size on packed
+rows: steps x STEP_OVERHEAD_S + the visited pairs' FLOPs (head_dim padded to 128 lanes) at one
+TensorCore's bf16 peak; `choose_block` takes the cheapest, per layer (vision rows are not causal, decoder
+rows are), from rows packed from the data (`python -m benchmarks.estimates --mix=MODEL` prints the
+figures; set model.attention_block_vision / attention_block_decoder). On short causal documents no
+block size reaches visited/useful near 1: a document inside one block still costs the whole block, of
+which the causal triangle uses about half.
 """
 from __future__ import annotations
 
@@ -139,6 +148,35 @@ def visited_flops(q_segment_ids, kv_segment_ids, *, causal: bool, num_q_heads: i
     per_pair = float(bq) * bkv * num_q_heads * 2 * head_dim
     f = pairs.astype(jnp.float32) * per_pair
     return Visits(pairs, *(f * MATMULS[k] for k in ("fwd", "dq", "dkv")))
+
+
+# The block-size cost model (`modelled_seconds`): the fixed cost of one Pallas TPU grid step, and one
+# TensorCore's bf16 MXU peak (v5p: 459 TFLOP/s per chip over 2 TensorCores; the kernels' leading grid
+# dimension is split over them, so each step runs on one).
+STEP_OVERHEAD_S = 0.35e-6
+CORE_PEAK_FLOPS = 459e12 / 2
+
+
+def modelled_seconds(segment_ids, *, causal: bool, block: int, head_dim: int) -> float:
+    """Modelled seconds of the three kernels (forward, dq, dk/dv) per query head, summed over the rows of
+    segment_ids [B, L] (self-attention, square blocks of `block`): every visited pair is one grid step
+    of each kernel (dk/dv steps once per query head of its kv head group) costing STEP_OVERHEAD_S plus its
+    matmul FLOPs (MATMULS, head_dim padded to 128 lanes) at CORE_PEAK_FLOPS. Softmax VPU work, HBM
+    traffic and the compute-free filler / padding steps of `visit_list` are not modelled."""
+    pairs = float(jnp.sum(visited_pairs(segment_ids, segment_ids, causal=causal, block_q=block, block_kv=block)))
+    lanes = -(-head_dim // _LANES) * _LANES
+    flops = pairs * block * block * 2 * lanes * sum(MATMULS.values())
+    return pairs * len(MATMULS) * STEP_OVERHEAD_S + flops / CORE_PEAK_FLOPS
+
+
+def choose_block(segment_ids, *, causal: bool, head_dim: int, choices=BLOCK_CHOICES) -> int:
+    """The block size of `choices` dividing the rows' length with the least `modelled_seconds` on these
+    packed rows [B, L] (ties: the larger block). Raises (one line) when none divides L."""
+    L = segment_ids.shape[-1]
+    fits = sorted((b for b in choices if L % b == 0), reverse=True)
+    if not fits:
+        raise ValueError(f"row length {L}: no block size in {tuple(choices)} divides it")
+    return min(fits, key=lambda b: modelled_seconds(segment_ids, causal=causal, block=b, head_dim=head_dim))
 
 
 def visit_list(meets):

@@ -95,6 +95,10 @@ class ModelConfig:
     attention_impl: str = "xla"     # one of ATTENTION_IMPLS
     remat_policy: str = "none"      # one of REMAT_POLICIES
     scan_layers: bool = True
+    # block sizes of the TPU attention kernels (square blocks), per layer kind; 0 = the kernels' default,
+    # the largest of (512, 256, 128) dividing the length (block_sparse_attention.choose_block prices them)
+    attention_block_vision: int = 0
+    attention_block_decoder: int = 0
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -111,6 +115,10 @@ class ModelConfig:
             raise ValueError(f"vision head_dim {self.vision.head_dim} must be divisible by 4 (2-D RoPE)")
         if self.special_token_base + len(SPECIAL_TOKENS) > self.vocab_size:
             raise ValueError(f"special tokens {self.special_token_base}..+{len(SPECIAL_TOKENS)} exceed vocab {self.vocab_size}")
+        for field in ("attention_block_vision", "attention_block_decoder"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field}={getattr(self, field)}; valid: 0 (the kernels' default) or a block "
+                                 f"size that divides the rows (multiples of 128 on TPU)")
         for field, allowed in (("attention_impl", ATTENTION_IMPLS), ("remat_policy", REMAT_POLICIES),
                                ("dtype", DTYPES), ("param_dtype", DTYPES)):
             if getattr(self, field) not in allowed:
@@ -214,7 +222,8 @@ def get_config(name: str, **overrides) -> ModelConfig:
 
 
 # Fields that say how a model runs, not what it is: two configs that differ only here hold the same parameters.
-EXECUTION_FIELDS = ("name", "dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers")
+EXECUTION_FIELDS = ("name", "dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers",
+                    "attention_block_vision", "attention_block_decoder")
 
 
 # Generation settings: a base and an instruct checkpoint of one architecture differ here (which id ends a turn).

@@ -54,7 +54,7 @@ class SelfAttention(nn.Module):
         k, v = checkpoint_name(k, "qkv"), checkpoint_name(v, "qkv")
         if layer_cache is None:
             a = attention(q, k, v, q_segment_ids=ctx["q_segment_ids"], kv_segment_ids=ctx["q_segment_ids"],
-                          causal=True, impl=cfg.attention_impl)
+                          causal=True, impl=cfg.attention_impl, block=cfg.attention_block_decoder)
         else:
             ck, cv = layer_cache
             idx = ctx["q_offset"]

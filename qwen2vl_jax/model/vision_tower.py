@@ -58,7 +58,7 @@ class VisionAttention(nn.Module):
         seg = ctx["segment_ids"]
         # every image (video slice) is one contiguous run of whole 2x2 merge windows: at most P / 4 runs
         a = attention(q, k, val, q_segment_ids=seg, kv_segment_ids=seg, causal=False, impl=self.cfg.attention_impl,
-                      max_segments=seg.shape[1] // v.merge_unit)
+                      max_segments=seg.shape[1] // v.merge_unit, block=self.cfg.attention_block_vision)
         a = checkpoint_name(constrain(a, ("batch", "patches", "act_heads", None)), "attn_out")
         return Linear("bphd,hde->bpe", (H, hd, E), ("vision_heads", "head_dim", "vision_embed"), (E,),
                       ("vision_embed",), **lin, name="proj")(a)
