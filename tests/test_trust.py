@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from experiments import registry
-from qwen2vl_jax.train import optim, paths, trainer
+from qwen2vl_jax.train import optim, paths, rundir, trainer
 from test_checkpoint import DAMAGE, _damage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +28,7 @@ def _exp(workdir, *more):
 
 
 def _records(run_dir):
-    with open(os.path.join(run_dir, trainer.LOSSES_FILE)) as f:
+    with open(os.path.join(run_dir, rundir.LOSSES_FILE)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -93,16 +93,16 @@ def test_resume_keeps_the_saved_schedule_or_refuses_other_settings(uninterrupted
 def test_a_second_run_in_the_same_directory_stops_at_start(tmp_path):
     run = str(tmp_path / "run")
     os.makedirs(run)
-    with trainer.RunLock(run):
-        with pytest.raises(trainer.WorkdirInUseError) as e:
+    with rundir.RunLock(run):
+        with pytest.raises(rundir.WorkdirInUseError) as e:
             trainer.run(_exp(run))
     msg = str(e.value)
     assert f"pid {os.getpid()} on host {socket.gethostname()}" in msg and "another --set workdir" in msg
-    assert "\n" not in msg and sorted(os.listdir(run)) == [trainer.LOCK_FILE]     # nothing else touched
-    assert open(os.path.join(run, trainer.LOCK_FILE)).read() == ""                   # released on exit
+    assert "\n" not in msg and sorted(os.listdir(run)) == [rundir.LOCK_FILE]     # nothing else touched
+    assert open(os.path.join(run, rundir.LOCK_FILE)).read() == ""                   # released on exit
 
 
-HOLD = "import sys, time; from qwen2vl_jax.train.trainer import RunLock; RunLock(sys.argv[1]).__enter__(); " \
+HOLD = "import sys, time; from qwen2vl_jax.train.rundir import RunLock; RunLock(sys.argv[1]).__enter__(); " \
        "print('held', flush=True); time.sleep(600)"
 
 
@@ -112,14 +112,14 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
                             env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
     try:
         assert proc.stdout.readline().strip() == "held"
-        with pytest.raises(trainer.WorkdirInUseError, match=f"pid {proc.pid} on host"):
-            trainer.RunLock(run).__enter__()
+        with pytest.raises(rundir.WorkdirInUseError, match=f"pid {proc.pid} on host"):
+            rundir.RunLock(run).__enter__()
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     logs = []
-    with trainer.RunLock(run, log=logs.append):
-        assert json.loads(open(os.path.join(run, trainer.LOCK_FILE)).read())["pid"] == os.getpid()
+    with rundir.RunLock(run, log=logs.append):
+        assert json.loads(open(os.path.join(run, rundir.LOCK_FILE)).read())["pid"] == os.getpid()
     assert len(logs) == 1 and "did not exit cleanly" in logs[0] and f"'pid': {proc.pid}" in logs[0]
 
 
@@ -129,15 +129,15 @@ def test_without_flock_the_lock_record_decides(tmp_path, monkeypatch):
     taken over."""
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
-    monkeypatch.setattr(trainer.fcntl, "flock", no_flock)
-    run, path = str(tmp_path), os.path.join(str(tmp_path), trainer.LOCK_FILE)
+    monkeypatch.setattr(rundir.fcntl, "flock", no_flock)
+    run, path = str(tmp_path), os.path.join(str(tmp_path), rundir.LOCK_FILE)
     here = socket.gethostname()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     try:
         for holder, refused in (
-                ({"pid": sleeper.pid, "host": here, "start_ticks": trainer._start_time(sleeper.pid)}, True),
+                ({"pid": sleeper.pid, "host": here, "start_ticks": rundir._start_time(sleeper.pid)}, True),
                 ({"pid": 1234, "host": "elsewhere", "start_ticks": "5"}, True),
                 ({"pid": dead.pid, "host": here, "start_ticks": "5"}, False),
                 ({"pid": sleeper.pid, "host": here, "start_ticks": "1"}, False)):    # pid reused since
@@ -145,10 +145,10 @@ def test_without_flock_the_lock_record_decides(tmp_path, monkeypatch):
                 json.dump(holder, f)
             logs = []
             if refused:
-                with pytest.raises(trainer.WorkdirInUseError, match=f"pid {holder['pid']} on host {holder['host']}"):
-                    trainer.RunLock(run, log=logs.append).__enter__()
+                with pytest.raises(rundir.WorkdirInUseError, match=f"pid {holder['pid']} on host {holder['host']}"):
+                    rundir.RunLock(run, log=logs.append).__enter__()
             else:
-                with trainer.RunLock(run, log=logs.append):
+                with rundir.RunLock(run, log=logs.append):
                     pass
                 assert "did not exit cleanly" in logs[0] and open(path).read() == ""
     finally:
@@ -157,7 +157,7 @@ def test_without_flock_the_lock_record_decides(tmp_path, monkeypatch):
 
 
 def test_losses_jsonl_is_strict_json_and_cut_back_on_resume(tmp_path):
-    path = str(tmp_path / trainer.LOSSES_FILE)
+    path = str(tmp_path / rundir.LOSSES_FILE)
     log = paths.JsonlLog(path)
     for step, loss in ((1, 2.5), (2, float("nan")), (3, float("inf")), (4, 1.0)):
         log.append({"step": step, "loss": loss, "finite": loss < 3})
@@ -171,8 +171,8 @@ def test_losses_jsonl_is_strict_json_and_cut_back_on_resume(tmp_path):
         rows = [json.loads(line, parse_constant=strict) for line in f.readlines()[:4]]
     assert [r["loss"] for r in rows] == [2.5, None, None, 1.0]
     logs = []
-    trainer.truncate_jsonl(path, 3, logs.append)
-    assert [r["step"] for r in trainer.read_jsonl(str(tmp_path), trainer.LOSSES_FILE).values()] == [1, 2, 3]
+    rundir.truncate_jsonl(path, 3, logs.append)
+    assert [r["step"] for r in rundir.read_jsonl(str(tmp_path), rundir.LOSSES_FILE).values()] == [1, 2, 3]
     assert logs == ["losses.jsonl: dropped 2 records after step 3 (re-trained from here)"]
 
 

@@ -256,11 +256,11 @@ def make_job(vm: TpuVm, experiment: str, *, model: str | None = None, overrides:
     setup = [("git", "-C", REPO_ROOT, "archive", "--format=tar.gz", f"--output={tarball}", "HEAD")]
     for node in vm.nodes:
         setup += [tuple(vm.scp(tarball, REMOTE_TARBALL, node)), tuple(vm.ssh(install, node))]
-    from qwen2vl_jax.train import aot, trainer
+    from qwen2vl_jax.train import aot, rundir
     start = []
     for i, node in enumerate(vm.nodes):
         # the job's name lets a restarted run take over the run lock its killed predecessor left in the bucket
-        env = {"LIBTPU_INIT_ARGS": aot.libtpu_init_args(libtpu_args), trainer.JOB_ENV: f"{vm.name}/{run_name}"}
+        env = {"LIBTPU_INIT_ARGS": aot.libtpu_init_args(libtpu_args), rundir.JOB_ENV: f"{vm.name}/{run_name}"}
         if vm.num_slices > 1:
             env.update({"MEGASCALE_COORDINATOR_ADDRESS": f"{COORDINATOR}:{MEGASCALE_PORT}",
                         "MEGASCALE_PORT": str(MEGASCALE_PORT), "MEGASCALE_NUM_SLICES": str(vm.num_slices),
