@@ -7,7 +7,9 @@ the tests). What is checked against an independent reference:
   - a damaged newest step in the bucket is set aside (copied to <step>.unreadable) and the run resumes from
     the step before, as in a local folder;
   - the run lock in a bucket: a live holder refuses, a stale one (no heartbeat, or the same job restarted)
-    is taken over, the heartbeat rewrites it, a clean exit frees it."""
+    is taken over, the heartbeat rewrites it, a clean exit frees it; runs without a job name never take a
+    live holder over; the emulator refuses a write at a stale generation, and of two runs that both read "no
+    lock" and then write, exactly one holds it."""
 import json
 import os
 import signal
@@ -170,3 +172,61 @@ def test_run_lock_in_a_bucket(gcs_bucket, monkeypatch):
         monkeypatch.setenv(rundir.JOB_ENV, "pod/b")
         with rundir.RunLock(run, log=logs.append):                   # the same job restarted: taken over at once
             assert "the same job 'pod/b', restarted" in logs[-1]
+
+
+def test_the_emulator_honours_generation_match(gcs_bucket):
+    """The compare-and-swap the bucket lock stands on, checked on the emulator itself first: a write at
+    generation 0 creates only a missing object, a write at a generation that is no longer current is refused
+    and leaves the object as it was."""
+    bucket, _ = gcs_bucket
+    obj = f"{bucket}/cas/object"
+    g1 = paths.write_versioned(obj, "first", 0)
+    assert g1 is not None and paths.read_versioned(obj) == ("first", g1)
+    assert paths.write_versioned(obj, "second", 0) is None                  # exists already
+    g2 = paths.write_versioned(obj, "third", g1)
+    assert g2 is not None and g2 != g1
+    assert paths.write_versioned(obj, "fourth", g1) is None                 # g1 is stale now
+    assert paths.read_versioned(obj) == ("third", g2)
+
+
+def test_bucket_lock_without_job_names_never_takes_over_a_live_holder(gcs_bucket, monkeypatch):
+    """Runs started by hand (no QWEN2VL_JOB on either side): both records name no job, and "the same job"
+    must not be read into two missing names; the live holder (this process, heartbeat fresh) keeps it."""
+    bucket, _ = gcs_bucket
+    run = f"{bucket}/runs/by_hand"
+    monkeypatch.delenv(rundir.JOB_ENV, raising=False)
+    logs = []
+    with rundir.RunLock(run, log=logs.append):
+        assert json.loads(paths.read_text(paths.join(run, rundir.LOCK_FILE)))["job"] is None
+        with pytest.raises(rundir.WorkdirInUseError, match=f"pid {os.getpid()} on host"):
+            rundir.RunLock(run, log=logs.append).__enter__()
+    assert logs == []                                                  # nobody took anything over
+
+
+def test_two_runs_starting_together_in_a_bucket_one_gets_the_lock(gcs_bucket, monkeypatch):
+    """The race: A and B both read "no lock", then both write. Driven deterministically: B's first read returns
+    the state both saw before A wrote. Only a write conditional on that generation refuses B (an unconditional
+    write would let B overwrite A's record and both would hold the run directory)."""
+    bucket, _ = gcs_bucket
+    run = f"{bucket}/runs/race"
+    lock_file = paths.join(run, rundir.LOCK_FILE)
+    monkeypatch.delenv(rundir.JOB_ENV, raising=False)
+    seen_by_both = paths.read_versioned(lock_file)
+    assert seen_by_both == ("", 0)
+    a = rundir.RunLock(run).__enter__()                               # A writes first
+    try:
+        a_record = paths.read_versioned(lock_file)
+        real_read, reads = paths.read_versioned, []
+
+        def b_reads(p):                                                # B read before A's write
+            reads.append(p)
+            return seen_by_both if len(reads) == 1 else real_read(p)
+
+        monkeypatch.setattr(paths, "read_versioned", b_reads)
+        with pytest.raises(rundir.WorkdirInUseError, match="is in use by another run"):
+            rundir.RunLock(run).__enter__()
+        monkeypatch.setattr(paths, "read_versioned", real_read)
+        assert len(reads) == 2                                         # B's write was refused, it looked again
+        assert paths.read_versioned(lock_file) == a_record            # A's record stands
+    finally:
+        a.__exit__(None, None, None)
