@@ -325,3 +325,21 @@ def test_supervisor_gives_up_waiting_for_capacity():
     sup = tpu.Supervisor(job, tpu.WatchConfig(poll_s=60, create_timeout_s=600), runner=cloud.runner,
                          query=cloud.query, log=lambda m: None, sleep=cloud.sleep, clock=cloud.clock)
     assert sup.run() == tpu.EXIT_NO_CAPACITY and 600 <= cloud.t <= 660
+
+
+@pytest.mark.parametrize("events, kw, retried", [
+    ([RUNNING, ("state", "PREEMPTED")] * 5, {}, "create"),          # each retry deletes and recreates the slice
+    ([], {"fail_create": 10}, "create"),                           # each retry tries the create again
+    ([RUNNING, ("run", ("exited", 1, "RuntimeError: DEADLINE_EXCEEDED"))] * 5, {"exists": True}, "start"),
+])
+def test_supervisor_retries_exactly_max_retries_times(events, kw, retried):
+    """max_retries=2 against a cloud that keeps failing: the first attempt, then exactly 2 more (counted in
+    the fake gcloud's calls), then EXIT_GAVE_UP, a status none of the other outcomes uses."""
+    status, cloud, lines = _supervise(events, max_retries=2, num_slices=1, **kw)
+    assert status == tpu.EXIT_GAVE_UP
+    assert len({tpu.EXIT_DONE, tpu.EXIT_CONFIG, tpu.EXIT_NON_FINITE, tpu.EXIT_GAVE_UP, tpu.EXIT_NO_CAPACITY}) == 5
+    assert cloud.calls.count(retried) == 1 + 2                      # the first attempt and 2 retries
+    if retried == "create" and not kw:
+        assert cloud.calls.count("delete") == 2                    # the 2 recreates
+    assert [line.split("] ", 1)[1].rsplit("; ", 1)[1] for line in lines if "; retry" in line or "giving up" in line] == [
+        "retry 1/2", "retry 2/2", "giving up after 2 retries"]
