@@ -1,7 +1,8 @@
 """Runs you can trust: a damaged newest checkpoint costs only the steps since an intact one (same losses as an
 uninterrupted run), a resume keeps the schedule it was saved with or refuses other settings, one run per run
-directory (a killed run's lock is taken over), losses.jsonl is strict JSON with each step once, and a
-non-finite hyperparameter never starts a run."""
+directory (a killed run's lock is taken over), losses.jsonl is strict JSON with each step once, a
+non-finite hyperparameter never starts a run, and a disk that fills up during a save is one line (exit status
+6) after which a resume is exact."""
 import errno
 import io
 import json
@@ -66,6 +67,59 @@ def test_damaged_newest_checkpoints_resume_bit_identical(uninterrupted, tmp_path
         assert os.path.isdir(os.path.join(ckdir, f"{step}.unreadable"))
     assert f"resumed from {ckdir} step 2" in lines
     assert summary["start_step"] == 2 and summary["losses"] == {s: ref[s] for s in range(3, STEPS + 1)}
+    assert [(r["step"], r["loss"]) for r in _records(run)] == sorted(ref.items())
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs (mounting needs root: skipped without it): a disk that can be filled for real, so the
+    ENOSPC comes from where it would, tensorstore's C++ writers included."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if res.returncode:
+        pytest.skip(f"cannot mount a tmpfs to fill ({res.stderr.strip()})")
+    try:
+        yield str(disk)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _fill(disk, leave):
+    """Writes a file that leaves `leave` bytes free on `disk`; returns its path."""
+    st = os.statvfs(disk)
+    filler = os.path.join(disk, "filler")
+    with open(filler, "wb") as f:
+        f.write(bytes(st.f_bavail * st.f_frsize - leave))
+    return filler
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_save_is_one_line_and_resume_is_exact(uninterrupted, small_disk):
+    """A run whose disk fills up while it saves a checkpoint (the uninterrupted run's first 2 steps, then
+    256 KiB free: less than one checkpoint) stops with one ERROR line naming the newest good checkpoint and
+    exit status 6; once space is freed, the same command resumes from it and the losses of steps 1..6 equal
+    the uninterrupted run's, bit for bit."""
+    ref_run, ref = uninterrupted
+    run = os.path.join(small_disk, "run")
+    shutil.copytree(ref_run, run, ignore=lambda d, names: [n for n in names if d.endswith("checkpoints") and
+                                                          n.isdigit() and int(n) > 2])
+    cli = [sys.executable, "-m", "launch.pretrain", "--experiment=stage3", "--model=test", f"--set=workdir={run}",
+           f"--set=steps={STEPS}", "--set=batch_size=8", "--set=checkpoint.every=1", "--set=checkpoint.keep=10",
+           "--set=log_every=1"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}       # the devices of the in-process run
+    filler = _fill(small_disk, leave=256 << 10)
+    full = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    ckdir = os.path.join(run, "checkpoints")
+    assert full.returncode == trainer.EXIT_DISK_FULL, full.stderr[-3000:]
+    [line] = full.stderr.splitlines()
+    assert line.startswith("ERROR: No space left on device (disk full)") and \
+        f"the newest good checkpoint is {ckdir}/2 (older ones are intact)" in line, line
+    assert sorted(int(n) for n in os.listdir(ckdir) if n.isdigit()) == [1, 2]
+    os.remove(filler)
+    again = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {ckdir} step 2" in again.stdout
     assert [(r["step"], r["loss"]) for r in _records(run)] == sorted(ref.items())
 
 

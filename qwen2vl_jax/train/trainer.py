@@ -20,7 +20,8 @@ for the step instead); the records and the stops are those of a loop that waits 
     checkpoint.locate) or from the seed;
   - every `checkpoint.every` steps, at the end, on SIGTERM (preemption: save at the next step boundary and
     return) and on a non-finite stop, a checkpoint is saved; a state holding NaN/inf is never saved (the run
-    stops with NonFiniteError instead);
+    stops with NonFiniteError instead); a disk that fills up stops the run with checkpoint.DiskFullError, one
+    line naming the newest good checkpoint (a resume from it is exact);
   - `max_consecutive_skips` non-finite steps in a row save a checkpoint and raise NonFiniteError;
   - every `eval_every` steps and at the last step, `evaluate(params)` (a hook the caller builds, e.g.
     eval.evaluation.HeldoutEvaluator; train/ does not import eval/) is logged and appended to heldout.jsonl.
@@ -47,6 +48,7 @@ from qwen2vl_jax.model.config import ModelConfig, architecture_diff
 from qwen2vl_jax.train import checkpoint, flops, memory, metrics, paths, rundir, sharding, train_step
 
 EXIT_NON_FINITE = 3                      # exit status of a CLI whose run stopped on non-finite steps
+EXIT_DISK_FULL = 6                       # ... whose disk filled up (checkpoint.DiskFullError; launch.tpu's 4, 5 differ)
 
 EvalHook = Callable[[Any], dict]         # params -> {name: value}
 
@@ -169,6 +171,7 @@ def _run(exp: TrainSpec, evaluate: EvalHook | None, stream: TextIO) -> dict:
                 "packing_efficiency": rec.stats.get("token_efficiency", 0.0),
                 "skipped_samples": rec.stats.get("skipped", 0.0)}, rec.stats)
 
+    failed = True                                    # until the loop ends without an exception
     try:
         # Step t+1 is dispatched before step t's metrics are read, so the host never waits for the device
         # between steps; it syncs only where it acts on the state (evaluation, checkpoint, last step, SIGTERM).
@@ -209,14 +212,17 @@ def _run(exp: TrainSpec, evaluate: EvalHook | None, stream: TextIO) -> dict:
             log.message(f"SIGTERM: saved checkpoint at step {step} to {ckpt.directory}; exiting")
     except checkpoint.NonFiniteStateError as e:
         raise NonFiniteError(str(e)) from None
+    except Exception as e:
+        if checkpoint.is_disk_full(e) and not isinstance(e, checkpoint.DiskFullError):   # a log or config write
+            raise ckpt.disk_full() from None
+        raise
+    else:
+        failed = False
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        ckpt.close()
-        data.close()
-        log.close()
-        for f in (loss_file, eval_file):
-            if f is not None:
-                f.close()                            # a bucket: the last rewrite
+        _close([ckpt.close, data.close, log.close]
+               + [f.close for f in (loss_file, eval_file) if f is not None],   # a bucket: the last rewrite
+               ckpt, quiet=failed)
     return {"step": step, "start_step": start, "num_steps": n_steps, "losses": losses, "eval": evals,
             "preempted": preempted["flag"], "skipped_steps": int(jax.device_get(state.skipped_steps)),
             "checkpoint_dir": ckpt.directory}
@@ -326,6 +332,23 @@ def check_memory(exp: TrainSpec, mesh) -> None:
         vocab_chunk=max(1, exp.model.vocab_size * min(exp.loss_chunk, exp.data.seq_len) // exp.data.seq_len)),
         mesh, parts=exp.trainable)
     memory.check_fits(est, what=f"{exp.name} with model {exp.model.name}")
+
+
+def _close(closers: list[Callable[[], None]], ckpt: checkpoint.Checkpointer, quiet: bool) -> None:
+    """Calls every closer. quiet (the run is already failing): their errors are dropped, the run's error is the
+    one to see. Else the first error is raised once all were called (a disk that filled up: as DiskFullError;
+    the last checkpoint's async write fails here)."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 -- every resource gets closed; the first error is raised below
+            first = first or e
+    if first is None or quiet:
+        return
+    if checkpoint.is_disk_full(first) and not isinstance(first, checkpoint.DiskFullError):
+        raise ckpt.disk_full() from None
+    raise first
 
 
 def _flush(*logs: paths.JsonlLog | None) -> None:
