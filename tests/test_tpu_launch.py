@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from qwen2vl_jax.cloud import tpu
-from qwen2vl_jax.train import aot
+from qwen2vl_jax.train import aot, trainer
 from qwen2vl_jax.cloud.tpu import REPO_ROOT, TpuVm
 
 VM = TpuVm(name="qv-pod", zone="us-east5-a", accelerator="v5p-128", project="my-proj", spot=True)
@@ -308,10 +308,13 @@ def test_supervisor_restarts_a_failed_run_without_recreating():
      "run stopped with status 3 (non-finite steps): ERROR: 5 non-finite steps in a row"),
     ([("run", ("exited", 2, "ERROR: unknown key"))], {}, tpu.EXIT_CONFIG,
      "run stopped with status 2 (configuration error): ERROR: unknown key"),
+    ([("run", ("exited", 6, "ERROR: No space left on device (disk full) ..."))], {}, tpu.EXIT_DISK_FULL,
+     "run stopped with status 6 (disk full): ERROR: No space left on device (disk full) ..."),
     ([("state", "PREEMPTED")] * 3, {}, tpu.EXIT_GAVE_UP, "slice PREEMPTED; giving up after 2 retries"),
     ([], {"fail_create": 5}, tpu.EXIT_GAVE_UP, "creating the slice failed; giving up after 2 retries"),
 ])
 def test_supervisor_stops_with_a_status_that_says_why(events, kw, status, last):
+    assert (tpu.EXIT_NON_FINITE, tpu.EXIT_DISK_FULL) == (trainer.EXIT_NON_FINITE, trainer.EXIT_DISK_FULL)  # passed on
     got, cloud, lines = _supervise(events, max_retries=2, **kw)
     assert got == status and lines[-1].endswith(last)
     assert cloud.t < 100 * 60          # bounded: no endless polling
@@ -337,7 +340,8 @@ def test_supervisor_retries_exactly_max_retries_times(events, kw, retried):
     the fake gcloud's calls), then EXIT_GAVE_UP, a status none of the other outcomes uses."""
     status, cloud, lines = _supervise(events, max_retries=2, num_slices=1, **kw)
     assert status == tpu.EXIT_GAVE_UP
-    assert len({tpu.EXIT_DONE, tpu.EXIT_CONFIG, tpu.EXIT_NON_FINITE, tpu.EXIT_GAVE_UP, tpu.EXIT_NO_CAPACITY}) == 5
+    assert len({tpu.EXIT_DONE, tpu.EXIT_CONFIG, tpu.EXIT_NON_FINITE, tpu.EXIT_GAVE_UP, tpu.EXIT_NO_CAPACITY,
+                tpu.EXIT_DISK_FULL}) == 6
     assert cloud.calls.count(retried) == 1 + 2                      # the first attempt and 2 retries
     if retried == "create" and not kw:
         assert cloud.calls.count("delete") == 2                    # the 2 recreates

@@ -72,11 +72,11 @@ def test_damaged_newest_checkpoints_resume_bit_identical(uninterrupted, tmp_path
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 16 MiB tmpfs (mounting needs root: skipped without it): a disk that can be filled for real, so the
+    """A 64 MiB tmpfs (mounting needs root: skipped without it): a disk that can be filled for real, so the
     ENOSPC comes from where it would, tensorstore's C++ writers included."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True, text=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True)
     if res.returncode:
         pytest.skip(f"cannot mount a tmpfs to fill ({res.stderr.strip()})")
     try:
@@ -109,7 +109,7 @@ def test_disk_full_during_a_save_is_one_line_and_resume_is_exact(uninterrupted, 
            "--set=log_every=1"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}       # the devices of the in-process run
     filler = _fill(small_disk, leave=256 << 10)
-    full = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    full = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     ckdir = os.path.join(run, "checkpoints")
     assert full.returncode == trainer.EXIT_DISK_FULL, full.stderr[-3000:]
     [line] = full.stderr.splitlines()
@@ -117,7 +117,7 @@ def test_disk_full_during_a_save_is_one_line_and_resume_is_exact(uninterrupted, 
         f"the newest good checkpoint is {ckdir}/2 (older ones are intact)" in line, line
     assert sorted(int(n) for n in os.listdir(ckdir) if n.isdigit()) == [1, 2]
     os.remove(filler)
-    again = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {ckdir} step 2" in again.stdout
     assert [(r["step"], r["loss"]) for r in _records(run)] == sorted(ref.items())

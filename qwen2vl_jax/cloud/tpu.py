@@ -74,7 +74,9 @@ EXIT_CONFIG = 2          # launch.pretrain stopped on a configuration error (res
 EXIT_NON_FINITE = 3      # launch.pretrain stopped on non-finite steps (trainer.EXIT_NON_FINITE; checkpoint saved)
 EXIT_GAVE_UP = 4         # more than max_retries preemptions / failures
 EXIT_NO_CAPACITY = 5     # the slice did not become ready within create_timeout_s
-FINAL_RUN_STATUSES = {EXIT_CONFIG: "configuration error", EXIT_NON_FINITE: "non-finite steps"}
+EXIT_DISK_FULL = 6       # launch.pretrain stopped on a full disk (trainer.EXIT_DISK_FULL; restarting cannot help)
+FINAL_RUN_STATUSES = {EXIT_CONFIG: "configuration error", EXIT_NON_FINITE: "non-finite steps",
+                      EXIT_DISK_FULL: "disk full"}
 
 # A runner executes one argv and returns its exit code; a query also returns its stdout (injected in tests).
 Runner = Callable[[Sequence[str]], int]
