@@ -38,7 +38,6 @@ import errno
 import json
 import logging
 import os
-import sys
 from typing import Any, Callable
 
 import jax
@@ -96,14 +95,6 @@ class _QuietDiskFull(logging.Filter):
 
 _QUIET_DISK_FULL = _QuietDiskFull()
 
-
-def _quiet_closed_loop(hook):
-    """sys.excepthook, less the "Event loop is closed" errors of tensorstore's callbacks into the event loop of a
-    save abandoned on a full disk (they print through PyErr_Print, one traceback per pending write)."""
-    def excepthook(kind, value, tb):
-        if not (_QUIET_DISK_FULL.seen and isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-            hook(kind, value, tb)
-    return excepthook
 
 
 class UnreadableCheckpointError(ValueError):
@@ -212,9 +203,7 @@ class Checkpointer:
     def disk_full(self, failed: tuple[int | None, ...] = ()) -> DiskFullError:
         """The error of a disk that filled up (here or in another file of the run), in one line: the steps of
         `failed` that were not saved and the newest good checkpoint. Orbax's own error logs go quiet."""
-        if not _QUIET_DISK_FULL.seen:
-            _QUIET_DISK_FULL.seen = True
-            sys.excepthook = _quiet_closed_loop(sys.excepthook)
+        _QUIET_DISK_FULL.seen = True
         good = self.complete_steps()
         bad = {s for s in failed if s is not None and s not in good}
         where = (f"the newest good checkpoint is {self.directory}/{good[-1]}" if good
