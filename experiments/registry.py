@@ -25,7 +25,7 @@ from experiments import stages
 from qwen2vl_jax.data.tokenizer import tokenizer_json
 from qwen2vl_jax.model import hf
 from qwen2vl_jax.model.config import EXECUTION_FIELDS, ModelConfig, architecture_diff, get_config, matching_preset
-from qwen2vl_jax.train import checkpoint, trainer
+from qwen2vl_jax.train import checkpoint, rundir
 
 T = TypeVar("T")
 DEFAULT_MODEL = "tiny"
@@ -82,7 +82,7 @@ def _preset_for(cfg: ModelConfig) -> str:
 
 def _from_checkpoint(name: str, model: str | None, overrides: list[str], exp: stages.Experiment) -> stages.Experiment:
     """`exp` with init_from's model config and tokenizer (see get_experiment)."""
-    saved = trainer.read_model_config(exp.init_from)
+    saved = rundir.read_model_config(exp.init_from)
     if saved is None:                  # params without a config: their shapes are checked when they load
         return exp
     keys = _keys(overrides)
@@ -108,7 +108,7 @@ def _checkpoint_tokenizer(path: str, current: str) -> str:
     (ValueError when it has none); the tokenizer.json a run or converted checkpoint kept, when it is not
     `current`'s (a chain of runs from one tokenizer keeps naming it as before, so a resume finds the same data
     fingerprint whether or not the previous run had finished when the chain was configured); else `current`."""
-    folder = trainer.processor_dir(path)
+    folder = rundir.processor_dir(path)
     if folder is None:
         return current
     from_hf = checkpoint.locate(path).kind == "hf"

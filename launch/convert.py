@@ -27,7 +27,7 @@ from absl import flags, logging
 from experiments import flags as cli
 from qwen2vl_jax.model import hf
 from qwen2vl_jax.model.config import DTYPES
-from qwen2vl_jax.train import checkpoint, paths, trainer
+from qwen2vl_jax.train import checkpoint, paths, rundir
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_bool("hf_to_jax", False, "SRC is a transformers folder, DST an orbax checkpoint folder",
@@ -56,21 +56,21 @@ def convert(hf_to_jax: bool, src: str, dst: str, param_dtype: str = "float32", d
         cfg, params = hf.load_pretrained(folder, progress=_log, param_dtype=param_dtype)
         _log(f"writing orbax checkpoint {dst} (config {cfg.name!r}, param_dtype {cfg.param_dtype})")
         hf.save_jax_checkpoint(cfg, params, out, overwrite=overwrite)
-        copied = hf.copy_processor_files(folder, os.path.join(out, trainer.PROCESSOR_DIR))
+        copied = hf.copy_processor_files(folder, os.path.join(out, rundir.PROCESSOR_DIR))
     else:
         loc = checkpoint.locate(src)
         if loc.kind == "hf":
             raise ValueError(f"{src} is already a Hugging Face folder (config.json); --jax_to_hf reads a training "
                              "run or a converted checkpoint")
-        cfg = trainer.read_model_config(src)
+        cfg = rundir.read_model_config(src)
         if cfg is None:
             raise ValueError(f"{src} has no {hf.MODEL_CONFIG_FILE} beside it (a run folder holds one): cannot tell "
                              "which model its params are")
         # on the host's CPU: a large model does not fit one accelerator, and the safetensors are written from host memory
-        params = trainer.load_params(cfg, src, device=jax.devices("cpu")[0])
+        params = rundir.load_params(cfg, src, device=jax.devices("cpu")[0])
         _log(f"read {src} (config {cfg.name!r}, param_dtype {cfg.param_dtype}); writing {dst}")
         files = hf.save_pretrained(cfg, params, out, max_shard_size=max_shard_size, dtype=dtype, progress=_log)
-        processor = trainer.processor_dir(src)
+        processor = rundir.processor_dir(src)
         if processor and paths.is_remote(processor):
             processor = paths.local_copy(processor)
         copied = hf.copy_processor_files(processor, out) if processor else []

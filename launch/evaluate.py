@@ -33,7 +33,7 @@ from qwen2vl_jax.data import formats
 from qwen2vl_jax.data.pipeline import DataConfig
 from qwen2vl_jax.eval import evaluation
 from qwen2vl_jax.model.config import get_config
-from qwen2vl_jax.train import paths, sharding, trainer
+from qwen2vl_jax.train import paths, rundir, sharding
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("checkpoint", None, "RUN, RUN/checkpoints, RUN/checkpoints/STEP, a converted checkpoint or "
@@ -59,11 +59,11 @@ LOSS_ROW = dict(seq_len=1024, max_patches=2048)     # row shape of the held-out 
 def main(argv: Sequence[str]) -> dict:
     cli.parse(FLAGS, argv, __doc__)
     ckpt = FLAGS.checkpoint
-    cfg = registry.apply_overrides(trainer.read_model_config(ckpt) or get_config(FLAGS.model), FLAGS.set)
-    params = trainer.load_params(cfg, ckpt)
+    cfg = registry.apply_overrides(rundir.read_model_config(ckpt) or get_config(FLAGS.model), FLAGS.set)
+    params = rundir.load_params(cfg, ckpt)
     print(f"checkpoint {ckpt}: model {cfg.name}, {sum(x.size for x in jax.tree.leaves(params)):,} params",
           flush=True)
-    run_data, source = trainer.read_data_config(ckpt)
+    run_data, source = rundir.read_data_config(ckpt)
     vision_opts = run_data.vision_options if run_data else formats.VisionOptions()
     print(f"pixel budgets from {source or 'defaults (no data_config.json beside the checkpoint)'}: images "
           f"{vision_opts.min_pixels}..{vision_opts.max_pixels}, video frames {vision_opts.video_min_pixels}.."

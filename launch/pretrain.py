@@ -19,7 +19,8 @@ by mixture source and by data kind is printed, written to TensorBoard (eval/...)
 Exit status: 0 done (or preempted by SIGTERM, checkpoint saved), 1 the model does not fit the devices'
 memory, 2 a configuration error (one ERROR line naming the value and the valid choices; also: the run
 directory is in use, the checkpoint was trained with other settings), 3 too many non-finite steps in a row
-(checkpoint saved) or a non-finite state (not saved).
+(checkpoint saved) or a non-finite state (not saved), 6 the disk filled up (one ERROR line naming the newest
+good checkpoint; free space and re-run to resume from it).
 Multi-host: pass --coordinator_address/--num_processes/--process_id, or let the environment decide
 (Cloud TPU VM slices from their metadata, GKE TPU pods, SLURM, Open MPI: qwen2vl_jax/train/distributed.py).
 The run directory may be a bucket: --set workdir=gs://BUCKET/PATH (checkpoints, logs, TensorBoard, configs
@@ -27,6 +28,7 @@ and the run lock go there; a restarted job on new machines resumes from it).
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -34,7 +36,7 @@ from absl import flags, logging
 
 from experiments import flags as cli
 from experiments import registry, stages
-from qwen2vl_jax.train import distributed, memory, trainer
+from qwen2vl_jax.train import checkpoint, distributed, memory, trainer
 
 FLAGS = flags.FlagValues()
 cli.define_experiment(FLAGS)
@@ -66,6 +68,13 @@ def main(argv: Sequence[str]) -> int:
     except trainer.NonFiniteError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return trainer.EXIT_NON_FINITE
+    except checkpoint.DiskFullError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The run's files are closed; what is left are tensorstore's callbacks of the abandoned writes, which
+        # would print a traceback each into the event loop orbax already closed while the interpreter exits.
+        os._exit(trainer.EXIT_DISK_FULL)
     except memory.InsufficientMemoryError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1

@@ -36,7 +36,7 @@ from qwen2vl_jax.data import media, synthetic
 from qwen2vl_jax.model import model as M
 from qwen2vl_jax.model import rope
 from qwen2vl_jax.model.config import get_config
-from qwen2vl_jax.train import trainer
+from qwen2vl_jax.train import rundir
 
 TASKS = ("colour", "shape", "word")
 STREAM = "vision_probe"
@@ -161,10 +161,10 @@ def table(curve: list[dict]) -> str:
 
 def main(argv: Sequence[str]) -> list[dict]:
     cli.parse(FLAGS, argv, __doc__)
-    saved = trainer.read_model_config(FLAGS.checkpoint) if FLAGS.checkpoint else None
+    saved = rundir.read_model_config(FLAGS.checkpoint) if FLAGS.checkpoint else None
     cfg = registry.apply_overrides(saved or get_config(FLAGS.model), FLAGS.set)
     if FLAGS.checkpoint:
-        params = trainer.load_params(cfg, FLAGS.checkpoint)
+        params = rundir.load_params(cfg, FLAGS.checkpoint)
     else:
         params = M.init_params(cfg, jax.random.PRNGKey(FLAGS.seed))
     print(f"vision probe: task {FLAGS.task} ({len(classes(FLAGS.task))} classes), model {cfg.name}, tower from "

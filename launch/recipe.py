@@ -25,7 +25,7 @@ from absl import flags, logging
 from experiments import flags as cli
 from experiments import registry
 from qwen2vl_jax.eval import evaluation
-from qwen2vl_jax.train import trainer
+from qwen2vl_jax.train import rundir, trainer
 
 STAGES = ("1", "2", "3")
 
@@ -72,9 +72,9 @@ def main(argv: Sequence[str]) -> dict:
         t0 = time.time()
         summary = trainer.run(exp, evaluate=exp.evaluator())
         # the whole run's records, across resumes
-        losses = {s: r["loss"] for s, r in trainer.read_jsonl(exp.run_dir, trainer.LOSSES_FILE).items()}
+        losses = {s: r["loss"] for s, r in rundir.read_jsonl(exp.run_dir, rundir.LOSSES_FILE).items()}
         heldout = {s: {n: v for n, v in r.items() if n != "step"}
-                   for s, r in trainer.read_jsonl(exp.run_dir, trainer.HELDOUT_FILE).items()}
+                   for s, r in rundir.read_jsonl(exp.run_dir, rundir.HELDOUT_FILE).items()}
         curves.append((f"stage {k}", losses, heldout))
         steps = sorted(losses)
         entry = {"steps": summary["step"], "seconds": round(time.time() - t0, 1),
@@ -92,7 +92,7 @@ def main(argv: Sequence[str]) -> dict:
             print(f"    stage {k} preempted at step {entry['steps']}: re-run the same command to resume", flush=True)
             break
         if k in eval_after:
-            params = trainer.load_params(exp.model, exp.checkpoint_dir)
+            params = rundir.load_params(exp.model, exp.checkpoint_dir)
             chat = k == 3
             res, blank = (evaluation.evaluate_accuracy(
                 exp.model, params, num=FLAGS.eval_num, kinds=FLAGS.eval_kinds, chat=chat,

@@ -28,7 +28,7 @@ from experiments import flags as cli
 from experiments import sweeps
 from qwen2vl_jax.cloud import tpu
 from qwen2vl_jax.eval import evaluation, scaling
-from qwen2vl_jax.train import distributed, paths, sharding, trainer
+from qwen2vl_jax.train import distributed, paths, rundir, sharding, trainer
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_enum("sweep", None, list(sweeps.SWEEPS), "the sweep", flag_values=FLAGS)
@@ -75,9 +75,9 @@ def run_point(point: sweeps.SweepPoint, results: str, root: str, eval_samples: i
     summary = trainer.run(exp, evaluate=evaluate)
     losses = summary["eval"].get(exp.num_steps)
     if losses is None:         # trained by an earlier invocation that stopped before writing the row
-        losses = evaluate(trainer.load_params(exp.model, summary["checkpoint_dir"], sharding.make_mesh(exp.mesh)))
+        losses = evaluate(rundir.load_params(exp.model, summary["checkpoint_dir"], sharding.make_mesh(exp.mesh)))
     train_s = time.time() - t0 - eval_s[0]
-    last = trainer.read_jsonl(exp.run_dir, trainer.LOSSES_FILE).get(exp.num_steps, {}).get("loss", float("nan"))
+    last = rundir.read_jsonl(exp.run_dir, rundir.LOSSES_FILE).get(exp.num_steps, {}).get("loss", float("nan"))
     row = point.result_row(evaluation.kind_losses(losses), extra={
         "final_train_loss": float(last), "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s[0], 1)})
     if jax.process_index() == 0:

@@ -1,5 +1,5 @@
 """Checkpoints: bit-identical continuation, restore onto another mesh, keep-K, stage hand-off, kill -9 resume,
-no NaN state saved, damaged steps set aside with their reason, a mismatch refused."""
+no NaN state saved (params or optimizer moments), damaged steps set aside with their reason, a mismatch refused."""
 import dataclasses
 import functools
 import json
@@ -215,6 +215,30 @@ def test_a_non_finite_update_never_reaches_a_saved_checkpoint(tmp_path):
         ckpt.save(state, {})
     ckpt.close()
     assert sorted(os.listdir(tmp_path / "c")) == ["4"]
+
+
+@pytest.mark.parametrize("moment", ["mu", "nu"])
+def test_a_non_finite_optimizer_moment_is_never_saved(tmp_path, moment):
+    """Finite params, one NaN in one leaf of Adam's first (mu) or second (nu) moment: a resume from that state
+    would turn the params NaN at its first update, so the save refuses it in one line and writes nothing."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
+    state = train_step.init_state(CFG, STEP, jax.random.key(0), mesh)
+    hit = []
+
+    def poison(path, x):
+        if not hit and any(getattr(k, "name", None) == moment for k in path):
+            hit.append(jax.tree_util.keystr(path))
+            return x.at[(0,) * x.ndim].set(np.nan)
+        return x
+    state = state._replace(opt_state=jax.tree_util.tree_map_with_path(poison, state.opt_state))
+    assert len(hit) == 1 and f".{moment}" in hit[0]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "c"), every=1))
+    with pytest.raises(checkpoint.NonFiniteStateError, match="optimizer moments") as e:
+        ckpt.save(state, {}, force=True)
+    ckpt.close()
+    assert "\n" not in str(e.value)
+    assert os.listdir(tmp_path / "c") == []                                   # nothing written
 
 
 def _damage(step_dir, kind):

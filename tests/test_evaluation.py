@@ -17,7 +17,7 @@ from qwen2vl_jax.data.tokenizer import load_tokenizer
 from qwen2vl_jax.eval import evaluation as ev
 from qwen2vl_jax.model import hf, model
 from qwen2vl_jax.model.config import get_config
-from qwen2vl_jax.train import sharding, trainer
+from qwen2vl_jax.train import rundir, sharding, trainer
 
 CFG = get_config("test")
 
@@ -190,9 +190,9 @@ def test_heldout_loss_inside_training(tmp_path, tok):
     out = io.StringIO()
     summary = trainer.run(exp, evaluate=exp.evaluator(), stream=out)
     assert sorted(summary["eval"]) == [1, 2] and "eval step 2 | source/caption" in out.getvalue()
-    logged = trainer.read_jsonl(exp.run_dir, trainer.HELDOUT_FILE)
+    logged = rundir.read_jsonl(exp.run_dir, rundir.HELDOUT_FILE)
     assert {s: {k: v for k, v in r.items() if k != "step"} for s, r in logged.items()} == summary["eval"]
-    final = trainer.load_params(exp.model, exp.checkpoint_dir)
+    final = rundir.load_params(exp.model, exp.checkpoint_dir)
     got = summary["eval"][2]
     for kind in ("caption", "video"):
         want = _unpacked_loss(final, _heldout(kind, 2, tok, exp.data))
@@ -237,18 +237,18 @@ def test_evaluate_reads_the_runs_pixel_budgets(tmp_path):
     so launch.evaluate rebuilds the model and preprocesses held-out media at the run's pixel budgets."""
     exp = registry.get_experiment("stage2", "test", [f"workdir={tmp_path}", "data.image_max_pixels=9408",
                                                      "data.video_total_pixels=18816"])
-    trainer.write_run_configs(exp)
-    data, source = trainer.read_data_config(str(tmp_path / "checkpoints"))
+    rundir.write_run_configs(exp)
+    data, source = rundir.read_data_config(str(tmp_path / "checkpoints"))
     assert source.endswith("data_config.json") and data == exp.data
     assert (data.vision_options.max_pixels, data.vision_options.video_total_pixels) == (9408, 18816)
-    assert trainer.read_model_config(str(tmp_path / "checkpoints")) == exp.model
-    assert trainer.read_data_config(str(tmp_path / "elsewhere" / "ckpt")) == (None, None)
-    assert trainer.read_model_config(str(tmp_path / "elsewhere" / "ckpt")) is None
+    assert rundir.read_model_config(str(tmp_path / "checkpoints")) == exp.model
+    assert rundir.read_data_config(str(tmp_path / "elsewhere" / "ckpt")) == (None, None)
+    assert rundir.read_model_config(str(tmp_path / "elsewhere" / "ckpt")) is None
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "data_config.json").write_text(json.dumps({"seq_len": 128, "image_max_pixels": 9408}))
     with pytest.raises(ValueError, match="missing: mixture.*video_total_pixels"):
-        trainer.read_data_config(str(bad))
+        rundir.read_data_config(str(bad))
 
 
 def test_accuracy_on_blank_images_decodes_zeroed_pixels(params, monkeypatch):

@@ -24,7 +24,7 @@ from qwen2vl_jax.data import sources, tokenizer
 from qwen2vl_jax.eval import generate
 from qwen2vl_jax.model import hf
 from qwen2vl_jax.model.config import get_config
-from qwen2vl_jax.train import checkpoint, trainer
+from qwen2vl_jax.train import checkpoint, rundir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWERS = {"astronaut": "an astronaut", "coffee": "a cup of coffee", "chelsea": "a cat"}
@@ -84,7 +84,7 @@ def journey(tmp_path_factory):
 
 def test_the_run_takes_model_and_tokenizer_from_the_hf_folder(journey):
     hf_dir, data, run, out = journey
-    cfg = trainer.read_model_config(str(run))
+    cfg = rundir.read_model_config(str(run))
     assert cfg == get_config("test")                               # the preset of that architecture, by content
     assert (run / "processor" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
     assert json.loads((run / "data_config.json").read_text())["mixture"] == [[f"arrayrecord:{data}", 1.0]]
@@ -106,8 +106,8 @@ def test_transformers_generates_what_we_generate_on_a_heldout_prompt(journey):
     from transformers import Qwen2VLForConditionalGeneration
 
     _, _, run, out = journey
-    cfg = trainer.read_model_config(str(run))
-    data_cfg, _ = trainer.read_data_config(str(run))
+    cfg = rundir.read_model_config(str(run))
+    data_cfg, _ = rundir.read_data_config(str(run))
     tok = tokenizer.load_tokenizer(str(run / "processor"))
     heldout = sources.arrayrecord_source(data_cfg.mixture[0][0].split(":", 1)[1], "heldout")
     sample = sources.record_to_sample(heldout[0], tok, cfg, data_cfg.vision_options)
@@ -115,7 +115,7 @@ def test_transformers_generates_what_we_generate_on_a_heldout_prompt(journey):
     prompt = dict(sample, input_ids=sample["input_ids"][:answer_at])
     assert tok.decode(prompt["input_ids"][-3:]) == "<|im_start|>assistant\n"
 
-    params = trainer.load_params(cfg, str(run))
+    params = rundir.load_params(cfg, str(run))
     ours = generate.generate(cfg, params, [prompt], max_new_tokens=8)
     pb = generate.prepare_prompts(cfg, [prompt], pad_multiple=1)
     model = Qwen2VLForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32,
@@ -141,15 +141,15 @@ def test_convert_evaluate_and_load_accept_run_checkpoints_and_step(journey, tmp_
     for src, step in ((run / "checkpoints", 6), (run / "checkpoints" / "5", 5)):
         convert.convert(False, str(src), str(tmp_path / str(step)))
         got = hf.SafetensorsReader([str(tmp_path / str(step) / "model.safetensors")])
-        params = trainer.load_params(get_config("test"), str(run / "checkpoints" / str(step)))
+        params = rundir.load_params(get_config("test"), str(run / "checkpoints" / str(step)))
         want = hf.params_to_hf_state_dict(get_config("test"), params)
         for name, w in want.items():
             np.testing.assert_array_equal(got[name], w, err_msg=name)
     a, b = (hf.SafetensorsReader([str(d / "model.safetensors")]) for d in (out, tmp_path / "5"))
     assert not np.array_equal(a["model.norm.weight"], b["model.norm.weight"])
     for path in (run, run / "checkpoints", run / "checkpoints" / "5"):
-        assert trainer.read_model_config(str(path)) == get_config("test")
-        assert trainer.read_data_config(str(path))[1] == str(run / "data_config.json")
+        assert rundir.read_model_config(str(path)) == get_config("test")
+        assert rundir.read_data_config(str(path))[1] == str(run / "data_config.json")
     out = evaluate.main(["--checkpoint", str(run / "checkpoints" / "5"), "--num", "2", "--kinds", "count",
                          "--batch_size", "1", "--max_new_tokens", "2"])
     assert out["checkpoint"].endswith("checkpoints/5") and set(out["accuracy"]) == {"count"}

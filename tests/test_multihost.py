@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import registry
-from qwen2vl_jax.train import trainer
+from qwen2vl_jax.train import rundir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
@@ -107,5 +107,5 @@ def test_two_processes_match_one_process(tmp_path):
     evaluate = exp.evaluator()
     (batch,) = evaluate.groups[0].batches
     assert batch["segment_ids"][:4].any() and batch["segment_ids"][4:].any()     # both processes feed real rows
-    logged = {k: v for k, v in trainer.read_jsonl(workdir, trainer.HELDOUT_FILE)[STEPS].items() if k != "step"}
-    assert logged == pytest.approx(evaluate(trainer.load_params(exp.model, exp.checkpoint_dir)), rel=1e-5)
+    logged = {k: v for k, v in rundir.read_jsonl(workdir, rundir.HELDOUT_FILE)[STEPS].items() if k != "step"}
+    assert logged == pytest.approx(evaluate(rundir.load_params(exp.model, exp.checkpoint_dir)), rel=1e-5)

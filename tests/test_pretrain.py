@@ -41,9 +41,9 @@ def test_list_and_bad_override_messages():
 
 
 def test_a_second_run_in_the_same_workdir_is_one_line(tmp_path):
-    from qwen2vl_jax.train import trainer
+    from qwen2vl_jax.train import rundir
 
-    with trainer.RunLock(str(tmp_path)):
+    with rundir.RunLock(str(tmp_path)):
         res = subprocess.run(_cli("--model=test", f"--set=workdir={tmp_path}"), env=_env(), cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]

@@ -8,6 +8,7 @@ import pytest
 
 from qwen2vl_jax.cloud import tpu
 from qwen2vl_jax.perf import aot
+from qwen2vl_jax.train import trainer
 from qwen2vl_jax.cloud.tpu import REPO_ROOT, TpuVm
 
 VM = TpuVm(name="qv-pod", zone="us-east5-a", accelerator="v5p-128", project="my-proj", spot=True)
@@ -308,10 +309,13 @@ def test_supervisor_restarts_a_failed_run_without_recreating():
      "run stopped with status 3 (non-finite steps): ERROR: 5 non-finite steps in a row"),
     ([("run", ("exited", 2, "ERROR: unknown key"))], {}, tpu.EXIT_CONFIG,
      "run stopped with status 2 (configuration error): ERROR: unknown key"),
+    ([("run", ("exited", 6, "ERROR: No space left on device (disk full) ..."))], {}, tpu.EXIT_DISK_FULL,
+     "run stopped with status 6 (disk full): ERROR: No space left on device (disk full) ..."),
     ([("state", "PREEMPTED")] * 3, {}, tpu.EXIT_GAVE_UP, "slice PREEMPTED; giving up after 2 retries"),
     ([], {"fail_create": 5}, tpu.EXIT_GAVE_UP, "creating the slice failed; giving up after 2 retries"),
 ])
 def test_supervisor_stops_with_a_status_that_says_why(events, kw, status, last):
+    assert (tpu.EXIT_NON_FINITE, tpu.EXIT_DISK_FULL) == (trainer.EXIT_NON_FINITE, trainer.EXIT_DISK_FULL)  # passed on
     got, cloud, lines = _supervise(events, max_retries=2, **kw)
     assert got == status and lines[-1].endswith(last)
     assert cloud.t < 100 * 60          # bounded: no endless polling
@@ -325,3 +329,22 @@ def test_supervisor_gives_up_waiting_for_capacity():
     sup = tpu.Supervisor(job, tpu.WatchConfig(poll_s=60, create_timeout_s=600), runner=cloud.runner,
                          query=cloud.query, log=lambda m: None, sleep=cloud.sleep, clock=cloud.clock)
     assert sup.run() == tpu.EXIT_NO_CAPACITY and 600 <= cloud.t <= 660
+
+
+@pytest.mark.parametrize("events, kw, retried", [
+    ([RUNNING, ("state", "PREEMPTED")] * 5, {}, "create"),          # each retry deletes and recreates the slice
+    ([], {"fail_create": 10}, "create"),                           # each retry tries the create again
+    ([RUNNING, ("run", ("exited", 1, "RuntimeError: DEADLINE_EXCEEDED"))] * 5, {"exists": True}, "start"),
+])
+def test_supervisor_retries_exactly_max_retries_times(events, kw, retried):
+    """max_retries=2 against a cloud that keeps failing: the first attempt, then exactly 2 more (counted in
+    the fake gcloud's calls), then EXIT_GAVE_UP, a status none of the other outcomes uses."""
+    status, cloud, lines = _supervise(events, max_retries=2, num_slices=1, **kw)
+    assert status == tpu.EXIT_GAVE_UP
+    assert len({tpu.EXIT_DONE, tpu.EXIT_CONFIG, tpu.EXIT_NON_FINITE, tpu.EXIT_GAVE_UP, tpu.EXIT_NO_CAPACITY,
+                tpu.EXIT_DISK_FULL}) == 6
+    assert cloud.calls.count(retried) == 1 + 2                      # the first attempt and 2 retries
+    if retried == "create" and not kw:
+        assert cloud.calls.count("delete") == 2                    # the 2 recreates
+    assert [line.split("] ", 1)[1].rsplit("; ", 1)[1] for line in lines if "; retry" in line or "giving up" in line] == [
+        "retry 1/2", "retry 2/2", "giving up after 2 retries"]

@@ -258,6 +258,35 @@ def test_non_finite_batch_skips_update_and_counts():
                  jax.device_get(state.params), jax.device_get(ref_state.params))
 
 
+def test_finite_loss_with_a_non_finite_gradient_is_skipped(monkeypatch):
+    """One inf in one gradient leaf while the loss stays finite: the step is skipped like a NaN loss (params
+    and Adam's moments exactly as before it, the skip counted). A check of the loss alone would apply it:
+    the clipping scale clip/inf = 0 turns the inf into NaN and every updated leaf would change."""
+    step_cfg = dataclasses.replace(STEP, trainable=optim.STAGE_TRAINABLE[3])
+    mesh, st_sh, b_sh, good_step = _compiled(step_cfg, sharding.MeshConfig(data=1))
+    state = train_step.place_params(_params(), step_cfg, st_sh)
+    state, _ = good_step(state, sharding.global_batch(synthetic_batch(CFG, seed=0), b_sh))   # Adam moments != 0
+    before = jax.device_get(state)
+
+    real = train_step.loss_and_grads
+
+    def inf_in_one_gradient(*args, **kwargs):          # the real loss and gradients, one entry of one leaf inf
+        metrics, grads = real(*args, **kwargs)
+        leaves, tree = jax.tree.flatten(grads)
+        leaves[-1] = leaves[-1].at[(0,) * leaves[-1].ndim].set(jnp.inf)
+        return metrics, jax.tree.unflatten(tree, leaves)
+
+    monkeypatch.setattr(train_step, "loss_and_grads", inf_in_one_gradient)
+    bad_step = train_step.make_train_step(CFG, step_cfg, mesh, st_sh, b_sh)
+    state, m = bad_step(state, sharding.global_batch(synthetic_batch(CFG, seed=1), b_sh))
+    m = train_step.host_metrics(m)
+    assert math.isfinite(m["loss"]) and m["grad_norm"] == math.inf and m["finite"] is False
+    assert (m["skipped_steps"], m["consecutive_skips"], int(state.step)) == (1, 1, 2)
+    after = jax.device_get(state)
+    jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+    jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
+
+
 def test_bf16_compute_keeps_fp32_master_weights_and_learns():
     cfg = CFG.replace(dtype="bfloat16")
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])

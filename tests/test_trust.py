@@ -1,11 +1,13 @@
 """Runs you can trust: a damaged newest checkpoint costs only the steps since an intact one (same losses as an
 uninterrupted run), a resume keeps the schedule it was saved with or refuses other settings, one run per run
-directory (a killed run's lock is taken over), losses.jsonl is strict JSON with each step once, and a
-non-finite hyperparameter never starts a run."""
+directory (a killed run's lock is taken over), losses.jsonl is strict JSON with each step once, a
+non-finite hyperparameter never starts a run, and a disk that fills up during a save is one line (exit status
+6) after which a resume is exact."""
 import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,7 +17,8 @@ import sys
 import pytest
 
 from experiments import registry
-from qwen2vl_jax.train import optim, paths, trainer
+from qwen2vl_jax.train import optim, paths, rundir, trainer
+from qwen2vl_jax.train.checkpoint import NO_SPACE
 from test_checkpoint import DAMAGE, _damage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +31,7 @@ def _exp(workdir, *more):
 
 
 def _records(run_dir):
-    with open(os.path.join(run_dir, trainer.LOSSES_FILE)) as f:
+    with open(os.path.join(run_dir, rundir.LOSSES_FILE)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -69,6 +72,62 @@ def test_damaged_newest_checkpoints_resume_bit_identical(uninterrupted, tmp_path
     assert [(r["step"], r["loss"]) for r in _records(run)] == sorted(ref.items())
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs (mounting needs root: skipped without it): a disk that can be filled for real, so the
+    ENOSPC comes from where it would, tensorstore's C++ writers included."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if res.returncode:
+        pytest.skip(f"cannot mount a tmpfs to fill ({res.stderr.strip()})")
+    try:
+        yield str(disk)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _fill(disk, leave):
+    """Writes a file that leaves `leave` bytes free on `disk`; returns its path."""
+    st = os.statvfs(disk)
+    filler = os.path.join(disk, "filler")
+    with open(filler, "wb") as f:
+        f.write(bytes(st.f_bavail * st.f_frsize - leave))
+    return filler
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_save_is_one_line_and_resume_is_exact(uninterrupted, small_disk):
+    """A run whose disk fills up while it saves a checkpoint (the uninterrupted run's first 2 steps, then
+    256 KiB free: less than one checkpoint) stops with one ERROR line (the last on stderr) naming the newest good checkpoint and
+    exit status 6; once space is freed, the same command resumes from it and the losses of steps 1..6 equal
+    the uninterrupted run's, bit for bit."""
+    ref_run, ref = uninterrupted
+    run = os.path.join(small_disk, "run")
+    shutil.copytree(ref_run, run, ignore=lambda d, names: [n for n in names if d.endswith("checkpoints") and
+                                                          n.isdigit() and int(n) > 2])
+    cli = [sys.executable, "-m", "launch.pretrain", "--experiment=stage3", "--model=test", f"--set=workdir={run}",
+           f"--set=steps={STEPS}", "--set=batch_size=8", "--set=checkpoint.every=1", "--set=checkpoint.keep=10",
+           "--set=log_every=1"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}       # the devices of the in-process run
+    filler = _fill(small_disk, leave=256 << 10)
+    full = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    ckdir = os.path.join(run, "checkpoints")
+    assert full.returncode == trainer.EXIT_DISK_FULL, full.stderr[-3000:]
+    # one ERROR line, and no error logs or tracebacks of orbax's writers that mention the disk (tensorstore's
+    # callbacks into the closed event loop of the abandoned save may still print "Event loop is closed")
+    [line] = [x for x in full.stderr.splitlines() if NO_SPACE in x]
+    assert full.stderr.splitlines()[-1] == line and not re.search(r"^E\d{4} ", full.stderr, re.M), full.stderr[-3000:]
+    assert line.startswith("ERROR: No space left on device (disk full)") and \
+        f"the newest good checkpoint is {ckdir}/2 (older ones are intact)" in line, line
+    assert sorted(int(n) for n in os.listdir(ckdir) if n.isdigit()) == [1, 2]
+    os.remove(filler)
+    again = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {ckdir} step 2" in again.stdout
+    assert [(r["step"], r["loss"]) for r in _records(run)] == sorted(ref.items())
+
+
 def test_resume_keeps_the_saved_schedule_or_refuses_other_settings(uninterrupted, tmp_path):
     run = _copy(uninterrupted[0], tmp_path)
     before = sorted(os.listdir(os.path.join(run, "checkpoints")))
@@ -93,16 +152,16 @@ def test_resume_keeps_the_saved_schedule_or_refuses_other_settings(uninterrupted
 def test_a_second_run_in_the_same_directory_stops_at_start(tmp_path):
     run = str(tmp_path / "run")
     os.makedirs(run)
-    with trainer.RunLock(run):
-        with pytest.raises(trainer.WorkdirInUseError) as e:
+    with rundir.RunLock(run):
+        with pytest.raises(rundir.WorkdirInUseError) as e:
             trainer.run(_exp(run))
     msg = str(e.value)
     assert f"pid {os.getpid()} on host {socket.gethostname()}" in msg and "another --set workdir" in msg
-    assert "\n" not in msg and sorted(os.listdir(run)) == [trainer.LOCK_FILE]     # nothing else touched
-    assert open(os.path.join(run, trainer.LOCK_FILE)).read() == ""                   # released on exit
+    assert "\n" not in msg and sorted(os.listdir(run)) == [rundir.LOCK_FILE]     # nothing else touched
+    assert open(os.path.join(run, rundir.LOCK_FILE)).read() == ""                   # released on exit
 
 
-HOLD = "import sys, time; from qwen2vl_jax.train.trainer import RunLock; RunLock(sys.argv[1]).__enter__(); " \
+HOLD = "import sys, time; from qwen2vl_jax.train.rundir import RunLock; RunLock(sys.argv[1]).__enter__(); " \
        "print('held', flush=True); time.sleep(600)"
 
 
@@ -112,14 +171,14 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
                             env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
     try:
         assert proc.stdout.readline().strip() == "held"
-        with pytest.raises(trainer.WorkdirInUseError, match=f"pid {proc.pid} on host"):
-            trainer.RunLock(run).__enter__()
+        with pytest.raises(rundir.WorkdirInUseError, match=f"pid {proc.pid} on host"):
+            rundir.RunLock(run).__enter__()
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     logs = []
-    with trainer.RunLock(run, log=logs.append):
-        assert json.loads(open(os.path.join(run, trainer.LOCK_FILE)).read())["pid"] == os.getpid()
+    with rundir.RunLock(run, log=logs.append):
+        assert json.loads(open(os.path.join(run, rundir.LOCK_FILE)).read())["pid"] == os.getpid()
     assert len(logs) == 1 and "did not exit cleanly" in logs[0] and f"'pid': {proc.pid}" in logs[0]
 
 
@@ -129,15 +188,15 @@ def test_without_flock_the_lock_record_decides(tmp_path, monkeypatch):
     taken over."""
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
-    monkeypatch.setattr(trainer.fcntl, "flock", no_flock)
-    run, path = str(tmp_path), os.path.join(str(tmp_path), trainer.LOCK_FILE)
+    monkeypatch.setattr(rundir.fcntl, "flock", no_flock)
+    run, path = str(tmp_path), os.path.join(str(tmp_path), rundir.LOCK_FILE)
     here = socket.gethostname()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     try:
         for holder, refused in (
-                ({"pid": sleeper.pid, "host": here, "start_ticks": trainer._start_time(sleeper.pid)}, True),
+                ({"pid": sleeper.pid, "host": here, "start_ticks": rundir._start_time(sleeper.pid)}, True),
                 ({"pid": 1234, "host": "elsewhere", "start_ticks": "5"}, True),
                 ({"pid": dead.pid, "host": here, "start_ticks": "5"}, False),
                 ({"pid": sleeper.pid, "host": here, "start_ticks": "1"}, False)):    # pid reused since
@@ -145,10 +204,10 @@ def test_without_flock_the_lock_record_decides(tmp_path, monkeypatch):
                 json.dump(holder, f)
             logs = []
             if refused:
-                with pytest.raises(trainer.WorkdirInUseError, match=f"pid {holder['pid']} on host {holder['host']}"):
-                    trainer.RunLock(run, log=logs.append).__enter__()
+                with pytest.raises(rundir.WorkdirInUseError, match=f"pid {holder['pid']} on host {holder['host']}"):
+                    rundir.RunLock(run, log=logs.append).__enter__()
             else:
-                with trainer.RunLock(run, log=logs.append):
+                with rundir.RunLock(run, log=logs.append):
                     pass
                 assert "did not exit cleanly" in logs[0] and open(path).read() == ""
     finally:
@@ -157,7 +216,7 @@ def test_without_flock_the_lock_record_decides(tmp_path, monkeypatch):
 
 
 def test_losses_jsonl_is_strict_json_and_cut_back_on_resume(tmp_path):
-    path = str(tmp_path / trainer.LOSSES_FILE)
+    path = str(tmp_path / rundir.LOSSES_FILE)
     log = paths.JsonlLog(path)
     for step, loss in ((1, 2.5), (2, float("nan")), (3, float("inf")), (4, 1.0)):
         log.append({"step": step, "loss": loss, "finite": loss < 3})
@@ -171,8 +230,8 @@ def test_losses_jsonl_is_strict_json_and_cut_back_on_resume(tmp_path):
         rows = [json.loads(line, parse_constant=strict) for line in f.readlines()[:4]]
     assert [r["loss"] for r in rows] == [2.5, None, None, 1.0]
     logs = []
-    trainer.truncate_jsonl(path, 3, logs.append)
-    assert [r["step"] for r in trainer.read_jsonl(str(tmp_path), trainer.LOSSES_FILE).values()] == [1, 2, 3]
+    rundir.truncate_jsonl(path, 3, logs.append)
+    assert [r["step"] for r in rundir.read_jsonl(str(tmp_path), rundir.LOSSES_FILE).values()] == [1, 2, 3]
     assert logs == ["losses.jsonl: dropped 2 records after step 3 (re-trained from here)"]
 
 

@@ -74,7 +74,9 @@ EXIT_CONFIG = 2          # launch.pretrain stopped on a configuration error (res
 EXIT_NON_FINITE = 3      # launch.pretrain stopped on non-finite steps (trainer.EXIT_NON_FINITE; checkpoint saved)
 EXIT_GAVE_UP = 4         # more than max_retries preemptions / failures
 EXIT_NO_CAPACITY = 5     # the slice did not become ready within create_timeout_s
-FINAL_RUN_STATUSES = {EXIT_CONFIG: "configuration error", EXIT_NON_FINITE: "non-finite steps"}
+EXIT_DISK_FULL = 6       # launch.pretrain stopped on a full disk (trainer.EXIT_DISK_FULL; restarting cannot help)
+FINAL_RUN_STATUSES = {EXIT_CONFIG: "configuration error", EXIT_NON_FINITE: "non-finite steps",
+                      EXIT_DISK_FULL: "disk full"}
 
 # A runner executes one argv and returns its exit code; a query also returns its stdout (injected in tests).
 Runner = Callable[[Sequence[str]], int]
@@ -257,11 +259,11 @@ def make_job(vm: TpuVm, experiment: str, *, model: str | None = None, overrides:
     for node in vm.nodes:
         setup += [tuple(vm.scp(tarball, REMOTE_TARBALL, node)), tuple(vm.ssh(install, node))]
     from qwen2vl_jax.perf import aot
-    from qwen2vl_jax.train import trainer
+    from qwen2vl_jax.train import rundir
     start = []
     for i, node in enumerate(vm.nodes):
         # the job's name lets a restarted run take over the run lock its killed predecessor left in the bucket
-        env = {"LIBTPU_INIT_ARGS": aot.libtpu_init_args(libtpu_args), trainer.JOB_ENV: f"{vm.name}/{run_name}"}
+        env = {"LIBTPU_INIT_ARGS": aot.libtpu_init_args(libtpu_args), rundir.JOB_ENV: f"{vm.name}/{run_name}"}
         if vm.num_slices > 1:
             env.update({"MEGASCALE_COORDINATOR_ADDRESS": f"{COORDINATOR}:{MEGASCALE_PORT}",
                         "MEGASCALE_PORT": str(MEGASCALE_PORT), "MEGASCALE_NUM_SLICES": str(vm.num_slices),

@@ -13,7 +13,9 @@ moment (kill -9 included) leaves only complete steps visible. A step can still b
 disk full or a copy cut short truncates a file, a hand edit empties meta): `restore` then falls back to
 the newest step that restores, moving each damaged newer one aside to ``DIR/<step>.unreadable`` (orbax
 ignores that name; nothing is deleted) with its reason in one line. A state with NaN/inf values is never
-saved (`NonFiniteStateError`), so the newest checkpoint is always one worth resuming from.
+saved (`NonFiniteStateError`), so the newest checkpoint is always one worth resuming from. A save that runs
+out of disk space raises `DiskFullError`, one line naming the newest good checkpoint (the steps before it are
+intact, and a resume from them is exact); the errors orbax's writer threads log for it are not printed.
 Restoring takes an abstract state whose ShapeDtypeStructs carry the *current* mesh's shardings, so a
 checkpoint written on one mesh restores onto any other.
 
@@ -32,7 +34,9 @@ folder (paths.local_copy: safetensors and the converted model_config.json are re
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import logging
 import os
 from typing import Any, Callable
 
@@ -56,6 +60,41 @@ Log = Callable[[str], None]
 
 class NonFiniteStateError(RuntimeError):
     """The state to save holds NaN or inf (it was not saved)."""
+
+
+class DiskFullError(RuntimeError):
+    """The disk (of the checkpoint or the run directory) filled up; the message names the newest good checkpoint."""
+
+
+NO_SPACE = os.strerror(errno.ENOSPC)     # "No space left on device": how ENOSPC reads in tensorstore's errors too
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """Whether `e` or an exception it was raised from is ENOSPC (an OSError, or orbax / tensorstore's
+    RESOURCE_EXHAUSTED ValueError that quotes it)."""
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or NO_SPACE in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+class _QuietDiskFull(logging.Filter):
+    """Drops the log records of a disk-full error (orbax's writer threads log each failed write with its
+    traceback, asyncio each failed task): DiskFullError says it once. Once it was raised (`seen`), orbax's
+    other errors are its consequences too (writer threads of the save that was abandoned, cut short at exit)."""
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if is_disk_full(exc) or NO_SPACE in record.getMessage():
+            return False
+        return not (self.seen and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_QUIET_DISK_FULL = _QuietDiskFull()
+
 
 
 class UnreadableCheckpointError(ValueError):
@@ -116,6 +155,10 @@ class Checkpointer:
             enable_async_checkpointing=cfg.async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("params", "opt_state", "meta"))
+        self._writing: int | None = None           # the step of the last save started (async: maybe unfinished)
+        for name in ("absl", "asyncio"):             # orbax logs through absl
+            if _QUIET_DISK_FULL not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(_QUIET_DISK_FULL)
 
     def latest_step(self) -> int | None:
         """The newest step folder (complete as orbax sees it; `restore` checks that it restores)."""
@@ -142,10 +185,38 @@ class Checkpointer:
                 "skipped_steps": int(jax.device_get(state.skipped_steps)),
                 "consecutive_skips": int(jax.device_get(state.consecutive_skips)),
                 "data_state": data_state, **(extra or {})}
-        return self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(_flat(state.opt_state)),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        args = ocp.args.Composite(params=ocp.args.StandardSave(state.params),
+                                  opt_state=ocp.args.StandardSave(_flat(state.opt_state)), meta=ocp.args.JsonSave(meta))
+        # an async save's failure is raised by the next call into the manager: it is the previous step's
+        started = self._disk_full_as_one_line(lambda: self.manager.save(step, args=args, force=True), also=step)
+        self._writing = step
+        return started
+
+    def _disk_full_as_one_line(self, call: Callable[[], Any], also: int | None = None) -> Any:
+        try:
+            return call()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise self.disk_full(failed=(self._writing, also)) from None
+
+    def disk_full(self, failed: tuple[int | None, ...] = ()) -> DiskFullError:
+        """The error of a disk that filled up (here or in another file of the run), in one line: the steps of
+        `failed` that were not saved and the newest good checkpoint. Orbax's own error logs go quiet."""
+        _QUIET_DISK_FULL.seen = True
+        good = self.complete_steps()
+        bad = {s for s in failed if s is not None and s not in good}
+        where = (f"the newest good checkpoint is {self.directory}/{good[-1]}" if good
+                 else f"no checkpoint was saved in {self.directory}")
+        lost = (f"checkpoint step{'s' if len(bad) > 1 else ''} {', '.join(map(str, sorted(bad)))} not saved; "
+                if bad else "")
+        return DiskFullError(f"{NO_SPACE} (disk full) while writing the run: {lost}{where} (older ones are "
+                             f"intact); free some space and run the same command again to resume from it")
+
+    def complete_steps(self) -> list[int]:
+        """The step folders in the directory as it is now (orbax renames a step's folder into place only when
+        it is complete, so an interrupted save leaves none)."""
+        return sorted(int(n) for n in paths.listdir(self.directory) if n.isdigit())
 
     def restore(self, abstract: TrainState, step: int | None = None,
                 check: Callable[[dict], None] | None = None) -> tuple[TrainState, dict]:
@@ -234,11 +305,13 @@ class Checkpointer:
         return dst
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._disk_full_as_one_line(self.manager.wait_until_finished)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def _meta_problem(meta: Any, step: int) -> str | None:
