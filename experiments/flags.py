@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 from absl import app, flags
 
 from experiments import registry, stages
+from qwen2vl_jax.train import distributed
 
 HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull")
 EXIT_USAGE = 2
@@ -121,4 +122,5 @@ def run(main: Callable[[Sequence[str]], object]) -> None:
         flags.FLAGS.mark_as_parsed()
         return argv
 
+    distributed.quiet_cpu_host()        # before any backend starts: no libtpu probe on a CPU-only host
     app.run(entry, flags_parser=mark_parsed)

@@ -7,7 +7,9 @@
     train loss (train_step.loss_terms: same forward, same chunked cross entropy) on every batch, sharded over
     the mesh like the train step, and returns supervised-token mean NLLs:
         {"source/<label>": ..., "kind/<sample_type>": ..., "mean": mean over kinds}
-    (label: sources.source_labels, distinct per source). Deterministic, and the same for any
+    (label: sources.source_labels, distinct per source). `evaluator.repeated` names the "kind/<k>" entries that
+    score exactly the samples of one "source/<label>" entry (a synthetic source is one kind): the trainer's
+    console line leaves them out, TensorBoard and heldout.jsonl keep every entry. Deterministic, and the same for any
     process count: every process builds the same batches and feeds its own shard of each. It is the
     trainer's evaluation hook (experiments.stages.Experiment.evaluator), launch.evaluate's --loss (on
     `loss_mixture()`, one synthetic source per kind of LOSS_KINDS) and the sweeps' eval_loss_<kind>.
@@ -138,6 +140,7 @@ class HeldoutEvaluator:
                 groups.append(HeldoutGroup(label, kind, len(group), tuple(
                     stack_rows(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size))))
         self.groups = tuple(groups)
+        self.repeated = repeated_kinds(self.groups)
         self.param_shardings = train_step.param_shardings(model_cfg, mesh)
         self.batch_shardings = sharding.batch_shardings(
             train_step.batch_spec(model_cfg, batch_size, data_cfg.seq_len, data_cfg.max_patches), mesh)
@@ -168,6 +171,17 @@ class HeldoutEvaluator:
         out = {name: nll / max(n, 1.0) for name, (nll, n) in sums.items()}
         out["mean"] = float(np.mean([v for k, v in out.items() if k.startswith("kind/")]))
         return out
+
+
+def repeated_kinds(groups: Sequence[HeldoutGroup]) -> frozenset[str]:
+    """The "kind/<k>" names whose samples are exactly those of one source: every group of kind k is of one
+    source, and that source holds no other kind (its "source/<label>" entry is the same loss)."""
+    sources_of, kinds_of = collections.defaultdict(set), collections.defaultdict(set)
+    for g in groups:
+        sources_of[g.kind].add(g.source)
+        kinds_of[g.source].add(g.kind)
+    return frozenset(f"kind/{k}" for k, srcs in sources_of.items()
+                     if len(srcs) == 1 and kinds_of[next(iter(srcs))] == {k})
 
 
 def kind_losses(losses: Mapping[str, float]) -> dict[str, float]:

@@ -111,6 +111,30 @@ def on_cloud_tpu_vm() -> bool:
     return importlib.util.find_spec("libtpu") is not None and tpu_chips_attached()
 
 
+# What jax itself looks for before it initialises a GPU backend (jax/_src/hardware_utils.py), plus ROCm's device
+GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def cpu_only_platform(env: Mapping[str, str], libtpu_installed: bool, tpu_chips: bool, gpu: bool) -> str | None:
+    """"cpu" where jax, left to pick its platform, would probe libtpu on a host with no TPU: libtpu installed
+    (requirements-test.txt installs it for the AOT tests), no TPU chip, no GPU, JAX_PLATFORMS not set. The
+    probe prints three libtpu error lines ("unexpected worker hostname" ...) before jax falls back to the CPU.
+    None elsewhere: a TPU VM, a GPU host and a JAX_PLATFORMS the user set are left as they are."""
+    if "JAX_PLATFORMS" in env or not libtpu_installed or tpu_chips or gpu:
+        return None
+    return "cpu"
+
+
+def quiet_cpu_host() -> None:
+    """The CLIs' start (experiments.flags.run): on a host where `cpu_only_platform` says "cpu", jax and the
+    processes this one starts (they inherit JAX_PLATFORMS) use the CPU without probing libtpu."""
+    platform = cpu_only_platform(os.environ, importlib.util.find_spec("libtpu") is not None, tpu_chips_attached(),
+                                 any(os.path.exists(d) for d in GPU_DEVICE_FILES))
+    if platform is not None:
+        os.environ["JAX_PLATFORMS"] = platform
+        jax.config.update("jax_platforms", platform)     # jax read the variable when it was imported
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, log: Callable[[str], None] = print) -> PodEnv | None:
     """jax.distributed.initialize for explicit flags or a detected multi-process environment; no-op for a

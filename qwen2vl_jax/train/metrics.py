@@ -9,7 +9,7 @@ TensorBoard tags: ``train/<metric>`` for step metrics, ``data/<counter>`` for pi
 from __future__ import annotations
 
 import sys
-from typing import Mapping, TextIO
+from typing import Collection, Mapping, TextIO
 
 import jax
 
@@ -62,10 +62,12 @@ class MetricsLogger:
             for k, v in dict(data_stats).items():
                 self.writer.add_scalar(f"data/{k}", float(v), step)
 
-    def log_eval(self, step: int, values: Mapping[str, float]):
+    def log_eval(self, step: int, values: Mapping[str, float], hide: Collection[str] = ()):
+        """`hide`: names left off the console line (an evaluator's entries that repeat another one's samples);
+        TensorBoard gets every value."""
         if not self.active:
             return
-        print(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in values.items()),
+        print(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in hide),
               file=self.stream, flush=True)
         if self.writer is not None:
             for k, v in values.items():

@@ -199,7 +199,7 @@ def _run(exp: TrainSpec, evaluate: EvalHook | None, stream: TextIO) -> dict:
                 t = time.perf_counter()
                 evals[step] = evaluate(state.params)
                 window.exclude(time.perf_counter() - t)      # throughput counts training time only
-                log.log_eval(step, evals[step])
+                log.log_eval(step, evals[step], hide=getattr(evaluate, "repeated", ()))   # HeldoutEvaluator's
                 if eval_file is not None:
                     eval_file.append({"step": step, **evals[step]})
             if ckpt.save(state, data_state):
