@@ -25,8 +25,7 @@ Writes DATA/train/*.array_record, DATA/heldout/*.array_record (--heldout=N recor
 held-out evaluation reads them), DATA/summary.json (counts, rejections, tokens per sample, pixels per image)
 and DATA/summary.png (their histograms). A re-run with the same inputs and settings does nothing; with
 others it refuses; --overwrite imports again and replaces the dataset once the new one is complete.
---out=gs://BUCKET/PATH writes the dataset into a local staging folder (printed; a re-run finds it) and uploads
-it; training reads it as "arrayrecord:gs://BUCKET/PATH" through a gcsfuse mount (launch.tpu sets that up).
+--out=gs://BUCKET/PATH writes each shard to the bucket as it completes (one shard at a time on local disk); training reads it as "arrayrecord:gs://BUCKET/PATH" through a gcsfuse mount (launch.tpu sets that up).
 """
 from __future__ import annotations
 
@@ -37,7 +36,6 @@ from absl import flags
 from experiments import flags as cli
 from experiments import registry
 from qwen2vl_jax.data import importers, prepare
-from qwen2vl_jax.train import paths
 
 FLAGS = flags.FlagValues()
 
@@ -48,6 +46,9 @@ flags.DEFINE_string("out", None, "output folder (train/, heldout/, summary.json,
 flags.DEFINE_integer("heldout", 0, "records for the held-out split, spread evenly over the input",
                      lower_bound=0, flag_values=FLAGS)
 flags.DEFINE_integer("num_shards", 1, "ArrayRecord shards of the train split", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("shard_index", None, "write only train shard i of --num_shards (a part of a sharded run: N hosts "
+                     "with --shard_index=0..N-1 write what one run writes; the last to finish writes summary.json)",
+                     lower_bound=0, flag_values=FLAGS)
 flags.DEFINE_integer("workers", 0, "worker processes (0: one per available core)", lower_bound=0,
                      flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "import again and replace the dataset in --out (once the new one is complete)", flag_values=FLAGS)
@@ -83,19 +84,16 @@ def main(argv) -> int:
     opts = importers.ImportOptions(fmt, media_root=FLAGS.media_root, ignore_fields=tuple(FLAGS.ignore_fields),
                                    image_column=FLAGS.image_column, text_column=FLAGS.text_column,
                                    prompt_column=FLAGS.prompt_column, missing_images=FLAGS.missing_images)
-    out = paths.staging_dir(FLAGS.out) if paths.is_remote(FLAGS.out) else FLAGS.out
+    out = FLAGS.out
     try:
         summary = prepare.prepare(files, out, opts=opts,
                                   target=prepare.Target(exp.model, exp.data, exp.tokenizer), heldout=FLAGS.heldout,
-                                  num_shards=FLAGS.num_shards, workers=FLAGS.workers, overwrite=FLAGS.overwrite,
+                                  num_shards=FLAGS.num_shards, shard_index=FLAGS.shard_index, workers=FLAGS.workers, overwrite=FLAGS.overwrite,
                                   progress=FLAGS.progress)
     except OSError as e:        # unreadable inputs, an unwritable --out
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
     print(prepare.format_summary(summary, out), file=sys.stderr)
-    if out != FLAGS.out:
-        n = paths.upload_tree(out, FLAGS.out)
-        print(f"uploaded {n} files from {out} to {FLAGS.out}", file=sys.stderr)
     return 0
 
 

@@ -13,18 +13,32 @@ box_outside_image, bad_record, and the packer's budget-free drops (no_target, in
 only other row budgets (packing's too_many_patches, too_many_tokens..., text_tail truncation at the target's
 seq_len / max_patches) are written and counted under "over_budget".
 
-Output (OUT):
-    train/data-SSSSS-of-NNNNN.array_record    the training split, records dealt round-robin over num_shards
+Output (OUT, a local folder or gs://BUCKET/PATH):
+    train/data-SSSSS-of-NNNNN.array_record    the training split in num_shards shards
     heldout/data-00000-of-00001.array_record  with heldout=N: N records spread evenly over the input
     summary.json                              settings, counts, rejections with examples, token / pixel stats
-    summary.png                               histograms: tokens per sample, pixels per image
+    summary.png                               histograms: tokens per sample, pixels per image (source, trained)
 so the source "arrayrecord:OUT" (sources.split_pattern) reads train/ for training and heldout/ for evaluation.
-The work runs in `workers` processes over chunks of input records, in input order (the output does not depend
-on the worker count). Everything is written under OUT/.incomplete and moved into place at the end, summary.json
-last: a killed import leaves nothing that can be read as data, and is redone from the start by the next run. A
-run into an OUT prepared with the same settings and unchanged input files does nothing; with other settings it
-refuses; with overwrite=True it imports again and replaces the old dataset once the new one is complete (never
-mixes the two; media files are not fingerprinted, so after fixing images use overwrite).
+
+Where each record goes depends only on the input, never on how the work is spread (`split_chunk`): the input is
+cut into chunks (importers.scan, in input order); chunk c's train records go to train shard c % num_shards; the
+held-out candidates are the input positions `heldout_positions(total, N)` (the middle of N equal stretches), a
+rejected candidate passes its place to the next accepted record of its chunk, and places still owed at the end
+of a chunk go to its newest train records (so a place is lost only when a chunk has fewer accepted records than
+candidates). Chunk by chunk, the rule is the same for the local processes here, for the Beam pipeline
+(beam_import.py) and for sharded runs: with shard_index=i, a run imports only the chunks of train shard i
+(c % num_shards == i) and writes train shard i, heldout/data-i-of-N and parts/summary-i-of-N.json; the part that
+finds all N part summaries writes the merged summary.json / summary.png, so N hosts with shard_index 0..N-1
+together write what one run writes (held-out records in N files instead of one).
+
+The work runs in `workers` processes over chunks, in input order. Everything is written under OUT/.incomplete
+(a part: OUT/.incomplete-i) and moved into place at the end, summary.json last: a killed import leaves nothing
+that can be read as data, and is redone from the start by the next run. A run into an OUT prepared with the
+same settings and unchanged input files does nothing; with other settings it refuses; with overwrite=True it
+imports again and replaces the old dataset once the new one is complete (never mixes the two; media files are
+not fingerprinted, so after fixing images use overwrite). On gs:// each shard is written to a local temporary
+file (ArrayRecord writes local files) and uploaded when complete: one shard at a time on local disk, never the
+dataset; "moved into place" is Cloud Storage's server-side copy.
 """
 from __future__ import annotations
 
@@ -34,10 +48,12 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
+import tempfile
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -46,11 +62,12 @@ from qwen2vl_jax.data.pipeline import DataConfig
 from qwen2vl_jax.data.sources import BadRecordError
 from qwen2vl_jax.data.tokenizer import default_for, load_for, load_tokenizer
 from qwen2vl_jax.model.config import ModelConfig
+from qwen2vl_jax.train import paths
 
-LAYOUT_VERSION = 2                        # 1: shards directly in OUT, no splits
+LAYOUT_VERSION = 3                        # 1: shards directly in OUT, no splits; 2: records dealt one by one
 SPLITS = ("train", "heldout")
-SUMMARY, HISTOGRAMS, INCOMPLETE = "summary.json", "summary.png", ".incomplete"
-OUTPUT_NAMES = SPLITS + (SUMMARY, HISTOGRAMS, INCOMPLETE)
+SUMMARY, HISTOGRAMS, INCOMPLETE, PARTS = "summary.json", "summary.png", ".incomplete", "parts"
+OUTPUT_NAMES = SPLITS + (SUMMARY, HISTOGRAMS, INCOMPLETE, PARTS)
 ALWAYS_DROPPED = (packing.DROP_EMPTY, packing.DROP_INVALID)   # packing events that no row budget avoids
 CHUNKS_IN_FLIGHT = 4                      # per worker: bounds memory while keeping workers busy
 
@@ -69,17 +86,49 @@ class Target:
             object.__setattr__(self, "tokenizer", default_for(self.model))
 
 
-def shard_paths(folder: str, num_shards: int) -> list[str]:
-    return [os.path.join(folder, f"data-{i:05d}-of-{num_shards:05d}.array_record") for i in range(num_shards)]
+def shard_name(i: int, num_shards: int) -> str:
+    return f"data-{i:05d}-of-{num_shards:05d}{sources.SHARD_SUFFIX}"
 
 
-def heldout_positions(total: int, n: int) -> set[int]:
+def part_name(i: int, num_shards: int) -> str:
+    return f"summary-{i:05d}-of-{num_shards:05d}.json"
+
+
+def heldout_positions(total: int, n: int) -> frozenset[int]:
     """n input positions spread evenly over `total` records (the middle of each of n equal stretches)."""
     if n < 0:
         raise ValueError(f"heldout={n} must be >= 0")
     if n >= total:
         raise ValueError(f"heldout={n} leaves no training records: the input has {total} records")
-    return {int((j + 0.5) * total / n) for j in range(n)}
+    return frozenset(int((j + 0.5) * total / n) for j in range(n))
+
+
+def chunk_starts(sizes: Sequence[int]) -> list[int]:
+    """The input position of each chunk's first record."""
+    return [int(x) for x in np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)[:-1]])] if len(sizes) else []
+
+
+def split_chunk(accepted: Sequence[bool], start: int, positions: frozenset[int]) -> list[str | None]:
+    """The split of each record of one chunk ("train", "heldout", None for a rejected one; module docstring):
+    held-out candidates are the input positions in `positions`; a rejected candidate passes its place to the
+    next accepted record of the chunk, and places still owed at the chunk's end go to its newest train records."""
+    out: list[str | None] = [None] * len(accepted)
+    owed = 0
+    for k, ok in enumerate(accepted):
+        candidate = start + k in positions
+        if not ok:
+            owed += candidate
+        elif candidate or owed:
+            owed -= not candidate
+            out[k] = "heldout"
+        else:
+            out[k] = "train"
+    for k in reversed(range(len(out))):
+        if not owed:
+            break
+        if out[k] == "train":
+            out[k], owed = "heldout", owed - 1
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,6 +142,7 @@ class Accepted:
     tokens: int
     patches: int
     pixels: tuple[int, ...]          # width * height of each image as stored
+    trained_pixels: tuple[int, ...]  # width * height of each image as training sees it (after smart_resize)
     budget: str | None               # a packing event at the target's row budgets, or None
     dropped_images: tuple[str, ...] = ()     # reasons of the images an interleaved document dropped
 
@@ -114,13 +164,17 @@ def _read_media_file(path: str) -> bytes:
         raise BadRecordError("unreadable_file", f"{path}: {e}") from e
 
 
+_IN_MEMORY = re.compile(r"<bytes>: | ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")   # media.load_image on bytes
+
+
 def build_record(item: importers.Item, target: Target, tokenizer) -> Accepted:
     """Reads, embeds and checks one item as the training pipeline would decode it (module docstring)."""
     data, opts = target.data, target.data.vision_options
     encoded, names = [], []
-    for ref in item.images:
+    for k, ref in enumerate(item.images):
         encoded.append(ref if isinstance(ref, bytes) else _read_media_file(ref))
-        names.append("embedded image" if isinstance(ref, bytes) else ref)
+        names.append(f"image {k + 1} of {len(item.images)} (embedded in the record)" if isinstance(ref, bytes)
+                     else ref)
     if item.video is not None:
         if not os.path.isfile(item.video):
             raise BadRecordError("missing_file", f"video {item.video} does not exist")
@@ -128,14 +182,15 @@ def build_record(item: importers.Item, target: Target, tokenizer) -> Accepted:
             raise BadRecordError("unreadable_file", f"video {item.video} is not readable")
     record = sources.encode_record(item.entry, encoded, item.video, item.origin)
     rec = sources.decode_record(record)       # what training reads back
-    images = []
+    images, trained = [], []
     for name, raw in zip(names, rec["images"]):
         try:
             im = sources.load_image_bytes(raw)
-            media.smart_resize(im.height, im.width, media.FACTOR, opts.min_pixels, opts.max_pixels)
-        except media.BadMediaError as e:
-            raise BadRecordError(f"image_{e.reason}", f"{name}: {e}") from e
+            h, w = media.smart_resize(im.height, im.width, media.FACTOR, opts.min_pixels, opts.max_pixels)
+        except media.BadMediaError as e:     # decoded from memory: say which image, not "<_io.BytesIO ...>"
+            raise BadRecordError(f"image_{e.reason}", f"{name}: {_IN_MEMORY.sub('', str(e)).strip()}") from e
         images.append(im)
+        trained.append(h * w)
     video = None
     if rec["video"]:
         try:
@@ -157,20 +212,13 @@ def build_record(item: importers.Item, target: Target, tokenizer) -> Accepted:
     if event in ALWAYS_DROPPED:
         raise BadRecordError(event, f"the packer drops this sample at any row size ({event})")
     return Accepted(item.origin, record, rec["type"], int(len(sample["input_ids"])),
-                    int(len(sample["pixel_values"])), tuple(im.width * im.height for im in images), event,
-                    item.dropped_images)
+                    int(len(sample["pixel_values"])), tuple(im.width * im.height for im in images), tuple(trained),
+                    event, item.dropped_images)
 
 
-_WORKER: dict[str, Any] = {}      # per process: the import options, target and loaded tokenizer
-
-
-def _init_worker(opts: importers.ImportOptions, target: Target) -> None:
-    _WORKER.update(opts=opts, target=target, tokenizer=load_tokenizer(target.tokenizer))
-
-
-def process_chunk(chunk) -> list[Accepted | Rejected]:
-    """Every input record of a chunk -> Accepted or Rejected (in a worker set up by _init_worker)."""
-    opts, target, tokenizer = _WORKER["opts"], _WORKER["target"], _WORKER["tokenizer"]
+def process_chunk(chunk, opts: importers.ImportOptions, target: Target, tokenizer) -> list[Accepted | Rejected]:
+    """Every input record of a chunk -> Accepted or Rejected, in input order (the per-record work of every path:
+    local processes, Beam workers, sharded runs)."""
     out: list[Accepted | Rejected] = []
     for origin, item in importers.read_chunk(chunk, opts):
         if isinstance(item, BadRecordError):
@@ -183,6 +231,17 @@ def process_chunk(chunk) -> list[Accepted | Rejected]:
         except Exception as e:  # noqa: BLE001 -- one odd file must not end an import of millions (counted)
             out.append(Rejected(origin, f"unexpected_{type(e).__name__}", repr(e)))
     return out
+
+
+_WORKER: dict[str, Any] = {}      # per process: the import options, target and loaded tokenizer
+
+
+def _init_worker(opts: importers.ImportOptions, target: Target) -> None:
+    _WORKER.update(opts=opts, target=target, tokenizer=load_tokenizer(target.tokenizer))
+
+
+def _process_in_worker(chunk) -> list[Accepted | Rejected]:
+    return process_chunk(chunk, _WORKER["opts"], _WORKER["target"], _WORKER["tokenizer"])
 
 
 def ordered_map(fn: Callable, tasks: Iterable, workers: int, initializer: Callable, initargs: tuple) -> Iterator:
@@ -205,51 +264,195 @@ def ordered_map(fn: Callable, tasks: Iterable, workers: int, initializer: Callab
             yield pending.popleft().result()
 
 
-class SplitWriter:
-    """Deals records, in input order, to the held-out split (the records at `positions` of the input) and
-    round-robin to the train shards. A rejected held-out candidate passes its place to the next accepted record;
-    the last LOOKBEHIND train-bound records are held back so that places still owed at the end go to them."""
-    LOOKBEHIND = 64
+# ----------------------------------------------------------------------------------------------
+# Statistics: accumulated per chunk, merged in any order (Beam's combiner, sharded runs' parts)
 
-    def __init__(self, writers: dict[str, list], positions: set[int]):
-        self._writers, self._positions = writers, positions
-        self._index = self._owed = 0
-        self._held: collections.deque = collections.deque()
-        self.written: collections.Counter = collections.Counter()
+def _counter(d: Mapping) -> collections.Counter:
+    return collections.Counter({int(k): int(v) for k, v in d.items()})
 
-    def _write(self, split: str, record: bytes) -> None:
-        shards = self._writers[split]
-        shards[self.written[split] % len(shards)].write(record)
-        self.written[split] += 1
 
-    def reject(self) -> None:
-        self._owed += self._index in self._positions
-        self._index += 1
+@dataclasses.dataclass
+class Stats:
+    """What summary.json counts. `add` per record, `merge` in any order: the result does not depend on how the
+    work was spread (examples are the earliest in input order)."""
+    records: int = 0
+    written: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    per_type: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    rejected: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    examples: dict = dataclasses.field(default_factory=dict)          # reason -> [input position, text]
+    over_budget: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    tokens: collections.Counter = dataclasses.field(default_factory=collections.Counter)        # value -> count
+    pixels: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    trained_pixels: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    dropped_images: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # reason -> count
 
-    def add(self, record: bytes) -> None:
-        candidate = self._index in self._positions
-        self._index += 1
-        if candidate or self._owed:
-            self._owed -= not candidate
-            self._write("heldout", record)
+    def add(self, position: int, result: Accepted | Rejected, split: str | None) -> None:
+        self.records += 1
+        if isinstance(result, Rejected):
+            self.rejected[result.reason] += 1
+            old = self.examples.get(result.reason)
+            if old is None or position < old[0]:
+                self.examples[result.reason] = [position, f"{result.origin}: {result.message}"[:400]]
             return
-        self._held.append(record)
-        if len(self._held) > self.LOOKBEHIND:
-            self._write("train", self._held.popleft())
+        self.written[split] += 1
+        self.per_type[result.type] += 1
+        self.tokens[result.tokens] += 1
+        self.pixels.update(result.pixels)
+        self.trained_pixels.update(result.trained_pixels)
+        self.dropped_images.update(result.dropped_images)
+        if result.budget is not None:
+            self.over_budget[result.budget] += 1
+
+    def add_chunk(self, start: int, results: Sequence[Accepted | Rejected], splits: Sequence[str | None]) -> None:
+        for k, (r, s) in enumerate(zip(results, splits)):
+            self.add(start + k, r, s)
+
+    def merge(self, other: "Stats") -> "Stats":
+        self.records += other.records
+        for f in ("written", "per_type", "rejected", "over_budget", "tokens", "pixels", "trained_pixels",
+                  "dropped_images"):
+            getattr(self, f).update(getattr(other, f))
+        for reason, ex in other.examples.items():
+            if reason not in self.examples or ex[0] < self.examples[reason][0]:
+                self.examples[reason] = list(ex)
+        return self
+
+    def to_json(self) -> dict:
+        return {f.name: dict(getattr(self, f.name)) if f.name != "records" else self.records
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "Stats":
+        return cls(d["records"], collections.Counter(d["written"]), collections.Counter(d["per_type"]),
+                   collections.Counter(d["rejected"]), {k: list(v) for k, v in d["examples"].items()},
+                   collections.Counter(d["over_budget"]), _counter(d["tokens"]), _counter(d["pixels"]),
+                   _counter(d["trained_pixels"]), collections.Counter(d.get("dropped_images", {})))
+
+    def summary(self, splits: Sequence[str]) -> dict:
+        return {"records": self.records, "written": {s: self.written[s] for s in splits},
+                "per_type": dict(sorted(self.per_type.items())), "rejected": dict(sorted(self.rejected.items())),
+                "rejected_examples": {k: v[1] for k, v in sorted(self.examples.items())},
+                "over_budget": dict(sorted(self.over_budget.items())),
+                "dropped_images": dict(sorted(self.dropped_images.items())),
+                "tokens_per_sample": describe(self.tokens), "pixels_per_image": describe(self.pixels),
+                "trained_pixels_per_image": describe(self.trained_pixels)}
+
+
+def describe(counts: Mapping[int, int]) -> dict:
+    """min / percentiles (numpy's linear interpolation) / mean / max / total of values given as value -> count."""
+    counts = {k: v for k, v in counts.items() if v}
+    if not counts:
+        return {"count": 0}
+    values = np.array(sorted(counts), np.float64)
+    n_each = np.array([counts[v] for v in sorted(counts)], np.int64)
+    n = int(n_each.sum())
+    last = np.cumsum(n_each) - 1                      # the rank of each value's last copy
+
+    def at(rank: int) -> float:
+        return float(values[np.searchsorted(last, rank)])
+
+    def percentile(q: float) -> float:
+        pos = q / 100 * (n - 1)
+        lo = int(np.floor(pos))
+        a, b = at(lo), at(min(lo + 1, n - 1))
+        return a + (b - a) * (pos - lo)
+
+    total = float((values * n_each).sum())
+    return {"count": n, "min": int(values[0]), "p50": percentile(50), "mean": round(total / n, 2),
+            "p90": percentile(90), "p99": percentile(99), "max": int(values[-1]), "total": int(total)}
+
+
+def plot_histograms(path: str, stats: Stats, title: str) -> None:
+    """tokens per sample and pixels per image (as stored and as trained), log-spaced bins, to a PNG (matplotlib
+    Agg; local or gs://)."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    panels = ((axes[0], ((stats.tokens, None),), "tokens per sample"),
+              (axes[1], ((stats.pixels, "as stored"), (stats.trained_pixels, "as trained")), "pixels per image"))
+    for ax, series, what in panels:
+        present = [(c, label) for c, label in series if c]
+        if present:
+            lo = max(min(min(c) for c, _ in present), 1)
+            hi = max(max(max(c) for c, _ in present), 2)
+            for c, label in present:
+                ax.hist(list(c), bins=np.geomspace(lo, hi * 1.001, 40), weights=list(c.values()), alpha=0.6,
+                        label=label)
+            ax.set_xscale("log")
+            if any(label for _, label in present):
+                ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(what)
+        ax.set_ylabel("count")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    paths.path(path).write_bytes(buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing shards, here or in a bucket
+
+class ShardWriter:
+    """One ArrayRecord file at `dest` (a local path or gs://). ArrayRecord writes local files: for gs:// the shard
+    is written to a local temporary file and uploaded on close (one shard on local disk, never the dataset)."""
+
+    def __init__(self, dest: str):
+        from array_record.python.array_record_module import ArrayRecordWriter
+        self.dest, self.count = dest, 0
+        if paths.is_remote(dest):
+            fd, self._local = tempfile.mkstemp(suffix=sources.SHARD_SUFFIX, prefix="qwen2vl_jax_shard_")
+            os.close(fd)
+        else:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            self._local = dest
+        self._writer = ArrayRecordWriter(self._local, "group_size:1")
+
+    def write(self, record: bytes) -> None:
+        self._writer.write(record)
+        self.count += 1
 
     def close(self) -> None:
-        """Pays owed held-out places with the newest held-back records, writes the rest, closes the shards."""
-        late = []
-        while self._owed and self._held:
-            late.append(self._held.pop())
-            self._owed -= 1
-        for record in reversed(late):
-            self._write("heldout", record)
-        while self._held:
-            self._write("train", self._held.popleft())
-        for shards in self._writers.values():
-            for w in shards:
-                w.close()
+        self._writer.close()
+        if self._local != self.dest:
+            try:
+                with open(self._local, "rb") as src, paths.path(self.dest).open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 8 << 20)
+            finally:
+                os.remove(self._local)
+
+
+def write_shard(dest: str, records: Iterable[bytes]) -> int:
+    w = ShardWriter(dest)
+    try:
+        for r in records:
+            w.write(r)
+    finally:
+        w.close()
+    return w.count
+
+
+def layout(num_shards: int, heldout: int, part: int | None) -> dict[str, list[str]]:
+    """The shard files (names under OUT) a run writes: every train shard and one held-out file; a part (sharded
+    run) its train shard and its held-out file."""
+    train = range(num_shards) if part is None else [part]
+    out = {"train": [f"train/{shard_name(i, num_shards)}" for i in train]}
+    if heldout:
+        out["heldout"] = [f"heldout/{shard_name(0, 1)}"] if part is None else \
+            [f"heldout/{shard_name(part, num_shards)}"]
+    return out
+
+
+def shard_of(chunk_index: int, split: str, num_shards: int, part: int | None) -> int:
+    """Which of layout(...)[split]'s files chunk `chunk_index`'s records of `split` go to."""
+    return chunk_index % num_shards if split == "train" and part is None else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +461,8 @@ class SplitWriter:
 def settings_of(files: Sequence[str], opts: importers.ImportOptions, target: Target, heldout: int,
                 num_shards: int) -> dict:
     """Everything the output depends on, as JSON: inputs (path, size, mtime), import options, the checks'
-    target and the split layout. A re-run with equal settings has nothing to do."""
+    target and the split layout. A re-run with equal settings has nothing to do. (A sharded run's parts have
+    the settings of the whole run: shard_index is not among them.)"""
     data = target.data
     return {
         "layout": LAYOUT_VERSION,
@@ -282,182 +486,239 @@ def _differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def _old_layout_shards(out_dir: str) -> list[str]:
-    return [n for n in os.listdir(out_dir) if n.startswith("data-") and n.endswith(sources.SHARD_SUFFIX)]
+def _old_layout_shards(names: Iterable[str]) -> list[str]:
+    return [n for n in names if n.startswith("data-") and n.endswith(sources.SHARD_SUFFIX)]
 
 
-def check_out_dir(out_dir: str, settings: dict, overwrite: bool) -> dict | None:
-    """The existing summary when OUT already holds this dataset (nothing to do); None when OUT is new, empty, an
-    unfinished import of ours, or ours and overwrite=True (redone: media files are not fingerprinted, so a fixed
-    image needs it); ValueError otherwise."""
-    if not os.path.isdir(out_dir):
-        if os.path.exists(out_dir):
-            raise ValueError(f"--out {out_dir} is a file, not a folder")
+def incomplete_name(part: int | None) -> str:
+    return INCOMPLETE if part is None else f"{INCOMPLETE}-{part:05d}"
+
+
+def _read_summary(p: str) -> tuple[dict | None, dict | None]:
+    """(summary, its settings); (None, None) when absent; (None, {"layout": "unreadable ..."}) when unreadable."""
+    if not paths.exists(p):
+        return None, None
+    try:
+        old = paths.read_json(p)
+        return old, old.get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        return None, {"layout": f"unreadable {os.path.basename(p)}"}
+
+
+def _shards_present(out_dir: str, summary: dict) -> bool:
+    return all(paths.exists(paths.join(out_dir, split, name))
+               for split, names in summary.get("shards", {}).items() for name in names)
+
+
+def check_out_dir(out_dir: str, settings: dict, overwrite: bool, part: int | None = None) -> dict | None:
+    """The existing summary when OUT already holds this dataset (a part: this part, or the merged dataset) and
+    there is nothing to do; None when OUT is new, empty, an unfinished import of ours, or ours and
+    overwrite=True (redone: media files are not fingerprinted, so a fixed image needs it); ValueError otherwise."""
+    if not paths.exists(out_dir):
         return None
-    names = set(os.listdir(out_dir))
-    foreign = sorted(names - set(OUTPUT_NAMES) - set(_old_layout_shards(out_dir)))
+    if not paths.is_dir(out_dir):
+        raise ValueError(f"--out {out_dir} is a file, not a folder")
+    names = set(paths.listdir(out_dir))
+    foreign = sorted(n for n in names - set(OUTPUT_NAMES) - set(_old_layout_shards(names))
+                     if not n.startswith(INCOMPLETE))
     if foreign:
         raise ValueError(f"--out {out_dir} holds files that launch.prepare_data did not write ({', '.join(foreign[:5])}"
                          f"{', ...' if len(foreign) > 5 else ''}): choose a new or empty folder")
-    if SUMMARY not in names:
-        return None            # empty, or an import killed before it finished: redone from the start
-    try:
-        with open(os.path.join(out_dir, SUMMARY)) as f:
-            old = json.load(f)
-        old_settings = old.get("settings", {})
-    except (OSError, ValueError, AttributeError):
-        old, old_settings = None, {"layout": "unreadable summary.json"}
-    if not overwrite and old is not None and old_settings == settings and all(
-            os.path.isfile(os.path.join(out_dir, split, name))
-            for split, names_ in old.get("shards", {}).items() for name in names_):
-        return old
-    if overwrite:
-        return None
-    diff = _differences(old_settings, settings) or ["shards missing"]
-    raise ValueError(f"--out {out_dir} holds a dataset prepared with other settings ({'; '.join(diff)}): pass "
-                     "--overwrite to replace it, or choose another --out")
+    candidates = [paths.join(out_dir, SUMMARY)]
+    if part is not None:
+        candidates.insert(0, paths.join(out_dir, PARTS, part_name(part, settings["num_shards"])))
+    for p in candidates:
+        old, old_settings = _read_summary(p)
+        if old_settings is None:
+            continue
+        if not overwrite and old is not None and old_settings == settings and _shards_present(out_dir, old):
+            return old
+        if overwrite:
+            return None
+        diff = _differences(old_settings, settings) or ["shards missing"]
+        raise ValueError(f"--out {out_dir} holds a dataset prepared with other settings ({'; '.join(diff)}): pass "
+                         "--overwrite to replace it, or choose another --out")
+    return None            # empty, or an import killed before it finished: redone from the start
 
 
-def _finalize(out_dir: str, tmp: str, summary: dict) -> None:
-    """Moves the finished dataset from tmp into out_dir, replacing ours (summary.json first out, last in)."""
-    for name in (SUMMARY,) + SPLITS + (HISTOGRAMS,):
-        path = os.path.join(out_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-    for name in _old_layout_shards(out_dir):
-        os.remove(os.path.join(out_dir, name))
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    with open(os.path.join(tmp, SUMMARY), "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(os.path.join(tmp, SUMMARY), os.path.join(out_dir, SUMMARY))
-    os.rmdir(tmp)
-
-
-# ----------------------------------------------------------------------------------------------
-# Statistics
-
-def describe(values: Sequence[float]) -> dict:
-    if not len(values):
-        return {"count": 0}
-    v = np.asarray(values, np.float64)
-    q = np.percentile(v, [50, 90, 99])
-    return {"count": int(v.size), "min": int(v.min()), "p50": float(q[0]), "mean": round(float(v.mean()), 2),
-            "p90": float(q[1]), "p99": float(q[2]), "max": int(v.max()), "total": int(v.sum())}
-
-
-def plot_histograms(path: str, tokens: Sequence[int], pixels: Sequence[int], title: str) -> None:
-    """tokens per sample and pixels per image, log-spaced bins, to a PNG (matplotlib Agg)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, values, what in ((axes[0], tokens, "tokens per sample"), (axes[1], pixels, "pixels per image")):
-        if len(values):
-            lo, hi = max(min(values), 1), max(max(values), 2)
-            ax.hist(values, bins=np.geomspace(lo, hi * 1.001, 40))
-            ax.set_xscale("log")
+def _remove(p: str) -> None:
+    if not paths.exists(p):
+        return
+    if paths.is_dir(p):
+        if paths.is_remote(p):
+            paths.path(p).rmtree()
         else:
-            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel(what)
-        ax.set_ylabel("count")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+            shutil.rmtree(p)
+    else:
+        paths.path(p).unlink()
 
 
-# ----------------------------------------------------------------------------------------------
-# The whole import
+def _move(src: str, dst: str) -> None:
+    _remove(dst)
+    paths.makedirs(paths.parent(dst))
+    paths.rename(src, dst)
 
-def prepare(inputs: str | Sequence[str], out_dir: str, *, opts: importers.ImportOptions, target: Target,
-            heldout: int = 0, num_shards: int = 1, workers: int = 1, overwrite: bool = False,
-            progress: bool = True, stream=None) -> dict:
-    """Imports `inputs` (an --input string: file, glob or folder; or a list of files) into out_dir (module
-    docstring) and returns the summary (also OUT/summary.json); summary["up_to_date"] is True when OUT already
-    held this dataset. ValueError for unusable arguments or inputs, and when no record could be imported."""
-    from array_record.python.array_record_module import ArrayRecordWriter
 
-    stream = stream or sys.stderr
+def _finalize(out_dir: str, tmp: str, written: Sequence[str], summary: dict, part: int | None) -> None:
+    """Moves the finished files (names under tmp) into out_dir, summary.json last. The whole run replaces ours
+    (summary.json first out); a part replaces its own files and what another layout left (summary.json and
+    summary.png first out), writes its part summary and, when it is the last part, the merged summary."""
+    n = summary["settings"]["num_shards"]
+    _remove(paths.join(out_dir, SUMMARY))
+    if part is None:
+        for name in SPLITS + (PARTS, HISTOGRAMS):
+            _remove(paths.join(out_dir, name))
+        for name in _old_layout_shards(paths.listdir(out_dir)):
+            _remove(paths.join(out_dir, name))
+    else:
+        _remove(paths.join(out_dir, HISTOGRAMS))
+        for folder in SPLITS + (PARTS,):       # files of another shard count (an earlier layout)
+            for name in paths.listdir(paths.join(out_dir, folder)):
+                if not name.endswith(f"-of-{n:05d}{sources.SHARD_SUFFIX}") and not name.endswith(f"-of-{n:05d}.json"):
+                    _remove(paths.join(out_dir, folder, name))
+    for name in written:
+        _move(paths.join(tmp, name), paths.join(out_dir, name))
+    if part is None:
+        paths.write_json(paths.join(out_dir, SUMMARY), summary, indent=2)
+    else:
+        paths.write_json(paths.join(out_dir, PARTS, part_name(part, n)), summary, indent=2)
+    _remove(tmp)
+
+
+def merge_parts(out_dir: str, settings: dict) -> dict | None:
+    """When all num_shards parts of a sharded run are in out_dir (with these settings): the merged summary,
+    written with its histograms as summary.json / summary.png (any part may do it; the result is the same).
+    None while parts are missing. ValueError when the parts together hold no training record."""
+    n = settings["num_shards"]
+    parts = []
+    for i in range(n):
+        old, old_settings = _read_summary(paths.join(out_dir, PARTS, part_name(i, n)))
+        if old is None or old_settings != settings:
+            return None
+        parts.append(old)
+    stats = Stats()
+    for s in parts:
+        stats.merge(Stats.from_json(s["stats"]))
+    shards = {split: sorted(name for s in parts for name in s["shards"].get(split, []))
+              for split in parts[0]["shards"]}
+    summary = _summary(settings, parts[0]["format"], parts[0]["inputs"], stats, shards,
+                       sum(s["workers"] for s in parts), max(s["seconds"] for s in parts))
+    _check_some_training(stats)
+    plot_histograms(paths.join(out_dir, HISTOGRAMS), stats, _title(out_dir, stats, settings["tokenizer"]))
+    paths.write_json(paths.join(out_dir, SUMMARY), summary, indent=2)
+    return summary
+
+
+def _summary(settings: dict, fmt: str, files: Sequence[str], stats: Stats, shards: dict, workers: int,
+             seconds: float) -> dict:
+    return {"settings": settings, "format": fmt, "inputs": list(files), **stats.summary(list(shards)),
+            "shards": shards, "workers": workers, "seconds": round(seconds, 3),
+            "records_per_second": round(stats.records / max(seconds, 1e-9), 2)}
+
+
+def _title(out_dir: str, stats: Stats, tokenizer: str) -> str:
+    return (f"{os.path.basename(os.path.normpath(out_dir))}: {sum(stats.tokens.values())} samples, "
+            f"{sum(stats.pixels.values())} images (tokenizer {tokenizer})")
+
+
+def _check_some_training(stats: Stats) -> None:
+    if stats.written["train"]:
+        return
+    ex = {k: v[1] for k, v in stats.examples.items()}
+    why = "; ".join(f"{k} {v} (e.g. {ex[k]})" for k, v in sorted(stats.rejected.items(), key=lambda kv: -kv[1]))
+    raise ValueError(f"no usable training record in {stats.records} input records: "
+                     + (why if stats.rejected else f"all {stats.written['heldout']} went to the held-out split"))
+
+
+def finish(out_dir: str, tmp: str, settings: dict, fmt: str, files: Sequence[str], stats: Stats,
+           shard_files: dict[str, list[str]], workers: int, seconds: float, part: int | None) -> dict:
+    """The end of every path (local, Beam, a part): the summary, its histograms, the files moved into place."""
+    shards = {split: [os.path.basename(n) for n in names] for split, names in shard_files.items()}
+    summary = _summary(settings, fmt, files, stats, shards, workers, seconds)
+    if part is None:
+        try:
+            _check_some_training(stats)
+        except ValueError:
+            _remove(tmp)
+            raise
+        plot_histograms(paths.join(tmp, HISTOGRAMS), stats, _title(out_dir, stats, settings["tokenizer"]))
+        _finalize(out_dir, tmp, [n for names in shard_files.values() for n in names] + [HISTOGRAMS], summary, None)
+        return summary
+    summary |= {"part": part, "stats": stats.to_json()}
+    _finalize(out_dir, tmp, [n for names in shard_files.values() for n in names], summary, part)
+    merged = merge_parts(out_dir, settings)
+    return summary | {"merged": merged is not None}
+
+
+def plan(files: Sequence[str], opts: importers.ImportOptions, heldout: int) -> tuple[list, list[int], frozenset]:
+    """(chunks, the input position of each chunk's first record, held-out candidate positions)."""
+    chunks = importers.scan(files, opts)
+    total = sum(len(c) for c in chunks)
+    if total == 0:
+        raise ValueError(f"the inputs hold no records: {[os.path.basename(f) for f in files][:5]}")
+    return chunks, chunk_starts([len(c) for c in chunks]), (heldout_positions(total, heldout) if heldout
+                                                             else frozenset())
+
+
+def check_arguments(num_shards: int, shard_index: int | None) -> None:
     if num_shards < 1:
         raise ValueError(f"num_shards={num_shards} must be >= 1")
+    if shard_index is not None and not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole import (this machine's processes)
+
+def prepare(inputs: str | Sequence[str], out_dir: str, *, opts: importers.ImportOptions, target: Target,
+            heldout: int = 0, num_shards: int = 1, shard_index: int | None = None, workers: int = 1,
+            overwrite: bool = False, progress: bool = True, stream=None) -> dict:
+    """Imports `inputs` (an --input string: file, glob or folder; or a list of files) into out_dir (module
+    docstring; shard_index: only that part of a sharded run) and returns the summary (also OUT/summary.json; a
+    part's: OUT/parts/summary-i-of-N.json); summary["up_to_date"] is True when OUT already held this. ValueError
+    for unusable arguments or inputs, and when no record could be imported."""
+    stream = stream or sys.stderr
+    check_arguments(num_shards, shard_index)
     if workers < 0:
         raise ValueError(f"workers={workers} must be >= 0 (0: one per core)")
     workers = workers or available_cores()
     files = importers.resolve_inputs(inputs, opts.format) if isinstance(inputs, str) else list(inputs)
     load_for(target.tokenizer, target.model)      # a tokenizer the model cannot read: one line, before any work
     settings = settings_of(files, opts, target, heldout, num_shards)
-    existing = check_out_dir(out_dir, settings, overwrite)
+    existing = check_out_dir(out_dir, settings, overwrite, shard_index)
     if existing is not None:
         return existing | {"up_to_date": True}
     t0 = time.time()
-    chunks = importers.scan(files, opts)
-    total = sum(len(c) for c in chunks)
-    if total == 0:
-        raise ValueError(f"the inputs hold no records: {[os.path.basename(f) for f in files][:5]}")
-    positions = heldout_positions(total, heldout) if heldout else set()
-    workers = min(workers, len(chunks))      # a worker per chunk at most: starting one costs seconds
-    tmp = os.path.join(out_dir, INCOMPLETE)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "train"))
-    paths = {"train": shard_paths(os.path.join(tmp, "train"), num_shards)}
-    if heldout:
-        os.makedirs(os.path.join(tmp, "heldout"))
-        paths["heldout"] = shard_paths(os.path.join(tmp, "heldout"), 1)
-    splits = SplitWriter({split: [ArrayRecordWriter(p, "group_size:1") for p in ps] for split, ps in paths.items()},
-                         positions)
-    per_type: collections.Counter = collections.Counter()
-    rejected: collections.Counter = collections.Counter()
-    over_budget: collections.Counter = collections.Counter()
-    dropped_images: collections.Counter = collections.Counter()
-    examples: dict[str, str] = {}
-    tokens, pixels = [], []
-    bar = _progress_bar(total, progress, stream)
+    chunks, starts, positions = plan(files, opts, heldout)
+    mine = [c for c in range(len(chunks)) if shard_index is None or c % num_shards == shard_index]
+    workers = max(1, min(workers, len(mine)))      # a worker per chunk at most: starting one costs seconds
+    tmp = paths.join(out_dir, incomplete_name(shard_index))
+    _remove(tmp)
+    shard_files = layout(num_shards, heldout, shard_index)
+    writers = {split: [ShardWriter(paths.join(tmp, n)) for n in names] for split, names in shard_files.items()}
+    stats = Stats()
+    bar = _progress_bar(sum(len(chunks[c]) for c in mine), progress, stream)
     try:
-        for results in ordered_map(process_chunk, chunks, workers, _init_worker, (opts, target)):
-            for r in results:
-                if isinstance(r, Rejected):
-                    splits.reject()
-                    rejected[r.reason] += 1
-                    examples.setdefault(r.reason, f"{r.origin}: {r.message}"[:400])
-                    continue
-                splits.add(r.record)
-                per_type[r.type] += 1
-                tokens.append(r.tokens)
-                pixels += r.pixels
-                dropped_images.update(r.dropped_images)
-                if r.budget is not None:
-                    over_budget[r.budget] += 1
+        results_iter = ordered_map(_process_in_worker, (chunks[c] for c in mine), workers, _init_worker,
+                                   (opts, target))
+        for c, results in zip(mine, results_iter):
+            splits = split_chunk([isinstance(r, Accepted) for r in results], starts[c], positions)
+            stats.add_chunk(starts[c], results, splits)
+            for r, split in zip(results, splits):
+                if split is not None:
+                    writers[split][shard_of(c, split, num_shards, shard_index)].write(r.record)
             if bar is not None:
                 bar.update(len(results))
-                bar.set_postfix(written=len(tokens), rejected=sum(rejected.values()), refresh=False)
+                bar.set_postfix(written=sum(stats.written.values()), rejected=sum(stats.rejected.values()),
+                                refresh=False)
     finally:
         if bar is not None:
             bar.close()
-        splits.close()
-    written = splits.written
-    seconds = time.time() - t0
-    summary = {
-        "settings": settings, "format": opts.format, "inputs": files, "records": total,
-        "written": {s: written[s] for s in paths}, "per_type": dict(sorted(per_type.items())),
-        "rejected": dict(sorted(rejected.items())), "rejected_examples": dict(sorted(examples.items())),
-        "over_budget": dict(sorted(over_budget.items())), "dropped_images": dict(sorted(dropped_images.items())),
-        "tokens_per_sample": describe(tokens), "pixels_per_image": describe(pixels),
-        "shards": {s: [os.path.basename(p) for p in ps] for s, ps in paths.items()},
-        "workers": workers, "seconds": round(seconds, 3), "records_per_second": round(total / max(seconds, 1e-9), 2),
-    }
-    if not written["train"]:
-        shutil.rmtree(tmp, ignore_errors=True)
-        why = "; ".join(f"{k} {v} (e.g. {examples[k]})" for k, v in sorted(rejected.items(), key=lambda kv: -kv[1]))
-        raise ValueError(f"no usable training record in {total} input records: "
-                         + (why if rejected else f"all {written['heldout']} went to the held-out split"))
-    plot_histograms(os.path.join(tmp, HISTOGRAMS), tokens, pixels,
-                    f"{os.path.basename(os.path.normpath(out_dir))}: {len(tokens)} samples, {len(pixels)} images "
-                    f"(tokenizer {target.tokenizer})")
-    _finalize(out_dir, tmp, summary)
+        for ws in writers.values():
+            for w in ws:
+                w.close()
+    summary = finish(out_dir, tmp, settings, opts.format, files, stats, shard_files, workers, time.time() - t0,
+                     shard_index)
     return summary | {"up_to_date": False}
 
 
@@ -477,20 +738,22 @@ def format_summary(summary: dict, out_dir: str) -> str:
     w = summary["written"]
     types = ", ".join(f"{k} {v}" for k, v in summary["per_type"].items())
     lines = []
+    n = summary["settings"]["num_shards"]
+    part = f"part {summary['part']} of {n} (train shard {summary['part']}): " if "part" in summary else ""
     if summary.get("up_to_date"):
         lines.append(f"{out_dir} is up to date (same inputs and settings); nothing to do (--overwrite redoes it)")
-    lines.append(f"wrote {sum(w.values())} records ({', '.join(f'{s} {n}' for s, n in w.items())}; {types}) from "
-                 f"{summary['records']} input records of {len(summary['inputs'])} {summary['format']} file(s) in "
-                 f"{summary['seconds']:.1f} s ({summary['records_per_second']:.1f} records/s, "
+    lines.append(f"{part}wrote {sum(w.values())} records ({', '.join(f'{s} {n}' for s, n in w.items())}; {types}) "
+                 f"from {summary['records']} input records of {len(summary['inputs'])} {summary['format']} file(s) "
+                 f"in {summary['seconds']:.1f} s ({summary['records_per_second']:.1f} records/s, "
                  f"{summary['workers']} workers)")
     asked = summary["settings"]["heldout"]
-    if asked and w.get("heldout", 0) < asked:
-        lines.append(f"held-out split: {w.get('heldout', 0)} of the {asked} records asked for (rejected candidates "
-                     "near the end of the input)")
+    if asked and not part and w.get("heldout", 0) < asked:
+        lines.append(f"held-out split: {w.get('heldout', 0)} of the {asked} records asked for (chunks with fewer "
+                     "accepted records than held-out candidates)")
     n_rej = sum(summary["rejected"].values())
     lines.append(f"rejected {n_rej}" + (":" if n_rej else ""))
-    for reason, n in sorted(summary["rejected"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {reason}: {n}  (e.g. {summary['rejected_examples'][reason]})")
+    for reason, k in sorted(summary["rejected"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {reason}: {k}  (e.g. {summary['rejected_examples'][reason]})")
     if summary.get("dropped_images"):
         lines.append("images dropped from written documents (--missing_images=drop): "
                      + ", ".join(f"{k} {v}" for k, v in summary["dropped_images"].items()))
@@ -499,11 +762,19 @@ def format_summary(summary: dict, out_dir: str) -> str:
         lines.append(f"over the row budget of {row['seq_len']} tokens / {row['max_patches']} patches (written; "
                      f"training at this row size drops or truncates them): "
                      + ", ".join(f"{k} {v}" for k, v in summary["over_budget"].items()))
-    t, p = summary["tokens_per_sample"], summary["pixels_per_image"]
-    lines.append(f"tokens per sample ({summary['settings']['tokenizer']} tokenizer): min {t['min']}, median "
-                 f"{t['p50']:.0f}, mean {t['mean']:.1f}, p99 {t['p99']:.0f}, max {t['max']}, total {t['total']}")
+    t, p, q = summary["tokens_per_sample"], summary["pixels_per_image"], summary["trained_pixels_per_image"]
+    if t["count"]:
+        lines.append(f"tokens per sample ({summary['settings']['tokenizer']} tokenizer): min {t['min']}, median "
+                     f"{t['p50']:.0f}, mean {t['mean']:.1f}, p99 {t['p99']:.0f}, max {t['max']}, total {t['total']}")
     if p["count"]:
-        lines.append(f"pixels per image ({p['count']} images): min {p['min']}, median {p['p50']:.0f}, "
-                     f"p99 {p['p99']:.0f}, max {p['max']}")
-    lines.append(f"summary: {os.path.join(out_dir, SUMMARY)}, histograms: {os.path.join(out_dir, HISTOGRAMS)}")
+        v = summary["settings"]["vision"]
+        lines.append(f"pixels per image ({p['count']} images) as stored: min {p['min']}, median {p['p50']:.0f}, "
+                     f"p99 {p['p99']:.0f}, max {p['max']}; as trained (resized into [{v['min_pixels']}, "
+                     f"{v['max_pixels']}]): min {q['min']}, median {q['p50']:.0f}, p99 {q['p99']:.0f}, max {q['max']}")
+    if part:
+        lines.append(f"part summary: {paths.join(out_dir, PARTS, part_name(summary['part'], n))}"
+                     + ("; all parts are in: merged summary.json written" if summary.get("merged") else
+                        "; summary.json is written by the last part to finish"))
+    else:
+        lines.append(f"summary: {paths.join(out_dir, SUMMARY)}, histograms: {paths.join(out_dir, HISTOGRAMS)}")
     return "\n".join(lines)
