@@ -57,18 +57,57 @@ def test_show_config_exits_and_a_finished_run_says_so(tmp_path):
     # the test recipe's token budget is 20 steps of 4 rows: 40 steps of 2
     assert res.returncode == 0 and "batch_size = 2" in res.stdout and "num_steps = 40" in res.stdout
     assert not (tmp_path / "run").exists()                       # printed, not trained
-    args = _cli("--model=test", f"--set=workdir={tmp_path / 'run'}", "--set=batch_size=2", "--set=steps=2")
+    # README's first command at the test size, with an evaluation at its last step
+    args = _cli("--experiment=stage1", "--model=test", f"--set=workdir={tmp_path / 'run'}", "--set=batch_size=2",
+                "--set=steps=2", "--set=eval_every=2", "--set=eval_samples=4")
     first = subprocess.run(args, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     with open(tmp_path / "run" / "losses.jsonl") as f:
         losses = [json.loads(line)["loss"] for line in f]
     assert first.stdout.splitlines()[-1] == (f"done: trained steps 1..2 of 2, loss {losses[0]:.4f} -> {losses[1]:.4f}, "
                                              f"skipped steps 0; checkpoints in {tmp_path / 'run' / 'checkpoints'}")
+    _check_readme_and_eval_outputs(first.stdout, tmp_path / "run")
     again = subprocess.run(args, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.splitlines()[-1] == ("already at step 2 of 2; nothing to train; checkpoints in "
                                              f"{tmp_path / 'run' / 'checkpoints'}")
     assert len((tmp_path / "run" / "losses.jsonl").read_text().splitlines()) == 2
+
+
+def _tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the event files in `folder` (TFRecord framing: u64 length, u32 crc, data, u32 crc)."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for name in os.listdir(folder):
+        data, i = (folder / name).read_bytes(), 0
+        while i < len(data):
+            n = int.from_bytes(data[i:i + 8], "little")
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 16 + n
+            for v in event.summary.value:
+                out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
+def _check_readme_and_eval_outputs(stdout: str, run):
+    """README's sample output has the lines of the real run's (numbers and paths aside), and its run-folder
+    listing is the folder's. The console's eval line leaves out the kind/<k> entries that repeat a source (each
+    synthetic source is one kind); heldout.jsonl and TensorBoard keep every entry."""
+    import readme_sample
+
+    lines = stdout.splitlines()
+    assert {readme_sample.shape(x) for x in lines} == {readme_sample.shape(x) for x in readme_sample.console_lines()}
+    assert set(os.listdir(run)) == readme_sample.folder_entries()
+    [record] = [json.loads(x) for x in (run / "heldout.jsonl").read_text().splitlines()]
+    kinds = ("caption", "ocr", "count")                          # stage 1's mixture: one synthetic source per kind
+    assert set(record) == {"step", "mean"} | {f"{p}/{k}" for p in ("source", "kind") for k in kinds}
+    assert [x for x in lines if x.startswith("eval")] == [
+        "eval step 2 | " + " | ".join(f"{k} {record[k]:.4f}" for k in (*(f"source/{k}" for k in kinds), "mean"))]
+    scalars = _tensorboard_scalars(run / "tensorboard")
+    for name, value in record.items():
+        if name != "step":
+            assert scalars[f"eval/{name}"] == {2: pytest.approx(value, rel=1e-6)}, name
 
 
 def test_too_large_model_fails_before_allocating(tmp_path):
