@@ -18,6 +18,7 @@ Hugging Face SRC is copied to a local folder first, and a gs:// DST is written l
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 
@@ -62,12 +63,8 @@ def convert(hf_to_jax: bool, src: str, dst: str, param_dtype: str = "float32", d
         if loc.kind == "hf":
             raise ValueError(f"{src} is already a Hugging Face folder (config.json); --jax_to_hf reads a training "
                              "run or a converted checkpoint")
-        cfg = rundir.read_model_config(src)
-        if cfg is None:
-            raise ValueError(f"{src} has no {hf.MODEL_CONFIG_FILE} beside it (a run folder holds one): cannot tell "
-                             "which model its params are")
         # on the host's CPU: a large model does not fit one accelerator, and the safetensors are written from host memory
-        params = rundir.load_params(cfg, src, device=jax.devices("cpu")[0])
+        cfg, params = rundir.load_pretrained(src, device=jax.devices("cpu")[0])
         _log(f"read {src} (config {cfg.name!r}, param_dtype {cfg.param_dtype}); writing {dst}")
         files = hf.save_pretrained(cfg, params, out, max_shard_size=max_shard_size, dtype=dtype, progress=_log)
         processor = rundir.processor_dir(src)
@@ -77,6 +74,9 @@ def convert(hf_to_jax: bool, src: str, dst: str, param_dtype: str = "float32", d
         _log(f"wrote {', '.join(files)}")
     if copied:
         _log(f"copied {', '.join(copied)}")
+    if not hf_to_jax and "preprocessor_config.json" in copied and importlib.util.find_spec("torchvision") is None:
+        _log(f"note: AutoProcessor.from_pretrained({dst}) needs torchvision for Qwen2-VL's video processor: "
+             f"pip install {hf.TORCHVISION_PIN} (AutoTokenizer and AutoImageProcessor load without it)")
     if out != dst:
         _log(f"uploaded {paths.upload_tree(out, dst)} files from {out} to {dst}")
     _log(f"done in {time.time() - start:.1f}s: {src} -> {dst}")

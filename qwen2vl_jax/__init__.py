@@ -2,7 +2,8 @@
 
 The public API, importable from the package top (`import qwen2vl_jax as q`):
 
-    q.load_pretrained(path) -> (ModelConfig, params)         a Hugging Face Qwen2-VL folder
+    q.load_pretrained(path) -> (ModelConfig, params)         a Hugging Face Qwen2-VL folder, a training run
+                                                              (RUN, RUN/checkpoints/STEP) or a converted one
     q.save_pretrained(cfg, params, path)                      the same layout, loadable by transformers
     q.forward(cfg, params, input_ids, ...) -> logits          transformers-layout inputs
     q.get_rope_index(cfg, input_ids, image_grid_thw, ...)     M-RoPE position ids and deltas
@@ -22,7 +23,7 @@ from __future__ import annotations
 import importlib
 
 _API = {
-    "load_pretrained": "qwen2vl_jax.model.hf",
+    "load_pretrained": "qwen2vl_jax.train.rundir",      # every checkpoint form (checkpoint.locate)
     "save_pretrained": "qwen2vl_jax.model.hf",
     "forward": "qwen2vl_jax.model.model",
     "get_rope_index": "qwen2vl_jax.model.mrope",

@@ -7,8 +7,10 @@
 HF_DIR is a tiny random Qwen2-VL written by transformers' save_pretrained, with a tokenizer.json and an image
 processor config written by transformers too. The run takes its model config and tokenizer from HF_DIR (no
 --model), and transformers loads OUT and generates greedily what we generate on a held-out prompt."""
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -79,6 +81,9 @@ def journey(tmp_path_factory):
     assert f"initialised params from {hf_dir}" in res.stdout and "done: trained steps 1..6 of 6" in res.stdout
     res = _cli("launch.convert", "--jax_to_hf", str(run), str(out))
     assert res.returncode == 0, res.stderr[-3000:]
+    # without torchvision, the conversion says what AutoProcessor needs
+    hint = f"needs torchvision for Qwen2-VL's video processor: pip install {hf.TORCHVISION_PIN}"
+    assert (hint in res.stdout) == (importlib.util.find_spec("torchvision") is None), res.stdout
     return hf_dir, data, run, out
 
 
@@ -153,6 +158,58 @@ def test_convert_evaluate_and_load_accept_run_checkpoints_and_step(journey, tmp_
     out = evaluate.main(["--checkpoint", str(run / "checkpoints" / "5"), "--num", "2", "--kinds", "count",
                          "--batch_size", "1", "--max_new_tokens", "2"])
     assert out["checkpoint"].endswith("checkpoints/5") and set(out["accuracy"]) == {"count"}
+
+
+def test_load_pretrained_reads_a_run_a_step_and_a_hugging_face_folder(journey):
+    """q.load_pretrained takes what launch.convert takes: RUN (its newest step, 6: the params transformers'
+    folder OUT holds, read by the safetensors reader), RUN/checkpoints/STEP (step 5: trained, so another decoder;
+    stage 3 froze the vision tower, so HF_DIR's) and a Hugging Face folder; anything else is one line naming
+    the path and the accepted forms."""
+    import jax
+    import qwen2vl_jax as q
+
+    hf_dir, _, run, out = journey
+    same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))  # noqa: E731
+    cfg, newest = q.load_pretrained(str(run))
+    assert cfg == get_config("test")
+    same(newest, hf.load_pretrained(str(out))[1])
+    cfg5, step5 = q.load_pretrained(str(run / "checkpoints" / "5"))
+    assert cfg5 == cfg
+    _, start = hf.load_pretrained(str(hf_dir))
+    tower = ("patch_embed", "blocks")
+    same({k: step5["visual"][k] for k in tower}, {k: start["visual"][k] for k in tower})
+    assert not np.array_equal(step5["decoder"]["norm"]["scale"], newest["decoder"]["norm"]["scale"])
+    cfg_hf, from_hf = q.load_pretrained(str(hf_dir), param_dtype="bfloat16")
+    assert cfg_hf == get_config("test", param_dtype="bfloat16")
+    assert {str(x.dtype) for x in jax.tree.leaves(from_hf)} == {"bfloat16"}
+    same(from_hf, hf.load_pretrained(str(hf_dir), param_dtype="bfloat16")[1])
+    for bad in (run / "processor", run / "nope"):
+        with pytest.raises(ValueError) as e:
+            q.load_pretrained(str(bad))
+        msg = str(e.value)
+        assert "\n" not in msg and str(bad) in msg and "RUN, RUN/checkpoints, RUN/checkpoints/STEP" in msg, msg
+    with pytest.raises(ValueError, match="hidden_size not execution settings; valid: name, dtype, param_dtype"):
+        q.load_pretrained(str(run), hidden_size=8)
+
+
+def test_exported_folder_loads_with_transformers_auto_classes(journey):
+    """OUT loads with AutoTokenizer and AutoImageProcessor as it is; AutoProcessor needs torchvision (Qwen2-VL's
+    video processor), and README names the torchvision release built for the torch that requirements-test.txt
+    pins (torch 2.N.M pairs with torchvision 0.(N+15).M)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    hf_dir, _, _, out = journey
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok("a cat")["input_ids"] == AutoTokenizer.from_pretrained(str(hf_dir))("a cat")["input_ids"]
+    assert type(AutoImageProcessor.from_pretrained(str(out))).__name__.startswith("Qwen2VLImageProcessor")
+    torch_pin = re.search(r"^torch==2\.(\d+)\.(\d+)\s", open(os.path.join(REPO, "requirements-test.txt")).read(), re.M)
+    assert hf.TORCHVISION_PIN == f"torchvision==0.{int(torch_pin[1]) + 15}.{torch_pin[2]}"
+    readme = open(os.path.join(REPO, "README.md")).read()
+    assert f"`pip install {hf.TORCHVISION_PIN}`" in readme and f"torch 2.{torch_pin[1]}.{torch_pin[2]}" in readme
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip(f"torchvision not installed: AutoProcessor itself not checked (pip install {hf.TORCHVISION_PIN})")
+    from transformers import AutoProcessor
+    assert type(AutoProcessor.from_pretrained(str(out))).__name__ == "Qwen2VLProcessor"
 
 
 def test_a_model_that_disagrees_with_the_checkpoint_is_one_line(journey):

@@ -504,6 +504,11 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "chat_template.json", "chat_template.jinja")
 
 
+# transformers' AutoProcessor builds Qwen2-VL's video processor too, which imports torchvision (AutoTokenizer and
+# AutoImageProcessor do not): the torchvision release built for requirements-test.txt's torch==2.13.0
+TORCHVISION_PIN = "torchvision==0.28.0"
+
+
 def copy_processor_files(src: str, dst: str) -> list[str]:
     """Copies the PROCESSOR_FILES present in `src` into `dst` (created); returns their names."""
     names = [n for n in PROCESSOR_FILES if os.path.isfile(os.path.join(src, n))]

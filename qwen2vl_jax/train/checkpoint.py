@@ -354,8 +354,10 @@ def locate(path: str) -> Located:
     step folders), a converted checkpoint (model_config.json + params/), or a transformers folder.
     ValueError naming the accepted forms otherwise."""
     path = os.fspath(paths.path(path))
+    forms = (f"expected a run folder RUN, RUN/{RUN_CHECKPOINTS}, RUN/{RUN_CHECKPOINTS}/STEP, a converted checkpoint "
+             f"({hf.MODEL_CONFIG_FILE} + {hf.PARAMS_DIR}/) or a Hugging Face folder ({hf.CONFIG_FILE} + *.safetensors)")
     if not paths.is_dir(path):
-        raise ValueError(f"checkpoint {path} is not a folder")
+        raise ValueError(f"checkpoint {path} is not a folder; {forms}")
     found = paths.listdir(path)
     if hf.CONFIG_FILE in found and hf.MODEL_CONFIG_FILE not in found:        # hf.is_hf_folder
         return Located("hf", path)
@@ -369,10 +371,7 @@ def locate(path: str) -> Located:
     name, parent = os.path.basename(path), paths.parent(path)
     if name.isdigit() and paths.is_dir(paths.join(path, hf.PARAMS_DIR)):
         return Located("training", parent, int(name), _run_dir_of(parent))
-    raise ValueError(f"{path} is not a checkpoint (found {found[:8]}{' ...' if len(found) > 8 else ''}); expected "
-                     f"a run folder RUN, RUN/{RUN_CHECKPOINTS}, RUN/{RUN_CHECKPOINTS}/STEP, a converted checkpoint "
-                     f"({hf.MODEL_CONFIG_FILE} + {hf.PARAMS_DIR}/) or a Hugging Face folder "
-                     f"({hf.CONFIG_FILE} + *.safetensors)")
+    raise ValueError(f"{path} is not a checkpoint (found {found[:8]}{' ...' if len(found) > 8 else ''}); {forms}")
 
 
 def _check_shapes(where: str, stored: Any, abstract_params: Any, what: str = "model") -> None:

@@ -40,7 +40,7 @@ import jax
 from qwen2vl_jax.data.pipeline import DataConfig
 from qwen2vl_jax.data.tokenizer import tokenizer_json
 from qwen2vl_jax.model import hf
-from qwen2vl_jax.model.config import ModelConfig
+from qwen2vl_jax.model.config import EXECUTION_FIELDS, ModelConfig
 from qwen2vl_jax.train import checkpoint, memory, paths, train_step
 
 if TYPE_CHECKING:
@@ -153,6 +153,25 @@ def load_params(model_cfg: ModelConfig, checkpoint_dir: str, mesh: jax.sharding.
         shardings = train_step.param_shardings(model_cfg, mesh)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     return checkpoint.load_params(checkpoint_dir, abstract)
+
+
+def load_pretrained(path: str, device: jax.Device | None = None, **execution_overrides) -> tuple[ModelConfig, dict]:
+    """(model config, params) of any checkpoint `checkpoint.locate` accepts: a training run RUN (its newest step
+    that restores), RUN/checkpoints, RUN/checkpoints/STEP, a converted checkpoint or a Hugging Face folder.
+    The params are jax arrays on `device` (default: the first device). `execution_overrides`: execution fields
+    of the config (model/config.py EXECUTION_FIELDS: param_dtype, dtype, attention_impl, ...); the params are
+    cast to its param_dtype. `q.load_pretrained` and `launch.convert --jax_to_hf` read their input here."""
+    bad = sorted(set(execution_overrides) - set(EXECUTION_FIELDS))
+    if bad:
+        raise ValueError(f"load_pretrained: {', '.join(bad)} not execution settings; valid: "
+                         f"{', '.join(EXECUTION_FIELDS)}")
+    checkpoint.locate(path)               # a path that is none of the accepted forms: one line naming them
+    cfg = read_model_config(path)
+    if cfg is None:
+        raise ValueError(f"{path} has no {MODEL_CONFIG_FILE} beside it (a run folder holds one): cannot tell which "
+                         "model its params are")
+    cfg = cfg.replace(**execution_overrides)
+    return cfg, load_params(cfg, path, device=device)
 
 
 def read_jsonl(run_dir: str, name: str) -> dict[int, dict]:
