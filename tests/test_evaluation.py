@@ -2,6 +2,7 @@
 unpacked per-sample recomputation with model.forward, standalone and as the trainer's hook; accuracy loop and
 the evaluate CLI on a random tiny model."""
 import io
+import dataclasses
 import json
 
 import jax
@@ -248,6 +249,14 @@ def test_evaluate_reads_the_runs_pixel_budgets(tmp_path):
     bad.mkdir()
     (bad / "data_config.json").write_text(json.dumps({"seq_len": 128, "image_max_pixels": 9408}))
     with pytest.raises(ValueError, match="missing: mixture.*video_total_pixels"):
+        rundir.read_data_config(str(bad))
+    # a run folder written before DataConfig.supervise_turn_newline existed reads back with the mask it trained
+    # with (False); any other field missing is still refused
+    old = {k: v for k, v in exp.data.to_dict().items() if k != "supervise_turn_newline"}
+    (bad / "data_config.json").write_text(json.dumps(old))
+    assert rundir.read_data_config(str(bad))[0] == dataclasses.replace(exp.data, supervise_turn_newline=False)
+    (bad / "data_config.json").write_text(json.dumps({k: v for k, v in old.items() if k != "shuffle"}))
+    with pytest.raises(ValueError, match=r"missing: shuffle; unknown: -\)$"):
         rundir.read_data_config(str(bad))
 
 

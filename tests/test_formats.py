@@ -241,6 +241,48 @@ def test_chat_template_text_only_matches_hand_rendering(tok, cfg):
     assert s["pixel_values"].shape == (0, 1176) and s["grid_thw"].shape == (0, 3)
 
 
+def _newline_after_supervised_turn_ends(on, off, tok) -> np.ndarray:
+    """The positions whose supervision `on` adds to `off`, checked to be exactly the token after each supervised
+    <|im_end|> of `off`, and that token "\n"; the ids are the same."""
+    ids = off["input_ids"]
+    assert on["input_ids"].tolist() == ids.tolist()
+    [im_end], [newline] = tok.encode("<|im_end|>"), tok.encode("\n")
+    ends = np.flatnonzero((ids == im_end) & (off["loss_mask"] == 1))
+    added = np.flatnonzero(on["loss_mask"] != off["loss_mask"])
+    assert len(ends) >= 1 and added.tolist() == (ends + 1).tolist()
+    assert (ids[added] == newline).all() and (on["loss_mask"][added] == 1).all()
+    return added
+
+
+def test_supervise_turn_newline_adds_exactly_the_newline_after_each_assistant_im_end(tok, cfg):
+    """Hand count on two turns: by default "Hi there.<|im_end|>" and "5<|im_end|>" are supervised (today's mask);
+    supervise_turn_newline adds the "\n" token after each of the two <|im_end|> and nothing else, as
+    LLaMA-Factory's qwen2_vl template labels "{{content}}<|im_end|>\n". It reaches the samples through DataConfig,
+    for the embedded chat data and for a prepared record alike."""
+    from qwen2vl_jax.data import pipeline, sources
+
+    msgs = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi there."},
+            {"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5"}]
+    off = F.assemble(*F.chat_spans(msgs), tok, cfg, "chat")
+    on = F.assemble(*F.chat_spans(msgs, supervise_turn_newline=True), tok, cfg, "chat")
+    assert off["input_ids"].tolist() == tok.encode(F.render_chat(msgs))
+    assert segments(off, tok) == ["Hi there.<|im_end|>", "5<|im_end|>"]
+    assert segments(on, tok) == ["Hi there.<|im_end|>\n", "5<|im_end|>\n"]
+    assert on["loss_mask"].sum() == off["loss_mask"].sum() + 2
+    assert len(_newline_after_supervised_turn_ends(on, off, tok)) == 2
+    # through DataConfig -> SampleDecoder: synthetic chat (source 0) and a chat record (source 1)
+    record = sources.encode_record({"type": "chat", "messages": msgs}, [], None)
+    mixture = (("synthetic:chat", 1.0), ("arrayrecord:/nowhere/*.array_record", 1.0))
+    decoded = {}
+    for flag in (False, True):
+        data_cfg = pipeline.DataConfig(mixture=mixture, supervise_turn_newline=flag, image_max_pixels=64 * 28 * 28)
+        decoder = pipeline.SampleDecoder.of(data_cfg, "train", tok, cfg, data_cfg.pack_config(cfg))
+        decoded[flag] = decoder.tokenized(0, 3), decoder.tokenized(1, record)
+    assert len(_newline_after_supervised_turn_ends(decoded[True][1], decoded[False][1], tok)) == 2
+    _newline_after_supervised_turn_ends(decoded[True][0], decoded[False][0], tok)
+    assert decoded[False][1]["loss_mask"].tolist() == off["loss_mask"].tolist()
+
+
 def test_chat_template_vision_items():
     img = Image.new("RGB", (56, 56))
     msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Hi"},

@@ -16,6 +16,8 @@ Kinds (paper stages, docs/qwen2vl.md §6.2):
     interleaved  Picture 1: <vision>a red circle\nPicture 2: <vision>two blue squares\n<|endoftext|>
   stage 3 instruction tuning, ChatML, only assistant turns (with their <|im_end|>) supervised:
     chat         image QA (1-2 turns), video QA, or pure-text arithmetic dialogue
+                 (supervise_turn_newline=True also supervises the "\n" after each assistant <|im_end|>, as
+                 LLaMA-Factory's qwen2_vl template does; docs/data_formats.md#loss-mask)
 (" | " marks where supervision starts.) Boxes are normalised to integers in [0, 1000) (docs/qwen2vl.md §5.3).
 """
 from __future__ import annotations
@@ -218,10 +220,12 @@ def interleaved_spans(scenes: Sequence[Scene]) -> tuple[list[Span], list[VisionI
 
 
 def chat_spans(messages: Sequence[dict], add_generation_prompt: bool = False,
-               system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> tuple[list[Span], list[VisionItem]]:
+               system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+               supervise_turn_newline: bool = False) -> tuple[list[Span], list[VisionItem]]:
     """ChatML as the Qwen2-VL instruct template renders it. `messages`: HF-style dicts
     {"role": ..., "content": str | [{"type": "image", "image": PIL} | {"type": "video", "video": frames,
-    "fps": f} | {"type": "text", "text": str}]}. Assistant content (and its <|im_end|>) is supervised."""
+    "fps": f} | {"type": "text", "text": str}]}. Assistant content and its <|im_end|> are supervised, and with
+    `supervise_turn_newline` the template's "\n" after that <|im_end|> too."""
     spans: list[Span] = []
     items: list[VisionItem] = []
     if not messages or messages[0]["role"] != "system":
@@ -243,7 +247,8 @@ def chat_spans(messages: Sequence[dict], add_generation_prompt: bool = False,
                 items.append(VisionItem(kind, part[part["type"]], float(part.get("fps", synthetic.CLIP_FPS))))
             else:
                 raise ValueError(f"content type {part['type']!r}; valid: text, image, video")
-        spans += [Span("<|im_end|>", supervised=role == "assistant"), Span("\n")]
+        spans += [Span("<|im_end|>", supervised=role == "assistant"),
+                  Span("\n", supervised=supervise_turn_newline and role == "assistant")]
     if add_generation_prompt:
         spans.append(Span("<|im_start|>assistant\n"))
     return spans, items
@@ -283,8 +288,9 @@ def chat_messages(source) -> list[dict]:
     return messages
 
 
-def sample_spans(kind: str, source) -> tuple[list[Span], list[VisionItem]]:
-    """The spans of a training sample of `kind` (KINDS) built from `source` (see `make_source`)."""
+def sample_spans(kind: str, source, supervise_turn_newline: bool = False) -> tuple[list[Span], list[VisionItem]]:
+    """The spans of a training sample of `kind` (KINDS) built from `source` (see `make_source`);
+    `supervise_turn_newline`: chat_spans'."""
     if kind in ("caption", "ocr", "count"):
         return plain_spans(make_task(kind, source, _task_rng(source, kind)), VisionItem(IMAGE, source.image))
     if kind == "video":
@@ -297,7 +303,7 @@ def sample_spans(kind: str, source) -> tuple[list[Span], list[VisionItem]]:
             raise ValueError(f"interleaved needs a non-empty sequence of Scenes, got {type(source).__name__}")
         return interleaved_spans(source)
     if kind == "chat":
-        return chat_spans(chat_messages(source))
+        return chat_spans(chat_messages(source), supervise_turn_newline=supervise_turn_newline)
     raise ValueError(f"sample kind {kind!r} unknown; valid: {', '.join(KINDS)}")
 
 
@@ -390,14 +396,16 @@ def make_source(kind: str, index: int, split: str = "train", seed: int = 0):
     raise ValueError(f"sample kind {kind!r} unknown; valid: {', '.join(KINDS)}")
 
 
-def build_sample(kind: str, source, tokenizer, cfg, vision_opts: VisionOptions | None = None) -> dict:
-    spans, items = sample_spans(kind, source)
+def build_sample(kind: str, source, tokenizer, cfg, vision_opts: VisionOptions | None = None,
+                 supervise_turn_newline: bool = False) -> dict:
+    spans, items = sample_spans(kind, source, supervise_turn_newline)
     return assemble(spans, items, tokenizer, cfg, kind, vision_opts)
 
 
 def make_sample(kind: str, index: int, split: str, tokenizer, cfg, vision_opts: VisionOptions | None = None,
-                seed: int = 0) -> dict:
-    return build_sample(kind, make_source(kind, index, split, seed), tokenizer, cfg, vision_opts)
+                seed: int = 0, supervise_turn_newline: bool = False) -> dict:
+    return build_sample(kind, make_source(kind, index, split, seed), tokenizer, cfg, vision_opts,
+                        supervise_turn_newline)
 
 
 def sample_text(kind: str, index: int, split: str = "train", seed: int = 0) -> str:

@@ -70,6 +70,10 @@ class DataConfig:
     read_threads: int = 4                 # decode threads per process
     read_buffer_size: int = 64            # samples decoded ahead per process
     shuffle: bool = True                  # per-epoch shuffle of ArrayRecord sources
+    # loss mask: also supervise the "\n" after each assistant <|im_end|> (LLaMA-Factory's qwen2_vl template);
+    # off: answer + <|im_end|> only (docs/data_formats.md#loss-mask). Applied when samples are read, not baked
+    # into prepared data. Run folders written before this field read back as False (rundir.read_data_config).
+    supervise_turn_newline: bool = False
 
     def __post_init__(self):
         mixture = tuple((str(n), float(w)) for n, w in self.mixture)
@@ -148,13 +152,24 @@ class SampleDecoder:
     pack_cfg: packing.PackConfig
     vision_opts: formats.VisionOptions
     sampling: sources.VideoSampling
+    supervise_turn_newline: bool = False
+
+    @classmethod
+    def of(cls, data_cfg: DataConfig, split: str, tokenizer, model_cfg: ModelConfig,
+           pack_cfg: packing.PackConfig) -> "SampleDecoder":
+        """The decoder of `data_cfg`'s mixture, split `split`."""
+        specs = tuple(sources.parse_source(n) for n, _ in data_cfg.mixture)
+        return cls(specs, split, data_cfg.seed, tokenizer, model_cfg, pack_cfg, data_cfg.vision_options,
+                   data_cfg.video_sampling, data_cfg.supervise_turn_newline)
 
     def tokenized(self, source: int, payload) -> dict:
         spec = self.specs[source]
         if spec.kind == "synthetic":
             return formats.make_sample(spec.arg, int(payload), self.split, self.tokenizer, self.model_cfg,
-                                       self.vision_opts, seed=self.seed)
-        return sources.record_to_sample(payload, self.tokenizer, self.model_cfg, self.vision_opts, self.sampling)
+                                       self.vision_opts, seed=self.seed,
+                                       supervise_turn_newline=self.supervise_turn_newline)
+        return sources.record_to_sample(payload, self.tokenizer, self.model_cfg, self.vision_opts, self.sampling,
+                                        self.supervise_turn_newline)
 
     def __call__(self, index: int, element) -> Decoded:
         source, payload = element
@@ -326,13 +341,11 @@ def build_dataset(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer, *, ba
         raise ValueError(f"split {split!r}; valid: {', '.join(SPLITS)}")
     tokenizer.check_model_config(model_cfg)
     pack_cfg = data_cfg.pack_config(model_cfg)
-    specs = tuple(sources.parse_source(n) for n, _ in data_cfg.mixture)
-    decoder = SampleDecoder(specs, split, data_cfg.seed, tokenizer, model_cfg, pack_cfg, data_cfg.vision_options,
-                      data_cfg.video_sampling)
+    decoder = SampleDecoder.of(data_cfg, split, tokenizer, model_cfg, pack_cfg)
     decoded = _mixed_dataset(data_cfg, process_index, process_count, split).map_with_index(decoder)
     it_ds = decoded.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads,
                                                       prefetch_buffer_size=data_cfg.read_buffer_size))
-    ds = PackIterDataset(it_ds, decoded, pack_cfg, batch_size, model_cfg.pad_token_id, [s.name for s in specs])
+    ds = PackIterDataset(it_ds, decoded, pack_cfg, batch_size, model_cfg.pad_token_id, [s.name for s in decoder.specs])
     if data_cfg.num_workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's mp_prefetch reads its absl flags; outside absl.app use defaults
             flags.FLAGS.mark_as_parsed()
@@ -413,9 +426,7 @@ def balanced_max_patches(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer
         raise ValueError(f"num_samples must be >= 1; got {num_samples}")
     probe = dataclasses.replace(data_cfg, max_patches=1 << 30, overflow="truncate")
     pack_cfg = probe.pack_config(model_cfg)
-    specs = tuple(sources.parse_source(n) for n, _ in probe.mixture)
-    decoder = SampleDecoder(specs, split, probe.seed, tokenizer, model_cfg, pack_cfg, probe.vision_options,
-                      probe.video_sampling)
+    decoder = SampleDecoder.of(probe, split, tokenizer, model_cfg, pack_cfg)
     mixed = _mixed_dataset(probe, 0, 1, split)
     tokens = patches = largest = 0
     for i in range(num_samples):

@@ -27,7 +27,7 @@ absolute; launch.prepare_data also reads LLaVA, chat "messages", WebDataset and 
                                        {"role": "assistant", "content": "answer"}]}
                           image parts take "images" in order; a video part takes "video"
 Pre-training kinds supervise the text (not the prompt, not vision tokens) and end with <|endoftext|>;
-chat is ChatML with only assistant turns supervised (formats.chat_spans).
+chat is ChatML with only assistant turns supervised (formats.chat_spans; DataConfig.supervise_turn_newline).
 
 Record (one ArrayRecord entry, msgpack): {"v": 1, "type", "text", "prompt", "boxes", "messages",
 "images": [raw encoded image bytes, ...], "video": absolute path or None, "origin": "manifest:line"}.
@@ -333,8 +333,10 @@ def _video_item(path: str, sampling: VideoSampling) -> VisionItem:
     return VisionItem(VIDEO, tuple(sampled), sampling.fps)
 
 
-def record_spans(rec: dict, images: Sequence, video: VisionItem | None) -> tuple[list[Span], list[VisionItem]]:
-    """Spans of a record (see the module docstring) given its decoded PIL images and video item."""
+def record_spans(rec: dict, images: Sequence, video: VisionItem | None,
+                 supervise_turn_newline: bool = False) -> tuple[list[Span], list[VisionItem]]:
+    """Spans of a record (see the module docstring) given its decoded PIL images and video item;
+    `supervise_turn_newline`: formats.chat_spans'."""
     kind = rec["type"]
     prompt = [Span(rec["prompt"])] if rec.get("prompt") else []
     if kind in ("caption", "ocr"):
@@ -370,7 +372,7 @@ def record_spans(rec: dict, images: Sequence, video: VisionItem | None) -> tuple
                            {"type": "video", "video": video.media, "fps": video.fps} if p["type"] == "video" else p
                            for p in content]
             messages.append({"role": m["role"], "content": content})
-        return formats.chat_spans(messages)
+        return formats.chat_spans(messages, supervise_turn_newline=supervise_turn_newline)
     raise BadRecordError("bad_record", f"record type {kind!r} unknown")
 
 
@@ -388,10 +390,10 @@ def record_media(rec: dict, sampling: VideoSampling = VideoSampling()) -> tuple[
 
 
 def record_sample(rec: dict, images: Sequence, video: VisionItem | None, tokenizer, cfg,
-                  vision_opts: formats.VisionOptions) -> dict:
+                  vision_opts: formats.VisionOptions, supervise_turn_newline: bool = False) -> dict:
     """A decoded record and its decoded media -> Tokenized sample (BadRecordError / media.BadMediaError)."""
     try:
-        spans, items = record_spans(rec, images, video)
+        spans, items = record_spans(rec, images, video, supervise_turn_newline)
     except ValueError as e:  # e.g. a vision part in an assistant turn
         if isinstance(e, (BadRecordError, media.BadMediaError)):
             raise
@@ -400,8 +402,8 @@ def record_sample(rec: dict, images: Sequence, video: VisionItem | None, tokeniz
 
 
 def record_to_sample(data: bytes, tokenizer, cfg, vision_opts: formats.VisionOptions,
-                     sampling: VideoSampling = VideoSampling()) -> dict:
+                     sampling: VideoSampling = VideoSampling(), supervise_turn_newline: bool = False) -> dict:
     """ArrayRecord bytes -> Tokenized sample. Raises BadRecordError (schema) or media.BadMediaError (media)."""
     rec = decode_record(data)
     images, video = record_media(rec, sampling)
-    return record_sample(rec, images, video, tokenizer, cfg, vision_opts)
+    return record_sample(rec, images, video, tokenizer, cfg, vision_opts, supervise_turn_newline)

@@ -78,9 +78,8 @@ def heldout_samples(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer, num
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1; got {num_samples}")
     pack_cfg = data_cfg.pack_config(model_cfg)
-    specs = tuple(sources.parse_source(name) for name, _ in data_cfg.mixture)
-    decoder = SampleDecoder(specs, "heldout", data_cfg.seed, tokenizer, model_cfg, pack_cfg,
-                            data_cfg.vision_options, data_cfg.video_sampling)
+    decoder = SampleDecoder.of(data_cfg, "heldout", tokenizer, model_cfg, pack_cfg)
+    specs = decoder.specs
     out = {}
     for s, (spec, label) in enumerate(zip(specs, sources.source_labels([n for n, _ in data_cfg.mixture]))):
         records = (range(pipeline.SYNTHETIC_LENGTH) if spec.kind == "synthetic"

@@ -3,6 +3,7 @@
     with rundir.RunLock(run_dir):                        # one run per run directory
         rundir.write_run_configs(exp)
     rundir.read_model_config(run_dir); rundir.read_jsonl(run_dir, rundir.LOSSES_FILE)
+    cfg, params = rundir.load_pretrained(path)          # any checkpoint form (q.load_pretrained, launch.convert)
 
 The run directory (exp.run_dir, local or gs://BUCKET/PATH: every file goes through train/paths.py; only
 process 0 writes the shared files, orbax has every process write its own shards) holds
@@ -124,12 +125,17 @@ def processor_dir(path: str) -> str | None:
     return d if d and paths.is_dir(d) else None
 
 
+# DataConfig fields added after run folders were written, with the value those runs trained with: an older
+# data_config.json lacks them and reads back with these values (any other missing field is refused)
+DATA_FIELDS_ADDED = {"supervise_turn_newline": False}
+
+
 def read_data_config(checkpoint_dir: str) -> tuple[DataConfig | None, str | None]:
     """(the data config of the run that wrote a checkpoint, its path), or (None, None) without one."""
     path = _run_file(checkpoint_dir, DATA_CONFIG_FILE)
     if path is None:
         return None, None
-    data = paths.read_json(path)
+    data = {**DATA_FIELDS_ADDED, **paths.read_json(path)}
     fields = [f.name for f in dataclasses.fields(DataConfig)]
     missing, unknown = [f for f in fields if f not in data], sorted(set(data) - set(fields))
     if missing or unknown:
