@@ -177,7 +177,7 @@ CPU_VISION = dict(image_max_pixels=16 * 28 * 28, video_max_pixels=16 * 28 * 28, 
 
 
 # Patch rows per token of the embedded data's stage mixtures under CPU_VISION, measured with
-# `pipeline.balanced_max_patches` (200 samples, tiny config; tests/test_experiments.py re-measures it).
+# `pipeline.balanced_max_patches` (200 samples, tiny config; tests/launch/test_experiments.py re-measures it).
 # A row's patch budget must follow the data's ratio, or patches bind first and token efficiency collapses
 # (2 x seq_len gave 53% token efficiency on tiny stage 1).
 CPU_PATCHES_PER_TOKEN = {1: 2.2, 2: 2.0, 3: 1.05}

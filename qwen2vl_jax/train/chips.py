@@ -26,7 +26,7 @@ sum converts to seconds at the MXU clock, clock = peak / (TensorCores x MXUs x M
 would put the clock at 3.5 GHz, but then the compiler's own cycle estimate for a large bf16 matmul would beat
 the chip's peak (141%); 1.75 GHz (four 256x256 MXU-equivalents) makes it 70% of peak. For an 8192^3 bf16
 matmul the compiler's cycles at these clocks give 90% of peak on v5p, 88% on v5e and 45% on v4 (whose
-backend_config shows no megacore split); tests/test_roofline.py checks each clock against the peak.
+backend_config shows no megacore split); tests/perf/test_roofline.py checks each clock against the peak.
 """
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from qwen2vl_jax.perf import aot
+import repo
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = repo.ROOT
 
 
 @pytest.mark.parametrize("name, topo, chips", [

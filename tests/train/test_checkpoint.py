@@ -18,10 +18,11 @@ import pytest
 from qwen2vl_jax.train import checkpoint, optim, sharding, train_step
 from qwen2vl_jax.model.config import get_config
 from test_train import synthetic_batch
+import repo
 
 CFG = get_config("test")
 STEP = train_step.StepConfig(loss_chunk=8, optim=optim.OptimConfig(peak_lr=1e-2, warmup_steps=1, total_steps=10))
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = repo.ROOT
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,7 +158,7 @@ def test_restore_gives_back_every_field(tmp_path):
     real step and a data-iterator state mid-stream: each field comes back as saved, and the restored data
     state continues the stream where the saved one was."""
     from qwen2vl_jax.data import pipeline, tokenizer
-    from test_pipeline import assert_batches_equal, dcfg, take
+    from batches import assert_batches_equal, dcfg, take
 
     mesh, abstract, _, b_sh, step_fn = _setup(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     state, _ = _steps(step_fn, train_step.init_state(CFG, STEP, jax.random.key(2), mesh), b_sh, [0])

@@ -20,8 +20,9 @@ from experiments import registry
 from qwen2vl_jax.train import optim, paths, rundir, trainer
 from qwen2vl_jax.train.checkpoint import NO_SPACE
 from test_checkpoint import DAMAGE, _damage
+import repo
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = repo.ROOT
 STEPS = 6
 
 

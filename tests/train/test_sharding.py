@@ -106,7 +106,7 @@ def test_global_batch_assembles_process_rows():
     assert arrs["positions"].sharding.spec == P(("data", "fsdp"), None, None)
 
 
-# 2 processes x 4 devices vs 1 x 8: tests/test_multihost.py (through launch.pretrain).
+# 2 processes x 4 devices vs 1 x 8: tests/train/test_multihost.py (through launch.pretrain).
 
 
 # ---------------------------------------------------------------------------------------------

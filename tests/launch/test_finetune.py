@@ -27,8 +27,9 @@ from qwen2vl_jax.eval import generate
 from qwen2vl_jax.model import hf
 from qwen2vl_jax.model.config import get_config
 from qwen2vl_jax.train import checkpoint, rundir
+import repo
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = repo.ROOT
 ANSWERS = {"astronaut": "an astronaut", "coffee": "a cup of coffee", "chelsea": "a cat"}
 
 

@@ -9,8 +9,9 @@ import urllib.request
 from PIL import Image
 
 from qwen2vl_jax.train import paths
+import repo
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = repo.ROOT
 
 
 def _env(variables, devices=2):

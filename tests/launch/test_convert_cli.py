@@ -12,8 +12,9 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from launch import convert
 from qwen2vl_jax.model import hf
 from qwen2vl_jax.model.config import get_config, to_hf_config
+import repo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = repo.ROOT
 
 
 def _run(*args):

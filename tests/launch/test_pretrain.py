@@ -9,8 +9,9 @@ import sys
 import time
 
 import pytest
+import repo
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = repo.ROOT
 
 
 def _env(devices=2):

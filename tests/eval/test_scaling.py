@@ -9,8 +9,9 @@ import pytest
 from scipy.optimize import minimize_scalar
 
 from qwen2vl_jax.eval import scaling
+import repo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = repo.ROOT
 TRUE = scaling.ScalingLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)   # Hoffmann et al. 2022
 
 

@@ -14,8 +14,9 @@ import pytest
 
 from experiments import registry
 from qwen2vl_jax.train import rundir
+import repo
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = repo.ROOT
 STEPS = 2
 OVERRIDES = ["batch_size=8", f"steps={STEPS}", "log_every=1", "checkpoint.every=1000", "data.max_patches=256",
              f"eval_every={STEPS}", "eval_samples=32", "eval_mixture=(('synthetic:caption', 1.0),)"]

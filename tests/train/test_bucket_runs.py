@@ -24,8 +24,9 @@ import pytest
 from qwen2vl_jax.model.config import architecture_diff
 from qwen2vl_jax.train import checkpoint, paths, rundir, sharding, train_step
 from test_checkpoint import _at_step
+import repo
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = repo.ROOT
 STEPS = 8
 
 

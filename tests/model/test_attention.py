@@ -118,7 +118,7 @@ def test_splash_interpret_matches_xla():
 # (4/2 over tensor 2); kv replicated, every shard's query heads in one kv group (4/2 over tensor 4); kv
 # replicated, a shard's 3 query heads straddle two kv groups (6/3 over tensor 2: per-head kv gather);
 # vision-shaped (non-causal, head_dim 80, all heads one kv head each). block_sparse with kv heads split like
-# the query heads, non-causal and causal: tests/test_block_sparse_attention.py (the model on a 2x2x2 mesh).
+# the query heads, non-causal and causal: tests/model/test_block_sparse_attention.py (the model on a 2x2x2 mesh).
 SHARDED_CASES = [("splash", (2, 2, 2), (4, 2), True), ("splash", (2, 1, 4), (4, 2), True),
                  ("splash", (1, 4, 2), (6, 3), True), ("splash", (2, 1, 4), (4, 4), False),
                  ("block_sparse", (2, 1, 4), (4, 2), True), ("block_sparse", (1, 4, 2), (6, 3), True)]

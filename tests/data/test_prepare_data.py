@@ -15,13 +15,14 @@ from launch import prepare_data
 from qwen2vl_jax.data import importers, pipeline, prepare, sources, tokenizer
 from qwen2vl_jax.eval import evaluation
 from qwen2vl_jax.model.config import get_config
+import repo
 
 CFG = get_config("test")
 TOK = tokenizer.load_tokenizer("embedded")
 DATA = pipeline.DataConfig(seq_len=512, max_patches=1024, lookahead=4, read_threads=1, read_buffer_size=8)
 OPTS = DATA.vision_options
 TARGET = prepare.Target(CFG, DATA, "embedded")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = repo.ROOT
 
 
 def run(inputs, out, fmt="manifest", target=TARGET, **kw):
