@@ -1,12 +1,14 @@
 """README's "What the first run prints and where it goes": its sample console output and run-folder listing,
-read from README.md, to compare with a real `launch.pretrain` run (tests/test_pretrain.py).
+read from README.md, to compare with a real `launch.pretrain` run (tests/launch/test_pretrain.py).
 
 A console line's shape is the line with every number (7.3166, 1.33e-03, 1.3k, 60) written N and every
 absolute path written PATH: two runs of one experiment print lines of the same shapes."""
 import os
 import re
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+import repo
+
+README = os.path.join(repo.ROOT, "README.md")
 SECTION = "## What the first run prints and where it goes"
 
 _NUMBER = re.compile(r"(?<!\w)\d+(?:\.\d+)?(?:e[+-]?\d+)?[kM]?(?!\w)")

@@ -11,9 +11,10 @@ import types
 
 import pytest
 
+import repo
 from qwen2vl_jax.train import distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = repo.ROOT
 
 # what the metadata server answers on worker 2 of a 4-worker slice (the two formats of the endpoints list)
 V5P_32 = {"agent-worker-number": "2", "accelerator-type": "v5p-32",
