@@ -1,8 +1,8 @@
 """Evaluation: metric machinery against hand cases; the held-out loss by source and by data kind against an
 unpacked per-sample recomputation with model.forward, standalone and as the trainer's hook; accuracy loop and
 the evaluate CLI on a random tiny model."""
-import io
 import dataclasses
+import io
 import json
 
 import jax
@@ -231,6 +231,24 @@ def test_evaluate_cli_on_saved_checkpoint(tmp_path, params, capsys):
     assert out["chance"]["count"] == pytest.approx(sum(counts[i] == counts[j] for i, j in pairs) / len(pairs))
     with pytest.raises(ValueError, match="not a directory"):
         evaluate.main(["--checkpoint", str(tmp_path / "missing")])
+
+
+def test_repeated_kinds_are_the_kinds_that_are_exactly_one_source(capsys):
+    """A kind/<k> entry repeats a source/<label> entry when every sample of kind k is in one source and that source
+    holds no other kind (each synthetic source); a kind spread over sources, or a source of several kinds (a
+    prepared corpus), keeps its entry. The console line leaves the repeated ones out (MetricsLogger.log_eval)."""
+    from qwen2vl_jax.train.metrics import MetricsLogger
+
+    group = lambda source, kind: ev.HeldoutGroup(source, kind, 1, ())  # noqa: E731
+    synthetic = [group("caption", "caption"), group("ocr", "ocr")]
+    assert ev.repeated_kinds(synthetic) == {"kind/caption", "kind/ocr"}
+    # llava holds chat and caption; caption is also a synthetic source: neither kind is one source's samples
+    assert ev.repeated_kinds([group("llava", "chat"), group("llava", "caption"), group("caption", "caption")]) == set()
+    assert ev.repeated_kinds([group("a", "chat"), group("b", "chat"), group("ocr", "ocr")]) == {"kind/ocr"}
+    values = {"source/caption": 1.0, "kind/caption": 1.0, "source/llava": 2.0, "kind/chat": 2.5, "mean": 1.5}
+    MetricsLogger(None).log_eval(7, values, hide={"kind/caption"})
+    assert capsys.readouterr().out == ("eval step 7 | source/caption 1.0000 | source/llava 2.0000 | kind/chat 2.5000 | "
+                                       "mean 1.5000\n")
 
 
 def test_evaluate_reads_the_runs_pixel_budgets(tmp_path):
