@@ -345,7 +345,8 @@ def build_dataset(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer, *, ba
     decoded = _mixed_dataset(data_cfg, process_index, process_count, split).map_with_index(decoder)
     it_ds = decoded.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads,
                                                       prefetch_buffer_size=data_cfg.read_buffer_size))
-    ds = PackIterDataset(it_ds, decoded, pack_cfg, batch_size, model_cfg.pad_token_id, [s.name for s in decoder.specs])
+    ds = PackIterDataset(it_ds, decoded, pack_cfg, batch_size, model_cfg.pad_token_id,
+                         [s.name for s in decoder.specs])
     if data_cfg.num_workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's mp_prefetch reads its absl flags; outside absl.app use defaults
             flags.FLAGS.mark_as_parsed()
