@@ -667,6 +667,24 @@ def check_arguments(num_shards: int, shard_index: int | None) -> None:
         raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
 
 
+def begin(inputs: str | Sequence[str], out_dir: str, opts: importers.ImportOptions, target: Target, heldout: int,
+          num_shards: int, shard_index: int | None, overwrite: bool) -> tuple[list[str], dict, dict | None]:
+    """The start of every path (local, Beam, a part): (input files, settings, the existing summary when OUT
+    already holds this dataset, else None). Arguments, inputs, tokenizer and OUT are checked before any work."""
+    check_arguments(num_shards, shard_index)
+    files = importers.resolve_inputs(inputs, opts.format) if isinstance(inputs, str) else list(inputs)
+    load_for(target.tokenizer, target.model)      # a tokenizer the model cannot read: one line, before any work
+    settings = settings_of(files, opts, target, heldout, num_shards)
+    return files, settings, check_out_dir(out_dir, settings, overwrite, shard_index)
+
+
+def fresh_tmp(out_dir: str, part: int | None) -> str:
+    """OUT/.incomplete (a part: OUT/.incomplete-i), emptied of what a killed run left."""
+    tmp = paths.join(out_dir, incomplete_name(part))
+    _remove(tmp)
+    return tmp
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole import (this machine's processes)
 
@@ -678,22 +696,17 @@ def prepare(inputs: str | Sequence[str], out_dir: str, *, opts: importers.Import
     part's: OUT/parts/summary-i-of-N.json); summary["up_to_date"] is True when OUT already held this. ValueError
     for unusable arguments or inputs, and when no record could be imported."""
     stream = stream or sys.stderr
-    check_arguments(num_shards, shard_index)
     if workers < 0:
         raise ValueError(f"workers={workers} must be >= 0 (0: one per core)")
     workers = workers or available_cores()
-    files = importers.resolve_inputs(inputs, opts.format) if isinstance(inputs, str) else list(inputs)
-    load_for(target.tokenizer, target.model)      # a tokenizer the model cannot read: one line, before any work
-    settings = settings_of(files, opts, target, heldout, num_shards)
-    existing = check_out_dir(out_dir, settings, overwrite, shard_index)
+    files, settings, existing = begin(inputs, out_dir, opts, target, heldout, num_shards, shard_index, overwrite)
     if existing is not None:
         return existing | {"up_to_date": True}
     t0 = time.time()
     chunks, starts, positions = plan(files, opts, heldout)
     mine = [c for c in range(len(chunks)) if shard_index is None or c % num_shards == shard_index]
     workers = max(1, min(workers, len(mine)))      # a worker per chunk at most: starting one costs seconds
-    tmp = paths.join(out_dir, incomplete_name(shard_index))
-    _remove(tmp)
+    tmp = fresh_tmp(out_dir, shard_index)
     shard_files = layout(num_shards, heldout, shard_index)
     writers = {split: [ShardWriter(paths.join(tmp, n)) for n in names] for split, names in shard_files.items()}
     stats = Stats()
