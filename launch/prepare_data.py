@@ -91,6 +91,12 @@ flags.mark_flags_as_required(["input", "out"], flag_values=FLAGS)
 
 def main(argv) -> int:
     cli.parse(FLAGS, argv, __doc__)
+    if FLAGS.engine == "local" and (FLAGS.runner != "DirectRunner" or FLAGS.beam_options):
+        raise ValueError(f"--runner={FLAGS.runner} / --beam_options={FLAGS.beam_options!r} need --engine=beam "
+                         "(valid engines: local, beam)")
+    if FLAGS.engine == "beam" and FLAGS.shard_index is not None:
+        raise ValueError(f"--shard_index={FLAGS.shard_index} is for --engine=local (N hosts, one part each); "
+                         "--engine=beam imports the whole input on its runner's workers")
     exp = registry.get_experiment(FLAGS.experiment, FLAGS.model, FLAGS.set)
     files = importers.resolve_inputs(FLAGS.input, FLAGS.format)
     fmt = FLAGS.format
@@ -102,12 +108,6 @@ def main(argv) -> int:
                                    prompt_column=FLAGS.prompt_column, missing_images=FLAGS.missing_images)
     out = FLAGS.out
     target = prepare.Target(exp.model, exp.data, exp.tokenizer)
-    if FLAGS.engine == "local" and (FLAGS.runner != "DirectRunner" or FLAGS.beam_options):
-        raise ValueError(f"--runner={FLAGS.runner} / --beam_options={FLAGS.beam_options!r} need --engine=beam "
-                         "(valid engines: local, beam)")
-    if FLAGS.engine == "beam" and FLAGS.shard_index is not None:
-        raise ValueError(f"--shard_index={FLAGS.shard_index} is for --engine=local (N hosts, one part each); "
-                         "--engine=beam imports the whole input on its runner's workers")
     try:
         if FLAGS.engine == "beam":
             from qwen2vl_jax.data import beam_import       # apache-beam: requirements-beam.txt
