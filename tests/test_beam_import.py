@@ -171,6 +171,32 @@ def test_runner_and_option_errors_are_one_line(tmp_path, capsys):
             prepare_data.main(base + extra)
 
 
+def test_dataflow_options_and_the_package_its_workers_install(tmp_path):
+    """docs/data_formats.md's Dataflow options parse as Beam reads them, and the package Beam builds from
+    --setup_file=./pyproject.toml (what each worker installs) holds this module, prepare.py, the embedded
+    tokenizer and the requirements its dependencies come from."""
+    import tarfile
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, SetupOptions, WorkerOptions
+    from apache_beam.runners.portability.stager import Stager
+    pytest.importorskip("build")                   # requirements-beam.txt
+    docs = open(os.path.join(REPO, "docs", "data_formats.md")).read()
+    quoted = docs[docs.index('--runner=DataflowRunner \\\n    --beam_options="'):].split('"')[1]
+    opts = beam_import.pipeline_options("DataflowRunner", quoted.replace("\\\n", " "), 0, "gs://b/x")
+    assert opts.view_as(GoogleCloudOptions).project == "PROJECT"
+    assert opts.view_as(GoogleCloudOptions).temp_location == "gs://B/beam_tmp"
+    assert opts.view_as(WorkerOptions).max_num_workers == 100
+    assert opts.view_as(SetupOptions).setup_file == "./pyproject.toml"
+    cwd = os.getcwd()
+    try:
+        sdist = Stager._build_setup_package(os.path.join(REPO, "pyproject.toml"), str(tmp_path))
+    finally:
+        os.chdir(cwd)
+    with tarfile.open(sdist) as tf:
+        names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
+    assert {"qwen2vl_jax/data/beam_import.py", "qwen2vl_jax/data/prepare.py", "qwen2vl_jax/assets/tokenizer.json",
+            "requirements.txt", "pyproject.toml"} <= names
+
+
 class _OpenWriters:
     """Counts the ShardWriters writing to a bucket that are open at once (each holds a local temporary file)."""
 
