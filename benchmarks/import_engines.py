@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import tarfile
 import tempfile
 import time
@@ -29,6 +28,7 @@ import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 from absl import flags  # noqa: E402
 
+from benchmarks.data_pipeline import _caption, pin_to_core  # noqa: E402
 from experiments import flags as cli  # noqa: E402
 
 FLAGS = flags.FlagValues()
@@ -49,7 +49,6 @@ def photographs() -> list[np.ndarray]:
 def write_corpus(folder: str, records: int, seed: int = 0) -> dict:
     """img2dataset tars of `records` random crops of the photographs; returns {"images", "mean_pixels",
     "mean_jpeg_bytes"}."""
-    from benchmarks.data_pipeline import _caption
     rng = np.random.default_rng(seed)
     photos = photographs()
     pixels, sizes = [], []
@@ -86,11 +85,7 @@ def _files(out: str) -> dict[str, bytes]:
 
 def main(argv) -> None:
     cli.parse(FLAGS, argv, __doc__)
-    if FLAGS.core >= (os.cpu_count() or 1):
-        print(f"ERROR: --core={FLAGS.core}; valid: 0..{(os.cpu_count() or 1) - 1}", file=sys.stderr)
-        sys.exit(1)
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {FLAGS.core})
+    pin_to_core(FLAGS.core)
     from experiments import stages
     from qwen2vl_jax.data import beam_import, importers, prepare
 
@@ -98,7 +93,6 @@ def main(argv) -> None:
     tok = "embedded" if FLAGS.model in ("tiny", "test") else "qwen2"
     target = prepare.Target(exp.model, exp.data, tok)
     opts = importers.ImportOptions("webdataset")
-    print(f"pinned to core {FLAGS.core} of {os.cpu_count()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     with tempfile.TemporaryDirectory() as d:
         os.makedirs(os.path.join(d, "in"))
         corpus = write_corpus(os.path.join(d, "in"), FLAGS.records)
