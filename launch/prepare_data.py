@@ -38,6 +38,7 @@ training reads it as "arrayrecord:gs://BUCKET/PATH" through a gcsfuse mount (lau
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 from absl import flags
@@ -110,6 +111,8 @@ def main(argv) -> int:
     target = prepare.Target(exp.model, exp.data, exp.tokenizer)
     try:
         if FLAGS.engine == "beam":
+            if FLAGS.runner == "DirectRunner":         # Beam's per-stage INFO lines; a cluster's job link stays
+                logging.getLogger("apache_beam").setLevel(logging.WARNING)
             from qwen2vl_jax.data import beam_import       # apache-beam: requirements-beam.txt
             summary = beam_import.import_beam(files, out, opts=opts, target=target, heldout=FLAGS.heldout,
                                               num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite,
