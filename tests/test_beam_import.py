@@ -147,6 +147,28 @@ def test_a_shard_is_written_in_chunk_order_whatever_order_groupbykey_gives(tmp_p
         list(write.process((("train", 0), [(2, [b"c"]), (0, [b"a"]), (2, [b"c"])])))
 
 
+def test_workers_scan_the_files_the_driver_planned(tmp_path, monkeypatch):
+    """The job holds one element per input file (not its records); each worker's scan gives the chunks at the
+    driver's positions (chunks of 2 over 5 + 3 lines: starts by hand), and a file that changed after the driver
+    read it stops the import instead of placing records by stale positions."""
+    monkeypatch.setattr(importers, "CHUNK_RECORDS", 2)
+    for name, n in (("a.jsonl", 5), ("b.jsonl", 3)):
+        (tmp_path / name).write_text("".join(json.dumps({"n": i}) + "\n" for i in range(n)))
+    files = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    o = importers.ImportOptions("messages")
+    chunks, starts, _ = prepare.plan(files, o, 0)
+    plan = beam_import.file_plan(files, [importers.file_identity(f) for f in files], chunks, starts)
+    assert [(p.rsplit("/", 1)[1], first, s) for p, _, first, s in plan] == [("a.jsonl", 0, (0, 2, 4)),
+                                                                            ("b.jsonl", 3, (5, 7))]
+    got = [x for element in plan for x in beam_import.ScanFile(o).process(element)]
+    assert [(c, start) for c, start, _ in got] == [(0, 0), (1, 2), (2, 4), (3, 5), (4, 7)]
+    assert [chunk for _, _, chunk in got] == chunks
+    with open(files[1], "a") as f:
+        f.write(json.dumps({"n": 3}) + "\n")
+    with pytest.raises(RuntimeError, match=r"b.jsonl changed during the import .* 2 -> 2 chunks\): run it again"):
+        list(beam_import.ScanFile(o).process(plan[1]))
+
+
 def test_runner_and_option_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"^--runner='Spark'; valid: DirectRunner, PrismRunner, DataflowRunner$"):
         beam_import.pipeline_options("Spark", "", 1, str(tmp_path))

@@ -7,7 +7,8 @@ machine's cores cannot import in time.
 The per-record work is prepare.py's, not a copy: the driver checks the arguments and OUT (prepare.begin) and cuts
 the input into chunks (prepare.plan: importers.scan, in input order); then
 
-    Create(chunk index, first input position, chunk) -> Reshuffle (spread the chunks over the workers)
+    Create(input file, its first chunk index and chunk starts) -> Reshuffle -> ParDo ScanFile: the file's
+       chunks, read again as the driver read them -> Reshuffle (spread the chunks over the workers)
     -> ParDo ImportChunk: process_chunk + split_chunk + shard_of per chunk (the tokenizer loaded once per
        worker in setup), emitting ((split, shard), (chunk index, records)) and the chunk's Stats
     -> GroupByKey per (split, shard) -> WriteShard: the shard's chunks in chunk order through prepare.ShardWriter
@@ -22,10 +23,11 @@ A WriteShard spools its shard's chunks to a local temporary file as GroupByKey h
 and writes them in chunk order from there: worker memory holds one chunk, its disk twice one shard (spool and,
 for gs://, ShardWriter's upload file), so --num_shards sets the disk a worker needs.
 
-The driver reads the inputs' index (importers.scan: JSON lines are read whole, tar shards' member offsets and
-Parquet row-group sizes are read from the files) and puts the chunks in the pipeline: JSON chunks carry their
-lines, tar and Parquet chunks only references, so a corpus of hundreds of millions of records is best given as
-WebDataset tars or Parquet (img2dataset, OBELICS, ...).
+The driver reads the inputs' index once (importers.scan: JSON lines are read whole, tar shards' member offsets
+and Parquet row-group sizes are read from the files) for the input positions (held-out places, chunk starts);
+the job itself holds one small element per input file, and the workers scan their files again (a file that
+changed in between stops the import). A corpus of hundreds of millions of records is best given as many
+WebDataset tars or Parquet files (img2dataset, OBELICS, ...): the driver's scan reads only their indexes.
 """
 from __future__ import annotations
 
@@ -90,8 +92,10 @@ def import_beam(inputs: str | Sequence[str], out_dir: str, *, opts: importers.Im
     print(f"beam: {sum(len(c) for c in chunks)} input records in {len(chunks)} chunks on {runner} -> {out_dir}",
           file=stream)
     with beam.Pipeline(options=options) as p:
-        imported = (p | "Chunks" >> beam.Create([(c, starts[c], chunk) for c, chunk in enumerate(chunks)])
-                    | "Spread" >> beam.Reshuffle()
+        imported = (p | "Files" >> beam.Create(file_plan(files, settings["inputs"], chunks, starts))
+                    | "SpreadFiles" >> beam.Reshuffle()
+                    | "Scan" >> beam.ParDo(ScanFile(opts))
+                    | "SpreadChunks" >> beam.Reshuffle()
                     | "Import" >> beam.ParDo(ImportChunk(opts, target, positions, num_shards)).with_outputs(
                         _STATS, main="records"))
         every_shard = p | "EveryShard" >> beam.Create(
@@ -107,8 +111,44 @@ def import_beam(inputs: str | Sequence[str], out_dir: str, *, opts: importers.Im
                           None) | {"up_to_date": False}
 
 
+def file_plan(files: Sequence[str], identities: Sequence[list], chunks: Sequence, starts: Sequence[int]) -> list:
+    """Per input file (path, identity, first chunk index, first input position of each of its chunks): what the
+    pipeline starts from. The chunks themselves are scanned again by the workers (ScanFile), so the job's
+    description stays small (Dataflow limits it to some MB) however many records the inputs hold."""
+    out, c = [], 0
+    for path, identity in zip(files, identities):
+        first = c
+        while c < len(chunks) and chunks[c].path == path:
+            c += 1
+        if c > first:
+            out.append((path, identity, first, tuple(starts[first:c])))
+    if c != len(chunks):
+        raise RuntimeError(f"chunks {c}.. of {len(chunks)} belong to no input file, or files repeat")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # The transforms (pickled to the workers: everything they hold is plain data)
+
+
+class ScanFile(beam.DoFn):
+    """(path, file identity, first chunk index, first input position of each chunk) -> (chunk index, first input
+    position, chunk) per chunk of the file, read as the driver read it (importers.scan); a file that changed
+    since (another size, version or number of chunks) is an error, not records in the wrong places."""
+
+    def __init__(self, opts):
+        self.opts = opts
+
+    def process(self, element) -> Iterator[tuple]:
+        path, identity, first, starts = element
+        now = importers.file_identity(path)
+        chunks = importers.scan([path], self.opts)
+        sizes = [b - a for a, b in zip(starts, starts[1:])]
+        if now != list(identity) or len(chunks) != len(starts) or [len(c) for c in chunks[:-1]] != sizes:
+            raise RuntimeError(f"{path} changed during the import ({identity[1:]} -> {now[1:]}, {len(starts)} -> "
+                               f"{len(chunks)} chunks): run it again")
+        for k, chunk in enumerate(chunks):
+            yield first + k, starts[k], chunk
 
 
 class ImportChunk(beam.DoFn):
