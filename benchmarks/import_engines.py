@@ -1,16 +1,17 @@
 """launch.prepare_data's two engines on real photographs: records/s per core of the local engine (prepare.py, one
 worker process) and of the Apache Beam pipeline on the DirectRunner (beam_import.py, one in-process worker).
 
-    python -m benchmarks.import_engines [--records=400] [--model=2b --stage=2] [--core=0] [--shards=4]
+    python -m benchmarks.import_engines [--records=400] [--repeats=3] [--model=2b --stage=2] [--core=0] [--shards=4]
 
 The corpus is img2dataset's layout (WebDataset tars of KEY.jpg + KEY.txt + KEY.json, 100 samples per tar), the
 way caption corpora of hundreds of millions of pairs ship: each image a random crop (40..100% of each side,
 seeded) of one of scikit-image's bundled photographs (the colour ones: astronaut, coffee, chelsea, rocket,
 hubble_deep_field, immunohistochemistry, retina; the grey ones as RGB: camera, coins, moon, grass, gravel, brick,
 clock), JPEG quality 90, with an 8..32-word caption. Each engine imports it at the stage's config (tokenizer,
-pixel budgets, row size) pinned to one core; per core = records / CPU seconds of this process (the Beam
-DirectRunner in in_memory mode runs its worker in this process), which other processes sharing the core do not
-inflate; wall seconds include each engine's start-up. Both outputs are checked equal, file by file, first.
+pixel budgets, row size) pinned to one core, --repeats times, alternating; per core = records / CPU seconds of
+this process and its children (the Beam DirectRunner in in_memory mode runs its worker in this process), which
+other processes sharing the core inflate less than wall time (not at all only on a machine without shared
+hyperthreads); wall time includes each engine's start-up. The outputs are checked equal, file by file.
 """
 from __future__ import annotations
 
@@ -73,6 +74,13 @@ def write_corpus(folder: str, records: int, seed: int = 0) -> dict:
     return {"images": records, "mean_pixels": float(np.mean(pixels)), "mean_jpeg_bytes": float(np.mean(sizes))}
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished child processes (a runner's workers, if any)."""
+    import resource
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _files(out: str) -> dict[str, bytes]:
     got = {}
     for split in ("train", "heldout"):
@@ -100,33 +108,37 @@ def main(argv) -> None:
               f"{corpus['mean_pixels'] / 1e3:.0f} kpixels, {corpus['mean_jpeg_bytes'] / 1e3:.0f} KB) in "
               f"{-(-FLAGS.records // PER_TAR)} img2dataset tars; {FLAGS.model} stage {FLAGS.stage} checks ({tok} "
               f"tokenizer, images <= {exp.data.image_max_pixels} px), {FLAGS.shards} train shards, 10 held out")
-        rows, outputs = [], {}
-        for engine in ("local", "beam"):
-            out = os.path.join(d, engine)
-            cpu0, t0 = time.process_time(), time.time()
-            if engine == "local":
-                s = prepare.prepare(os.path.join(d, "in"), out, opts=opts, target=target, heldout=10,
-                                    num_shards=FLAGS.shards, workers=1, progress=False)
-                label = "local engine (1 worker process)"
-            else:
-                s = beam_import.import_beam(os.path.join(d, "in"), out, opts=opts, target=target, heldout=10,
-                                            num_shards=FLAGS.shards, workers=1, stream=open(os.devnull, "w"))
-                label = "Beam DirectRunner (in_memory, 1 worker)"
-            cpu, wall = time.process_time() - cpu0, time.time() - t0
-            outputs[engine] = _files(out)
-            rows.append((label, s["records"], sum(s["written"].values()), wall, cpu))
-        if outputs["local"] != outputs["beam"]:
-            raise RuntimeError("the engines wrote different files")
-    print(f"  {'engine':42s} {'records':>7s} {'written':>7s} {'wall s':>7s} {'CPU s':>7s} {'rec/s/core':>10s} "
-          f"{'rec/s wall':>10s}")
-    for label, n, w, wall, cpu in rows:
-        print(f"  {label:42s} {n:>7d} {w:>7d} {wall:>7.1f} {cpu:>7.1f} {n / cpu:>10.1f} {n / wall:>10.1f}")
-    print("  (outputs identical file by file)")
+        labels = {"local": "local engine (1 worker process)", "beam": "Beam DirectRunner (in_memory, 1 worker)"}
+        runs: dict = {e: [] for e in labels}
+        outputs = {}
+        for r in range(FLAGS.repeats):            # alternating, so both see the same load over time
+            for engine in labels:
+                out = os.path.join(d, f"{engine}{r}")
+                cpu0, t0 = _cpu_seconds(), time.time()
+                if engine == "local":
+                    s = prepare.prepare(os.path.join(d, "in"), out, opts=opts, target=target, heldout=10,
+                                        num_shards=FLAGS.shards, workers=1, progress=False)
+                else:
+                    s = beam_import.import_beam(os.path.join(d, "in"), out, opts=opts, target=target, heldout=10,
+                                                num_shards=FLAGS.shards, workers=1, stream=open(os.devnull, "w"))
+                runs[engine].append((s["records"], time.time() - t0, _cpu_seconds() - cpu0))
+                outputs[engine] = _files(out)
+            if outputs["local"] != outputs["beam"]:
+                raise RuntimeError("the engines wrote different files")
+    print(f"  {'engine':42s} {'records':>7s} {'rec/s/core (median, min..max)':>30s} {'rec/s wall (median)':>20s}")
+    for engine, label in labels.items():
+        per_core = sorted(n / cpu for n, _, cpu in runs[engine])
+        wall = float(np.median([n / w for n, w, _ in runs[engine]]))
+        print(f"  {label:42s} {runs[engine][0][0]:>7d} {np.median(per_core):>14.1f} "
+              f"({per_core[0]:.1f}..{per_core[-1]:.1f}) {wall:>20.1f}")
+    print(f"  ({FLAGS.repeats} runs each, alternating; outputs identical file by file)")
 
 
 flags.DEFINE_integer("records", 400, "image-text pairs in the corpus", lower_bound=20, flag_values=FLAGS)
 flags.DEFINE_integer("core", 0, "CPU core to pin this process to", lower_bound=0, flag_values=FLAGS)
 flags.DEFINE_integer("shards", 4, "train shards", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 3, "runs of each engine (alternating; the median is reported)", lower_bound=1,
+                     flag_values=FLAGS)
 flags.DEFINE_integer("stage", 2, "the stage whose config the records are checked against", lower_bound=1,
                      upper_bound=3, flag_values=FLAGS)
 flags.DEFINE_enum("model", "2b", ["test", "tiny", "2b", "7b", "72b"], "model size preset", flag_values=FLAGS)
