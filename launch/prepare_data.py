@@ -61,7 +61,8 @@ flags.DEFINE_integer("shard_index", None, "write only train shard i of --num_sha
                      lower_bound=0, flag_values=FLAGS)
 flags.DEFINE_integer("workers", 0, "worker processes (0: one per available core)", lower_bound=0,
                      flag_values=FLAGS)
-flags.DEFINE_bool("overwrite", False, "import again and replace the dataset in --out (once the new one is complete)", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "import again and replace the dataset in --out (once the new one is complete)",
+                  flag_values=FLAGS)
 flags.DEFINE_string("media_root", "", "folder of relative media paths ('': each input file's folder)",
                     flag_values=FLAGS)
 flags.DEFINE_list("ignore_fields", [], "record fields (metadata) to drop instead of rejecting the record",

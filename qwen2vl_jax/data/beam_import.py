@@ -60,7 +60,8 @@ def pipeline_options(runner: str, pipeline_args: str | Sequence[str], workers: i
         raise ValueError(f"--runner={runner!r}; valid: {', '.join(RUNNERS)}")
     args = shlex.split(pipeline_args) if isinstance(pipeline_args, str) else list(pipeline_args)
     if any(a == "--runner" or a.startswith("--runner=") for a in args):
-        raise ValueError(f"--beam_options {' '.join(args)!r} sets the runner: use --runner (valid: {', '.join(RUNNERS)})")
+        raise ValueError(f"--beam_options {' '.join(args)!r} sets the runner: use --runner "
+                         f"(valid: {', '.join(RUNNERS)})")
     if runner == "DirectRunner" and not any(a.startswith("--direct_num_workers") for a in args) and workers > 1:
         args += [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
     if runner == "DataflowRunner":
@@ -68,7 +69,8 @@ def pipeline_options(runner: str, pipeline_args: str | Sequence[str], workers: i
             raise ValueError("--runner=DataflowRunner: its workers need this package; add --setup_file=./pyproject.toml"
                              " (or --sdk_container_image=IMAGE) to --beam_options")
         if not paths.is_remote(out_dir):
-            raise ValueError(f"--runner=DataflowRunner writes from its workers: --out {out_dir} must be gs://BUCKET/PATH")
+            raise ValueError(f"--runner=DataflowRunner writes from its workers: --out {out_dir} must be "
+                             "gs://BUCKET/PATH")
     return PipelineOptions([f"--runner={runner}", *args])
 
 
