@@ -273,14 +273,20 @@ flags.DEFINE_float("mfu", 0.5, "end to end: model FLOPs utilisation the chips re
 flags.DEFINE_bool("skip_e2e", False, "skip the end-to-end row", flag_values=FLAGS)
 
 
-def main(argv) -> None:
-    cli.parse(FLAGS, argv, __doc__)
-    if FLAGS.core >= (os.cpu_count() or 1):
-        print(f"ERROR: --core={FLAGS.core}; valid: 0..{(os.cpu_count() or 1) - 1}", file=sys.stderr)
+def pin_to_core(core: int) -> None:
+    """This process on one core (its CPU time is then the per-core cost); exits with a one-line error for a core
+    the machine does not have."""
+    if core >= (os.cpu_count() or 1):
+        print(f"ERROR: --core={core}; valid: 0..{(os.cpu_count() or 1) - 1}", file=sys.stderr)
         sys.exit(1)
     if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {FLAGS.core})
-    print(f"pinned to core {FLAGS.core} of {os.cpu_count()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        os.sched_setaffinity(0, {core})
+    print(f"pinned to core {core} of {os.cpu_count()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def main(argv) -> None:
+    cli.parse(FLAGS, argv, __doc__)
+    pin_to_core(FLAGS.core)
     bench_images(FLAGS.images, FLAGS.rounds, FLAGS.min_pixels, FLAGS.max_pixels)
     if not FLAGS.skip_pipeline:
         bench_pipeline(FLAGS.pipeline_seconds, FLAGS.pipeline_model, FLAGS.batch_size, FLAGS.seq_len,

@@ -31,14 +31,14 @@ candidates). Chunk by chunk, the rule is the same for the local processes here, 
 finds all N part summaries writes the merged summary.json / summary.png, so N hosts with shard_index 0..N-1
 together write what one run writes (held-out records in N files instead of one).
 
-The work runs in `workers` processes over chunks, in input order. Everything is written under OUT/.incomplete
-(a part: OUT/.incomplete-i) and moved into place at the end, summary.json last: a killed import leaves nothing
-that can be read as data, and is redone from the start by the next run. A run into an OUT prepared with the
-same settings and unchanged input files does nothing; with other settings it refuses; with overwrite=True it
-imports again and replaces the old dataset once the new one is complete (never mixes the two; media files are
-not fingerprinted, so after fixing images use overwrite). On gs:// each shard is written to a local temporary
-file (ArrayRecord writes local files) and uploaded when complete: one shard at a time on local disk, never the
-dataset; "moved into place" is Cloud Storage's server-side copy.
+The work runs in `workers` processes over chunks, train shard by train shard (each in chunk order). Everything is
+written under OUT/.incomplete (a part: OUT/.incomplete-i) and moved into place at the end, summary.json last: a
+killed import leaves nothing that can be read as data, and is redone from the start by the next run. A run into an
+OUT prepared with the same settings and unchanged input files does nothing; with other settings it refuses; with
+overwrite=True it imports again and replaces the old dataset once the new one is complete (never mixes the two;
+media files are not fingerprinted, so after fixing images use overwrite). On gs:// each shard is written to a local
+temporary file (ArrayRecord writes local files) and uploaded when complete: one shard at a time on local disk,
+never the dataset; "moved into place" is Cloud Storage's server-side copy.
 """
 from __future__ import annotations
 
@@ -667,6 +667,24 @@ def check_arguments(num_shards: int, shard_index: int | None) -> None:
         raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
 
 
+def begin(inputs: str | Sequence[str], out_dir: str, opts: importers.ImportOptions, target: Target, heldout: int,
+          num_shards: int, shard_index: int | None, overwrite: bool) -> tuple[list[str], dict, dict | None]:
+    """The start of every path (local, Beam, a part): (input files, settings, the existing summary when OUT
+    already holds this dataset, else None). Arguments, inputs, tokenizer and OUT are checked before any work."""
+    check_arguments(num_shards, shard_index)
+    files = importers.resolve_inputs(inputs, opts.format) if isinstance(inputs, str) else list(inputs)
+    load_for(target.tokenizer, target.model)      # a tokenizer the model cannot read: one line, before any work
+    settings = settings_of(files, opts, target, heldout, num_shards)
+    return files, settings, check_out_dir(out_dir, settings, overwrite, shard_index)
+
+
+def fresh_tmp(out_dir: str, part: int | None) -> str:
+    """OUT/.incomplete (a part: OUT/.incomplete-i), emptied of what a killed run left."""
+    tmp = paths.join(out_dir, incomplete_name(part))
+    _remove(tmp)
+    return tmp
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole import (this machine's processes)
 
@@ -678,24 +696,25 @@ def prepare(inputs: str | Sequence[str], out_dir: str, *, opts: importers.Import
     part's: OUT/parts/summary-i-of-N.json); summary["up_to_date"] is True when OUT already held this. ValueError
     for unusable arguments or inputs, and when no record could be imported."""
     stream = stream or sys.stderr
-    check_arguments(num_shards, shard_index)
     if workers < 0:
         raise ValueError(f"workers={workers} must be >= 0 (0: one per core)")
     workers = workers or available_cores()
-    files = importers.resolve_inputs(inputs, opts.format) if isinstance(inputs, str) else list(inputs)
-    load_for(target.tokenizer, target.model)      # a tokenizer the model cannot read: one line, before any work
-    settings = settings_of(files, opts, target, heldout, num_shards)
-    existing = check_out_dir(out_dir, settings, overwrite, shard_index)
+    files, settings, existing = begin(inputs, out_dir, opts, target, heldout, num_shards, shard_index, overwrite)
     if existing is not None:
         return existing | {"up_to_date": True}
     t0 = time.time()
     chunks, starts, positions = plan(files, opts, heldout)
     mine = [c for c in range(len(chunks)) if shard_index is None or c % num_shards == shard_index]
     workers = max(1, min(workers, len(mine)))      # a worker per chunk at most: starting one costs seconds
-    tmp = paths.join(out_dir, incomplete_name(shard_index))
-    _remove(tmp)
+    tmp = fresh_tmp(out_dir, shard_index)
     shard_files = layout(num_shards, heldout, shard_index)
-    writers = {split: [ShardWriter(paths.join(tmp, n)) for n in names] for split, names in shard_files.items()}
+    # Chunks in train-shard order: each train shard is written start to end and closed (for gs://: uploaded)
+    # before the next opens, so local disk holds one shard, never the dataset; the held-out records (a few) wait
+    # in memory and are written at the end. Each file holds its chunks in chunk order, as in input order.
+    mine.sort(key=lambda c: (shard_of(c, "train", num_shards, shard_index), c))
+    last = {shard_of(c, "train", num_shards, shard_index): c for c in mine}      # train shard -> its last chunk
+    held: list[tuple[int, bytes]] = []
+    writer = None
     stats = Stats()
     bar = _progress_bar(sum(len(chunks[c]) for c in mine), progress, stream)
     try:
@@ -704,9 +723,16 @@ def prepare(inputs: str | Sequence[str], out_dir: str, *, opts: importers.Import
         for c, results in zip(mine, results_iter):
             splits = split_chunk([isinstance(r, Accepted) for r in results], starts[c], positions)
             stats.add_chunk(starts[c], results, splits)
+            shard = shard_of(c, "train", num_shards, shard_index)
+            writer = writer or ShardWriter(paths.join(tmp, shard_files["train"][shard]))
             for r, split in zip(results, splits):
-                if split is not None:
-                    writers[split][shard_of(c, split, num_shards, shard_index)].write(r.record)
+                if split == "train":
+                    writer.write(r.record)
+                elif split == "heldout":
+                    held.append((c, r.record))
+            if c == last[shard]:
+                writer.close()
+                writer = None
             if bar is not None:
                 bar.update(len(results))
                 bar.set_postfix(written=sum(stats.written.values()), rejected=sum(stats.rejected.values()),
@@ -714,9 +740,13 @@ def prepare(inputs: str | Sequence[str], out_dir: str, *, opts: importers.Import
     finally:
         if bar is not None:
             bar.close()
-        for ws in writers.values():
-            for w in ws:
-                w.close()
+        if writer is not None:
+            writer.close()
+    for shard, name in enumerate(shard_files["train"]):
+        if shard not in last:                      # more shards than chunks: an empty file
+            write_shard(paths.join(tmp, name), [])
+    if "heldout" in shard_files:
+        write_shard(paths.join(tmp, shard_files["heldout"][0]), [r for _, r in sorted(held, key=lambda x: x[0])])
     summary = finish(out_dir, tmp, settings, opts.format, files, stats, shard_files, workers, time.time() - t0,
                      shard_index)
     return summary | {"up_to_date": False}

@@ -320,3 +320,37 @@ def test_cli_workers_progress_and_errors(tmp_path, manifest, monkeypatch):
         prepare_data.main(cmd[3:] + ["--num_shards=2"])
     with pytest.raises(ValueError, match=r"^--input '/nonexistent/\*.json' matches no files$"):
         prepare_data.main(["--input=/nonexistent/*.json", "--out=x"])
+
+
+def test_shard_parts_together_equal_one_run(tmp_path, manifest, monkeypatch):
+    """--num_shards=3 --shard_index=0,1,2 (three hosts; chunks of 2 records) against one unsharded run into
+    another folder: train shard i of part i is the whole run's shard i byte for byte; the parts' held-out files
+    hold the whole run's held-out records; summary.json appears with the last part and counts what the whole
+    run counts."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    def read(path):
+        reader = ArrayRecordReader(str(path))
+        try:
+            return reader.read_all()
+        finally:
+            reader.close()
+
+    monkeypatch.setattr(importers, "CHUNK_RECORDS", 2)
+    whole = run(manifest, tmp_path / "whole", heldout=3, num_shards=3)
+    parts = tmp_path / "parts"
+    for i in (2, 0, 1):                         # any order
+        assert not (parts / "summary.json").exists()
+        part = run(manifest, parts, heldout=3, num_shards=3, shard_index=i)
+        assert part["part"] == i and part["merged"] == (i == 1)
+    for i in range(3):
+        name = prepare.shard_name(i, 3)
+        assert (parts / "train" / name).read_bytes() == (tmp_path / "whole" / "train" / name).read_bytes()
+    held = [r for i in range(3) for r in read(parts / "heldout" / prepare.shard_name(i, 3))]
+    assert sorted(held) == sorted(read(tmp_path / "whole" / "heldout" / prepare.shard_name(0, 1))) and held
+    merged = json.loads((parts / "summary.json").read_text())
+    skip = ("seconds", "records_per_second", "workers", "shards", "up_to_date")
+    assert {k: v for k, v in merged.items() if k not in skip} == {k: v for k, v in whole.items() if k not in skip}
+    # held-out candidates 2, 7, 12 (chunks [2, 3], [6, 7], [12, 13]): 7 and 12 lose their places, their chunks
+    # having no accepted record
+    assert whole["written"] == {"train": 5, "heldout": 1} and sum(whole["rejected"].values()) == 9
