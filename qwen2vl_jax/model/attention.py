@@ -70,32 +70,44 @@ def make_mask(q_segment_ids, kv_segment_ids, *, causal: bool, q_offset=None):
     return mask
 
 
-def _check(q, k, v, q_segment_ids, kv_segment_ids):
+def _check(q, k, v, q_segment_ids, kv_segment_ids, heads_major: bool):
+    order = "[B,Hq,T,D], k and v [B,Hkv,S,D]" if heads_major else "[B,T,Hq,D], k and v [B,S,Hkv,D]"
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q [B,T,Hq,D], k and v [B,S,Hkv,D]; got {q.shape}, {k.shape}, {v.shape}")
-    B, T, Hq, D = q.shape
+        raise ValueError(f"expected q {order}; got {q.shape}, {k.shape}, {v.shape}")
+    h, t = (1, 2) if heads_major else (2, 1)
+    B, T, Hq, D = q.shape[0], q.shape[t], q.shape[h], q.shape[3]
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
-    if Hq % k.shape[2]:
-        raise ValueError(f"query heads {Hq} not a multiple of kv heads {k.shape[2]}")
+    if Hq % k.shape[h]:
+        raise ValueError(f"query heads {Hq} not a multiple of kv heads {k.shape[h]}")
     if q_segment_ids.shape != (B, T):
         raise ValueError(f"q_segment_ids shape {q_segment_ids.shape} != (B, T) = {(B, T)}")
-    if kv_segment_ids.shape != (B, k.shape[1]):
-        raise ValueError(f"kv_segment_ids shape {kv_segment_ids.shape} != (B, S) = {(B, k.shape[1])}")
+    if kv_segment_ids.shape != (B, k.shape[t]):
+        raise ValueError(f"kv_segment_ids shape {kv_segment_ids.shape} != (B, S) = {(B, k.shape[t])}")
 
 
-def _xla(q, k, v, mask, scale):
-    """q [B,T,Hq,D], k/v [B,S,Hkv,D], mask [B,T,S] bool -> [B,T,Hq,D]."""
-    B, T, Hq, D = q.shape
-    Hkv = k.shape[2]
-    qg = q.reshape(B, T, Hkv, Hq // Hkv, D)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+def _swap_heads(x):
+    """[B,T,H,D] <-> [B,H,T,D]."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def _xla(q, k, v, mask, scale, heads_major: bool = False):
+    """q [B,T,Hq,D], k/v [B,S,Hkv,D], mask [B,T,S] bool -> [B,T,Hq,D] (heads_major: [B,H,T,D] in and out)."""
+    if heads_major:
+        B, Hq, T, D = q.shape
+        Hkv = k.shape[1]
+        qg, lhs, out_eq = q.reshape(B, Hkv, Hq // Hkv, T, D), "bkgtd,bksd->bkgts", "bkgts,bksd->bkgtd"
+    else:
+        B, T, Hq, D = q.shape
+        Hkv = k.shape[2]
+        qg, lhs, out_eq = q.reshape(B, T, Hkv, Hq // Hkv, D), "btkgd,bskd->bkgts", "bkgts,bskd->btkgd"
+    logits = jnp.einsum(lhs, qg, k, preferred_element_type=jnp.float32) * scale
     m = mask[:, None, None, :, :]
     logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(m, probs, 0.0).astype(v.dtype)          # fully masked rows -> exact zeros
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, Hq, D).astype(q.dtype)
+    out = jnp.einsum(out_eq, probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(q.shape).astype(q.dtype)
 
 
 def packed_layout(segment_ids, max_segments: int):
@@ -170,31 +182,34 @@ def _splash_kernel(T: int, S: int, groups: int, causal: bool, interpret: bool, b
     return sa.make_splash_mqa_single_device(mask=mask, block_sizes=blocks, interpret=interpret)
 
 
-def _splash_local(q, k, v, q_seg, kv_seg, causal, scale, interpret, block):
-    """Splash on one device's arrays. q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D]."""
+def _splash_local(q, k, v, q_seg, kv_seg, causal, scale, interpret, block, heads_major):
+    """Splash on one device's arrays. q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D] (heads_major: [B,H,T,D])."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    B, T, Hq, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
+    if not heads_major:
+        return _swap_heads(_splash_local(*map(_swap_heads, (q, k, v)), q_seg, kv_seg, causal, scale, interpret,
+                                         block, True))
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     kernel = _splash_kernel(T, S, G, causal, interpret, block)
-    qh = (q * scale).astype(q.dtype).reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4)   # [B,Hkv,G,T,D]
-    kh = k.transpose(0, 2, 1, 3)                                                        # [B,Hkv,S,D]
-    vh = v.transpose(0, 2, 1, 3)
+    qh = (q * scale).astype(q.dtype).reshape(B, Hkv, G, T, D)
+    kh, vh = k, v                                                                       # [B,Hkv,S,D]
 
     def one(qb, kb, vb, qs, ks):  # qb [G,T,D], kb/vb [S,D]
         return kernel(qb, kb, vb, segment_ids=sa.SegmentIds(q=qs, kv=ks))
 
     per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))                 # over kv heads
     out = jax.vmap(per_head)(qh, kh, vh, q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))  # [B,Hkv,G,T,D]
-    out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, D)
-    return jnp.where((q_seg != 0)[:, :, None, None], out, 0).astype(q.dtype)
+    out = out.reshape(B, Hq, T, D)
+    return jnp.where((q_seg != 0)[:, None, :, None], out, 0).astype(q.dtype)
 
 
-def _block_sparse_local(q, k, v, q_seg, kv_seg, causal, scale, interpret, block):
+def _block_sparse_local(q, k, v, q_seg, kv_seg, causal, scale, interpret, block, heads_major):
     """The block-sparse kernel on one device's arrays (block sizes: block_sparse_attention.block_sizes)."""
     return block_sparse_attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal,
-                                  scale=scale, block_q=block, block_kv=block, interpret=interpret)
+                                  scale=scale, block_q=block, block_kv=block, interpret=interpret,
+                                  heads_major=heads_major)
 
 
 KERNELS = {"splash": _splash_local, "block_sparse": _block_sparse_local}
@@ -214,7 +229,7 @@ def mesh_context(mesh):
     return partitioning.activation_sharding(mesh)
 
 
-def _kernel(impl, q, k, v, q_seg, kv_seg, causal, scale, interpret, block):
+def _kernel(impl, q, k, v, q_seg, kv_seg, causal, scale, interpret, block, heads_major):
     """A Pallas kernel (KERNELS[impl]) over the active mesh (shard_map), or on one device when no
     multi-device mesh is active. Specs from partitioning's resolver and active rules: batch over "batch",
     query heads over "act_heads", kv heads over "act_kv_heads" when they split like the query heads
@@ -223,27 +238,34 @@ def _kernel(impl, q, k, v, q_seg, kv_seg, causal, scale, interpret, block):
     local_fn = KERNELS[impl]
     mesh = partitioning.active_mesh()
     if mesh is None:
-        return local_fn(q, k, v, q_seg, kv_seg, causal, scale, interpret, block)
-    Hq, Hkv = q.shape[2], k.shape[2]
+        return local_fn(q, k, v, q_seg, kv_seg, causal, scale, interpret, block, heads_major)
+    ax = 1 if heads_major else 2                                   # the heads axis
+    Hq, Hkv = q.shape[ax], k.shape[ax]
     G = Hq // Hkv
+
+    def spec(heads_name):                                          # logical names in this layout
+        return ("batch", heads_name, None, None) if heads_major else ("batch", None, heads_name, None)
+
     rules = partitioning.active_rules()
-    q_spec = partitioning.logical_to_spec(("batch", None, "act_heads", None), q.shape, mesh, rules)
-    kv_spec = partitioning.logical_to_spec(("batch", None, "act_kv_heads", None), k.shape, mesh, rules)
-    b, qh = q_spec[0], q_spec[2]
-    kvh = kv_spec[2] if kv_spec[2] == qh else None                 # kv heads cannot follow the q split
+    q_spec = partitioning.logical_to_spec(spec("act_heads"), q.shape, mesh, rules)
+    kv_spec = partitioning.logical_to_spec(spec("act_kv_heads"), k.shape, mesh, rules)
+    b, qh = q_spec[0], q_spec[ax]
+    kvh = kv_spec[ax] if kv_spec[ax] == qh else None               # kv heads cannot follow the q split
     q_loc = Hq // partitioning.spec_size(qh, mesh)
-    q_spec, kv_spec, seg_spec = P(b, None, qh, None), P(b, None, kvh, None), P(b, None)
+    q_spec, kv_spec = (P(b, qh, None, None), P(b, kvh, None, None)) if heads_major else \
+        (P(b, None, qh, None), P(b, None, kvh, None))
+    seg_spec = P(b, None)
 
     def local(q, k, v, q_seg, kv_seg):
         if qh is not None and kvh is None:                         # k/v replicated: pick this shard's heads
             first = jax.lax.axis_index(qh) * q_loc                # global index of local query head 0
             if G % q_loc == 0:                                    # all local heads share one kv head
-                k = jax.lax.dynamic_slice_in_dim(k, first // G, 1, axis=2)
-                v = jax.lax.dynamic_slice_in_dim(v, first // G, 1, axis=2)
+                k = jax.lax.dynamic_slice_in_dim(k, first // G, 1, axis=ax)
+                v = jax.lax.dynamic_slice_in_dim(v, first // G, 1, axis=ax)
             else:                                                 # uneven straddle: one kv head per q head
                 kv_index = (first + jnp.arange(q_loc)) // G
-                k, v = jnp.take(k, kv_index, axis=2), jnp.take(v, kv_index, axis=2)
-        return local_fn(q, k, v, q_seg, kv_seg, causal, scale, interpret, block)
+                k, v = jnp.take(k, kv_index, axis=ax), jnp.take(v, kv_index, axis=ax)
+        return local_fn(q, k, v, q_seg, kv_seg, causal, scale, interpret, block, heads_major)
 
     fn = shard_map(local, mesh, (q_spec, kv_spec, kv_spec, seg_spec, seg_spec), q_spec)
     return fn(q, k, v, q_seg, kv_seg)
@@ -283,8 +305,12 @@ def resolve_impl(impl: str, dtype, lengths: tuple[int, int] | None = None) -> st
 
 def attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, impl: str = "xla", q_offset=None,
               scale: float | None = None, single_segment: bool = False, max_segments: int | None = None,
-              interpret: bool | None = None, block: int | None = None):
+              interpret: bool | None = None, block: int | None = None, heads_major: bool = False):
     """Masked attention (rule in the module docstring). q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D] in q.dtype.
+
+    heads_major: q [B,Hq,T,D], k/v [B,Hkv,S,D] -> [B,Hq,T,D], the Pallas kernels' own layout, so a caller
+    that projects straight into it has no transpose around the kernels (the xla backend computes in it
+    too; cudnn transposes to its layout and back).
 
     q_segment_ids [B,T], kv_segment_ids [B,S]: int, 0 = padding. q_offset: None (self-attention, T == S
     aligned) or int / [B] int array, the key index of query 0 (KV-cache decoding; forces the xla backend).
@@ -299,17 +325,24 @@ def attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, impl: str
     """
     q_segment_ids = jnp.asarray(q_segment_ids)
     kv_segment_ids = jnp.asarray(kv_segment_ids)
-    _check(q, k, v, q_segment_ids, kv_segment_ids)
+    _check(q, k, v, q_segment_ids, kv_segment_ids, heads_major)
     scale = float(q.shape[-1]) ** -0.5 if scale is None else scale
-    impl = resolve_impl(impl, q.dtype, (q.shape[1], k.shape[1]))
+    t = 2 if heads_major else 1
+    impl = resolve_impl(impl, q.dtype, (q.shape[t], k.shape[t]))
+    if heads_major and impl == "cudnn":
+        return _swap_heads(attention(*map(_swap_heads, (q, k, v)), q_segment_ids=q_segment_ids,
+                                     kv_segment_ids=kv_segment_ids, causal=causal, impl=impl, q_offset=q_offset,
+                                     scale=scale, single_segment=single_segment, max_segments=max_segments,
+                                     interpret=interpret, block=block))
     if q_offset is not None or impl == "xla":
         mask = make_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
-        return _xla(q, k, v, mask, scale)
+        return _xla(q, k, v, mask, scale, heads_major)
     if impl == "cudnn":
         if max_segments is not None and q.shape[1] != k.shape[1]:
             raise ValueError(f"max_segments is for self-attention; got T={q.shape[1]} != S={k.shape[1]}")
         return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, scale, single_segment, max_segments)
     if interpret is None:               # compiled for TPU unless a mesh in context says otherwise
         interpret = mesh_platform() not in (None, "tpu")
-    return _kernel(impl, q, k, v, q_segment_ids, kv_segment_ids, causal, scale, interpret, block or None)
+    return _kernel(impl, q, k, v, q_segment_ids, kv_segment_ids, causal, scale, interpret, block or None,
+                   heads_major)
 

@@ -556,16 +556,22 @@ def block_sizes(T: int, S: int, block_q: int | None = None, block_kv: int | None
 
 
 def block_sparse_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, scale: float | None = None,
-                           block_q: int | None = None, block_kv: int | None = None, interpret: bool = False):
+                           block_q: int | None = None, block_kv: int | None = None, interpret: bool = False,
+                           heads_major: bool = False):
     """Masked attention visiting only the block pairs whose segments meet (module docstring).
 
     q [B,T,Hq,D], k/v [B,S,Hkv,D], segment ids [B,T] / [B,S] int (0 = padding) -> [B,T,Hq,D] in q.dtype.
-    Differentiable in q, k, v (Pallas backward). block_q / block_kv: None = the largest of BLOCK_CHOICES
-    dividing T / S (`block_sizes`). interpret: run the kernels in Pallas interpret mode (CPU)."""
+    heads_major: q [B,Hq,T,D], k/v [B,Hkv,S,D] -> [B,Hq,T,D], the kernels' own layout (no transposes:
+    a caller that projects straight to it saves a transpose in and out of every kernel, forward and
+    backward). Differentiable in q, k, v (Pallas backward). block_q / block_kv: None = the largest of
+    BLOCK_CHOICES dividing T / S (`block_sizes`). interpret: run the kernels in Pallas interpret mode (CPU)."""
+    order = "[B,H,T,D]" if heads_major else "[B,T,H,D]"
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q [B,T,Hq,D], k and v [B,S,Hkv,D]; got {q.shape}, {k.shape}, {v.shape}")
-    B, T, Hq, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
+        raise ValueError(f"expected q, k and v {order} (k and v alike); got {q.shape}, {k.shape}, {v.shape}")
+    if not heads_major:
+        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
     if k.shape[0] != B or k.shape[3] != D or Hq % Hkv:
         raise ValueError(f"q {q.shape} and k {k.shape}: batch and head_dim must match and kv heads divide "
                          f"query heads")
@@ -575,5 +581,5 @@ def block_sparse_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bo
         raise ValueError(f"segment ids {q_seg.shape}, {kv_seg.shape}; expected {(B, T)}, {(B, S)}")
     bq, bkv = block_sizes(T, S, block_q, block_kv, interpret)
     cfg = _Cfg(bool(causal), float(D) ** -0.5 if scale is None else float(scale), bq, bkv, bool(interpret))
-    out = _attend(cfg, q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), q_seg, kv_seg)
-    return out.transpose(0, 2, 1, 3)
+    out = _attend(cfg, q, k, v, q_seg, kv_seg)
+    return out if heads_major else out.transpose(0, 2, 1, 3)

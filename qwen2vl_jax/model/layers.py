@@ -37,8 +37,22 @@ class Linear(nn.Module):
         if self.bias_shape is not None:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
                               self.bias_shape, self.param_dtype)
-            y = y + bias.astype(self.dtype)
+            y = checkpoint_name(y + _bias_like(self.eq, bias.astype(self.dtype)), BIASED_PROJECTION)
         return y
+
+
+def _bias_like(eq: str, bias):
+    """bias over the kernel's output axes, in their kernel order, placed on those axes of the output of
+    einsum `eq` (size 1 elsewhere): an output that puts other axes between or before them (a head-major
+    "bpe,ekhd->kbhpd") broadcasts the bias right."""
+    x_spec, rest = eq.replace(" ", "").split(",")
+    k_spec, out = rest.split("->")
+    b_spec = "".join(c for c in k_spec if c not in x_spec)
+    if b_spec == out[-len(b_spec):]:
+        return bias
+    o_spec = "".join(c for c in out if c in b_spec)
+    ordered = jnp.einsum(f"{b_spec}->{o_spec}", bias)
+    return ordered.reshape([ordered.shape[o_spec.index(c)] if c in b_spec else 1 for c in out])
 
 
 class RMSNorm(nn.Module):
@@ -80,6 +94,13 @@ class LayerNorm(nn.Module):
 CHECKPOINT_NAMES = ("qkv", "attn_out")
 
 
+# Name of a Linear's output with its bias added. The policies that save projections ("dots*") save it
+# too: the backward pass then reads the biased output and never needs the bare product, so the bias add
+# fuses into the projection instead of running (and being re-run in the backward pass) as a separate
+# pass over the output. Same memory: one tensor of the same shape instead of the other.
+BIASED_PROJECTION = "biased_projection"
+
+
 # Primitives of the fused attention kernels: Pallas (block_sparse, splash on TPU) and cuDNN. Their outputs
 # include the softmax statistics (logsumexp) the backward kernels read: a policy that saves only the
 # attention output still re-runs the forward kernel in the backward pass to get them.
@@ -93,18 +114,24 @@ def _attention_kernel_saveable(prim, *_, **__) -> bool:
 def remat_policy(name: str) -> Optional[Callable]:
     """cfg.remat_policy -> jax.checkpoint policy ("none" -> None: stack_layers then skips nn.remat).
 
-    "dots_attention" saves every projection output (matmuls without batch dimensions: q/k/v, o, the MLP's)
+    "dots_attention" saves every projection output (matmuls without batch dimensions: q/k/v, o, the MLP's;
+    with its bias added where it has one: BIASED_PROJECTION)
     and the attention kernels' outputs, so the backward pass recomputes only norms, activations and rotary
     embeddings: no matmul and no attention kernel runs twice. With attention_impl "xla" the attention
     itself (batched matmuls) is still recomputed; its [T, S] scores are never kept."""
     cp = jax.checkpoint_policies
+    biased = cp.save_only_these_names(BIASED_PROJECTION)
+
+    def with_biased(policy):
+        return cp.save_from_both_policies(policy, biased)
+
     return {
         "none": None,
         "full": cp.nothing_saveable,
-        "dots": cp.dots_saveable,
-        "dots_with_no_batch_dims": cp.dots_with_no_batch_dims_saveable,
-        "dots_attention": cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
-                                                     _attention_kernel_saveable),
+        "dots": with_biased(cp.dots_saveable),
+        "dots_with_no_batch_dims": with_biased(cp.dots_with_no_batch_dims_saveable),
+        "dots_attention": with_biased(cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                                                 _attention_kernel_saveable)),
         "minimal": cp.save_only_these_names(*CHECKPOINT_NAMES),
     }[name]
 

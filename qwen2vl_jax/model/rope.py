@@ -1,6 +1,7 @@
 """Rotary position embeddings: the one rope helper (vision 2-D RoPE ids, M-RoPE cos/sin, rotate-half)."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,18 +28,36 @@ def vision_position_ids(grid_thw, spatial_merge_size: int = 2) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # jax side
 
+def half_rotation(d: int) -> np.ndarray:
+    """[d, d] signed permutation R with x @ R == rotate_half(x): column i takes -x[d/2 + i], column d/2 + i
+    takes x[i]."""
+    h = d // 2
+    r = np.zeros((d, d), np.float32)
+    r[h + np.arange(h), np.arange(h)] = -1.0
+    r[np.arange(h), h + np.arange(h)] = 1.0
+    return r
+
+
 def rotate_half(x):
-    """NeoX half rotation: concat(-x[..., d/2:], x[..., :d/2])."""
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
+    """NeoX half rotation concat(-x[..., d/2:], x[..., :d/2]), as a product with a signed permutation
+    (`half_rotation`), exact in any dtype: each output is one input times +-1. Why a matmul: slicing the
+    head dim at d/2 (40 of head_dim 80, 64 of 128) splits lane tiles, and the TPU compiler then writes the
+    halves and their fp32 casts to HBM as separate fusions (about 0.8 s per 2B stage-2 step); a dot with
+    a small constant operand fuses like any projection. The product carries a size-1 batch dimension so
+    the remat policies that save projections (dots_with_no_batch_dims: "dots_attention") do not save it:
+    recomputing it from the saved projection costs nothing, saving it costs a stacked copy per layer."""
+    r = jnp.asarray(half_rotation(x.shape[-1]), x.dtype)[None]                    # [1, D, D]
+    out = jax.lax.dot_general(x[None], r, (((x.ndim,), (1,)), ((0,), (0,))),
+                              precision=jax.lax.Precision.HIGHEST, preferred_element_type=x.dtype)
+    return out[0]
 
 
 def apply_rotary(x, cos, sin):
-    """x [B, S, H, D]; cos/sin broadcastable to [B, S, 1, D]. Rotation in fp32, result in x.dtype."""
-    xf = x.astype(jnp.float32)
-    cos = cos.astype(jnp.float32)
-    sin = sin.astype(jnp.float32)
-    return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)
+    """x [..., D] (e.g. [B, S, H, D] or head-major [B, H, S, D]); cos/sin broadcastable to it (e.g.
+    [B, S, 1, D] / [B, 1, S, D]). x * cos + rotate_half(x) * sin in fp32, result in x.dtype (rotate_half
+    is exact, so rotating x before the fp32 cast equals rotating the fp32 copy)."""
+    f32 = jnp.float32
+    return (x.astype(f32) * cos.astype(f32) + rotate_half(x).astype(f32) * sin.astype(f32)).astype(x.dtype)
 
 
 def vision_rope(patch_positions, head_dim: int, theta: float = 10000.0):

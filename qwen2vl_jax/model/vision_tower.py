@@ -49,18 +49,22 @@ class VisionAttention(nn.Module):
         v = self.cfg.vision
         lin = dict(dtype=dtype_of(self.cfg.dtype), param_dtype=dtype_of(self.cfg.param_dtype))
         E, H, hd = v.embed_dim, v.num_heads, v.head_dim
-        qkv = Linear("bpe,ekhd->bpkhd", (E, 3, H, hd), ("vision_embed", "qkv", "vision_heads", "head_dim"),
+        # Head-major throughout ([3,B,H,P,hd] out of the projection, [B,H,P,hd] into and out of attention):
+        # the Pallas kernels' own layout, so no transpose runs around them in the forward or backward pass
+        # and the saved projection output is stacked by the layer scan as it was produced.
+        qkv = Linear("bpe,ekhd->kbhpd", (E, 3, H, hd), ("vision_embed", "qkv", "vision_heads", "head_dim"),
                      (3, H, hd), ("qkv", "vision_heads", "head_dim"), **lin, name="qkv")(x)
-        qkv = checkpoint_name(qkv, "qkv")
-        q, k, val = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                       # [B,P,H,hd]
-        cos, sin = ctx["cos"][:, :, None, :], ctx["sin"][:, :, None, :]
+        qkv = checkpoint_name(constrain(qkv, (None, "batch", "act_heads", "patches", None)), "qkv")
+        q, k, val = qkv[0], qkv[1], qkv[2]                                          # [B,H,P,hd]
+        cos, sin = ctx["cos"][:, None], ctx["sin"][:, None]                         # [B,1,P,hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         seg = ctx["segment_ids"]
         # every image (video slice) is one contiguous run of whole 2x2 merge windows: at most P / 4 runs
         a = attention(q, k, val, q_segment_ids=seg, kv_segment_ids=seg, causal=False, impl=self.cfg.attention_impl,
-                      max_segments=seg.shape[1] // v.merge_unit, block=self.cfg.attention_block_vision)
-        a = checkpoint_name(constrain(a, ("batch", "patches", "act_heads", None)), "attn_out")
-        return Linear("bphd,hde->bpe", (H, hd, E), ("vision_heads", "head_dim", "vision_embed"), (E,),
+                      max_segments=seg.shape[1] // v.merge_unit, block=self.cfg.attention_block_vision,
+                      heads_major=True)
+        a = checkpoint_name(constrain(a, ("batch", "act_heads", "patches", None)), "attn_out")
+        return Linear("bhpd,hde->bpe", (H, hd, E), ("vision_heads", "head_dim", "vision_embed"), (E,),
                       ("vision_embed",), **lin, name="proj")(a)
 
 

@@ -122,13 +122,15 @@ def test_splash_interpret_matches_xla():
 SHARDED_CASES = [("splash", (2, 2, 2), (4, 2), True), ("splash", (2, 1, 4), (4, 2), True),
                  ("splash", (1, 4, 2), (6, 3), True), ("splash", (2, 1, 4), (4, 4), False),
                  ("block_sparse", (2, 1, 4), (4, 2), True), ("block_sparse", (1, 4, 2), (6, 3), True)]
+SHARDED_CASES = [c + (False,) for c in SHARDED_CASES] + [("block_sparse", (1, 4, 2), (6, 3), False, True)]
 
 
-@pytest.mark.parametrize("impl, mesh_shape, heads, causal", SHARDED_CASES)
-def test_kernel_shard_map_matches_naive(impl, mesh_shape, heads, causal):
+@pytest.mark.parametrize("impl, mesh_shape, heads, causal, heads_major", SHARDED_CASES)
+def test_kernel_shard_map_matches_naive(impl, mesh_shape, heads, causal, heads_major):
     """With a mesh in context (activation_sharding inside the trace, or jax.set_mesh around it) the Pallas
     kernel runs in shard_map (batch over data/fsdp, heads over tensor) and equals the float64 loop,
-    forward and q/k/v gradients (vs the xla backend)."""
+    forward and q/k/v gradients (vs the xla backend). heads_major: the same through the [B,H,T,D] entry
+    (the vision tower's), kv heads straddling the tensor split (6:3 over tensor 2)."""
     _splash_or_skip()
     from qwen2vl_jax.train import sharding
 
@@ -140,8 +142,12 @@ def test_kernel_shard_map_matches_naive(impl, mesh_shape, heads, causal):
     seg = _packed_segments(B, T, seed=6)
 
     def run(impl, q, k, v):
-        return attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal, impl=impl,
-                         interpret=True)
+        if not heads_major:
+            return attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal, impl=impl,
+                             interpret=True)
+        hm = lambda x: jnp.swapaxes(x, 1, 2)                                 # noqa: E731
+        return hm(attention(hm(q), hm(k), hm(v), q_segment_ids=seg, kv_segment_ids=seg, causal=causal,
+                            impl=impl, interpret=True, heads_major=True))
 
     w = np.random.default_rng(7).standard_normal(q.shape).astype(np.float32)     # loss weights [B,T,Hq,D]
 

@@ -132,6 +132,28 @@ def test_tpu_block_sizes_match_plain_softmax_on_odd_layouts(block, causal):
     assert np.all(np.asarray(got[0])[seg == 0] == 0) and np.all(np.asarray(got[1][1])[seg == 0] == 0)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["vision", "causal"])
+def test_heads_major_entry_matches_plain_softmax_on_odd_layouts(causal):
+    """heads_major=True takes q [B,Hq,T,D], k/v [B,Hkv,S,D] and returns [B,Hq,T,D] with no transposes:
+    forward and gradients against the plain masked softmax (token-major, so the reference transposes)
+    on the odd layout (head_dim 80, GQA 2:1, segments no multiple of the block, length-1 segments,
+    an all-padding row)."""
+    block = 128
+    T = 2 * block
+    seg = _odd_layout(T, block)
+    q, k, v, w = _inputs(3, T, T, 2, 1, 80, jnp.float32, seed=5)
+    hm = lambda x: jnp.swapaxes(x, 1, 2)                                     # noqa: E731  [B,T,H,D] <-> [B,H,T,D]
+    got = _value_and_grads(lambda q, k, v: block_sparse_attention(
+        q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal, block_q=block, block_kv=block,
+        interpret=True, heads_major=True), hm(q), hm(k), hm(v), hm(w))
+    ref = _value_and_grads(lambda q, k, v: _plain_attention(q, k, v, seg, seg, causal), q, k, v, w)
+    assert got[0].shape == (3, 2, T, 80)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), jax.tree.leaves(got), jax.tree.leaves(ref)):
+        a, b = np.asarray(a), np.asarray(hm(b))
+        np.testing.assert_allclose(a, b, atol=2e-5 * max(1.0, np.abs(b).max()), rtol=0, err_msg=name)
+    assert np.all(np.asarray(hm(got[0]))[seg == 0] == 0)
+
+
 def test_cross_attention_lengths_differ():
     """T != S, different segment layouts: query rows whose segment has no key return zeros. Three key
     blocks: the dk/dv list cannot split into two interleaved parts."""

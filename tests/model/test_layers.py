@@ -118,3 +118,20 @@ def test_dots_attention_policy_recomputes_no_matmul_and_no_attention_kernel():
         {"block_sparse_fwd": 1, "block_sparse_dq": 1, "block_sparse_dkv": 1}
     assert full["block_sparse_fwd"] == 2 and full["block_sparse_dq"] == full["block_sparse_dkv"] == 1
     assert saved["dot_general"] == 12 and full["dot_general"] == 16
+
+
+@pytest.mark.parametrize("policy", ["dots_attention", "dots"])
+def test_projection_policies_save_the_biased_output_not_the_bare_product(policy):
+    """A Linear with a bias under the projection-saving policies: the residuals the backward pass reads are
+    the inputs and ONE [B,T,H] tensor, the output with its bias added (named BIASED_PROJECTION), not the
+    bare product (whose bias add the backward pass would re-run). Residual list from jax's own
+    saved_residuals."""
+    import jax
+    import flax.linen as nn
+    from jax._src.ad_checkpoint import saved_residuals
+    lin = layers.Linear("btd,dh->bth", (8, 16), ("embed", "mlp"), (16,), ("mlp",))
+    x = jnp.ones((1, 4, 8))
+    p = nn.meta.unbox(lin.init(jax.random.key(0), x))
+    f = jax.checkpoint(lambda p, x: jnp.sum(jnp.tanh(lin.apply(p, x))), policy=layers.remat_policy(policy))
+    acts = [d for a, d in saved_residuals(f, p, x) if a.shape == (1, 4, 16)]
+    assert len(acts) == 1 and layers.BIASED_PROJECTION in acts[0], acts

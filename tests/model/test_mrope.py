@@ -2,6 +2,7 @@
 transformers' rotary code."""
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -51,6 +52,23 @@ def test_rotate_half_and_apply_rotary_dtype():
     xb = x.astype(jnp.bfloat16)
     out = apply_rotary(xb, jnp.ones((1, 1, 1, 8)), jnp.zeros((1, 1, 1, 8)))
     assert out.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("d", [80, 128])
+def test_rotate_half_is_exact_on_wide_values(dtype, d):
+    """rotate_half (a product with a signed permutation) equals numpy's concat(-x2, x1) bit for bit on
+    values spanning 1e-30..1e30 (a product at reduced precision would round them), and its gradient is
+    the inverse rotation (numpy concat(x2, -x1))."""
+    r = np.random.default_rng(0)
+    x = (r.standard_normal((3, 5, d)) * 10.0 ** r.integers(-30, 30, (3, 5, d))).astype(np.float32)
+    x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+    want = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1)
+    np.testing.assert_array_equal(np.asarray(rotate_half(jnp.asarray(x, dtype)), np.float32), want)
+    w = jnp.asarray(r.standard_normal((3, 5, d)), dtype)
+    g = jax.grad(lambda v: jnp.sum((rotate_half(v) * w).astype(jnp.float32)))(jnp.asarray(x, dtype))
+    wn = np.asarray(w, np.float32)
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.concatenate([wn[..., d // 2:], -wn[..., :d // 2]], -1))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
