@@ -69,11 +69,14 @@ def main(argv: Sequence[str]) -> int:
         print(f"ERROR: {e}", file=sys.stderr)
         return trainer.EXIT_NON_FINITE
     except checkpoint.DiskFullError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
         # The run's files are closed; what is left are tensorstore's callbacks of the abandoned writes, which
-        # would print a traceback each into the event loop orbax already closed while the interpreter exits.
+        # print tracebacks from their own threads into the event loop orbax already closed. Their later
+        # writes go to /dev/null; one they left half-written ends at our leading newline, so the ERROR line
+        # is whole and last.
+        stderr, sys.stderr = sys.stderr, open(os.devnull, "w")
+        sys.stdout.flush()
+        stderr.write(f"\nERROR: {e}\n")
+        stderr.flush()
         os._exit(trainer.EXIT_DISK_FULL)
     except memory.InsufficientMemoryError as e:
         print(f"ERROR: {e}", file=sys.stderr)
