@@ -181,6 +181,7 @@ def test_heldout_loss_by_kind_within_one_source(params, tok, tmp_path):
         sum(nll for nll, _ in everything) / sum(n for _, n in everything), rel=2e-4)
 
 
+@pytest.mark.slow
 def test_heldout_loss_inside_training(tmp_path, tok):
     """The trainer calls the evaluator hook every eval_every steps and at the end; what it logs is the
     unpacked forward loss of the final params on the held-out samples, averaged by hand."""
@@ -205,6 +206,7 @@ def test_heldout_loss_inside_training(tmp_path, tok):
 # ---------------------------------------------------------------------------------------------
 # accuracy loop + CLI on a random model (machinery only; scores are ~0)
 
+@pytest.mark.slow
 def test_evaluate_cli_on_saved_checkpoint(tmp_path, params, capsys):
     ckpt = tmp_path / "ckpt"
     hf.save_jax_checkpoint(CFG, jax.tree.map(np.asarray, params), str(ckpt))

@@ -39,6 +39,7 @@ def test_batch_layout_one_image_per_row():
     assert ((0 <= labels) & (labels < len(synthetic.SHAPES))).all()
 
 
+@pytest.mark.slow
 def test_tower_learns_colour_from_init():
     """Colour is readable from single patches: a few dozen steps take the held-out accuracy far above the
     majority class (measured 0.72 vs 0.17; the property that separates 'the tower cannot learn' from 'the decoder does not read')."""

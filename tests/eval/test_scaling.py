@@ -61,6 +61,7 @@ def test_bad_inputs_raise():
         scaling.fit_scaling_law([1] * 5, [1] * 6, [1] * 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ext", ["csv", "jsonl"])
 def test_results_table_and_cli(tmp_path, ext):
     n, d, loss = _synthetic(seed=2)

@@ -1,10 +1,12 @@
 """benchmarks/train_step.py smoke test on CPU (--model=test): the JAX step and the transformers step run
 on the same packed batch with the same initial weights, so their first-step losses agree."""
 import numpy as np
+import pytest
 
 from benchmarks import train_step
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_on_cpu(capsys):
     results = train_step.run(model="test", batch_sizes=(1,), steps=1, warmup=1)
     out = capsys.readouterr().out

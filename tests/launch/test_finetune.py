@@ -29,6 +29,8 @@ from qwen2vl_jax.model.config import get_config
 from qwen2vl_jax.train import checkpoint, rundir
 import repo
 
+pytestmark = pytest.mark.slow      # the journey: a training run, export and reload (subprocesses)
+
 REPO = repo.ROOT
 ANSWERS = {"astronaut": "an astronaut", "coffee": "a cup of coffee", "chelsea": "a cat"}
 

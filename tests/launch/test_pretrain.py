@@ -23,6 +23,7 @@ def _cli(*args):
     return [sys.executable, "-m", "launch.pretrain", *args]
 
 
+@pytest.mark.slow
 def test_list_and_bad_override_messages():
     res = subprocess.run(_cli("--list"), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0

@@ -13,6 +13,7 @@ ARGS = ["--model=test", "--stage_set", "1:steps=2", "--stage_set", "2:steps=2", 
         "--eval_after", "3", "--eval_num", "2", "--eval_kinds", "caption,count", "--max_new_tokens", "4"]
 
 
+@pytest.mark.slow
 def test_stages_chain_and_report(tmp_path, capsys):
     workdir = str(tmp_path / "pipe")
     exps = recipe.stage_experiments("test", workdir, (), ("1:steps=2", "2:steps=2", "3:steps=2"))

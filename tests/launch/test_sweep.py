@@ -112,6 +112,7 @@ def test_tpu_emits_one_job_per_point(capsys):
         sweep_cli.main(["--sweep=cpu_small"])
 
 
+@pytest.mark.slow
 def test_one_real_point_trains_and_evaluates(tmp_path):
     """A 2-step point of a minimal sweep through the trainer, its held-out loss per data kind -> one table row."""
     size = sweeps.ModelSize("mini", hidden_size=64, num_hidden_layers=1, num_attention_heads=2,

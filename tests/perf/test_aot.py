@@ -88,6 +88,7 @@ def test_cli_fails_when_it_does_not_fit():
     assert "ERROR: does not fit" in proc.stderr and "16.0 GiB of HBM per device" in proc.stderr
 
 
+@pytest.mark.slow
 def test_multi_slice_compile_replicates_the_state_per_slice():
     """2 slices joined by the dcn axis: libtpu's devices carry their slice, the hybrid mesh puts slice i at dcn
     index i, and each device holds what it holds on one slice (params and optimizer state replicated across
@@ -179,6 +180,7 @@ def test_microbatch_candidates_and_binary_search():
 # ---------------------------------------------------------------------------------------------
 # compiles (libtpu)
 
+@pytest.mark.slow
 def test_microbatches_auto_picks_the_smallest_count_that_fits(monkeypatch):
     """The test model on 4 v5p chips, 8 rows over 4 data shards: microbatches 1 or 2. The HBM limit is set
     between the two compiled steps' memory, so 1 does not fit and 2 does."""
@@ -207,6 +209,7 @@ def test_microbatches_auto_picks_the_smallest_count_that_fits(monkeypatch):
     assert exp.microbatches == 2
 
 
+@pytest.mark.slow
 def test_cli_estimate_last_line_and_useful_flops(tmp_path):
     """launch.aot --estimate on the test model: the useful FLOPs it prints against a hand count for its
     layout flags, the MFU of the last line against those FLOPs and its step time, and --save_hlo writes the

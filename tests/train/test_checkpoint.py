@@ -43,6 +43,7 @@ def _steps(step_fn, state, b_sh, seeds, ckpt=None):
     return state, losses
 
 
+@pytest.mark.slow
 def test_continuation_is_bit_identical(tmp_path):
     mesh, abstract, st_sh, b_sh, step_fn = _setup(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "c"), every=2, keep=5))
@@ -63,6 +64,7 @@ def test_continuation_is_bit_identical(tmp_path):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(tmp_path):
     mesh_a, abstract_a, _, b_sh_a, step_a = _setup(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(directory=str(tmp_path / "c"), every=1))

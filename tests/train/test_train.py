@@ -176,6 +176,7 @@ def _loss_grads_on_mesh(mesh_kw, params, batch, microbatches=1):
     return jax.device_get(metrics), jax.device_get(grads), p_sh
 
 
+@pytest.mark.slow
 def test_meshes_and_accumulation_match_single_device():
     params = _params()
     batch = synthetic_batch(CFG)
