@@ -21,6 +21,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -30,3 +31,14 @@ try:  # the reference model is only needed by parity tests
     torch.set_num_threads(1)
 except ImportError:  # pragma: no cover
     pass
+
+
+@pytest.fixture(scope="session")
+def tpu_devices():
+    """Compile-only TPU devices of a v5p:2x2x1 topology (libtpu from the test requirements; skipped without)."""
+    from qwen2vl_jax.perf import aot
+    try:
+        aot.libtpu_path()
+    except RuntimeError as e:
+        pytest.skip(f"no libtpu on this machine (needed for compile-only TPU devices): {e}")
+    return aot.get_topology_devices(aot.parse_topology("v5p:2x2x1"))

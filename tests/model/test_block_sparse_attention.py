@@ -271,13 +271,8 @@ def test_registry_rows_take_the_largest_block():
 # TPU lowering
 
 @pytest.fixture(scope="module")
-def tpu_device():
-    from qwen2vl_jax.perf import aot
-    try:
-        aot.libtpu_path()
-    except RuntimeError as e:
-        pytest.skip(f"no libtpu on this machine (needed for compile-only TPU devices): {e}")
-    return aot.get_topology_devices(aot.parse_topology("v5p:2x2x1"))[0]
+def tpu_device(tpu_devices):
+    return tpu_devices[0]
 
 
 # (B, T, Hq, Hkv, head_dim, causal, block): vision-tower-shaped (MHA, head_dim 80) at the default block (512)

@@ -124,7 +124,8 @@ EXPECTED_ACTIVATION_SPECS = {
     "4x128x2x16": (DP, None, "tensor", None),  # decoder k, v ("act_kv_heads")
     "4x128x128": (DP, None, "tensor"),         # decoder SwiGLU activation ("act_mlp")
     "4x256x32": (DP, None, None),              # vision hidden states ("batch", "patches", "act_embed")
-    "4x256x4x8": (DP, None, "tensor", None),   # vision attention output
+    "3x4x4x256x8": (None, DP, "tensor", None, None),  # vision q/k/v, head-major [3, B, H, P, D]
+    "4x4x256x8": (DP, "tensor", None, None),   # vision attention output, head-major [B, H, P, D]
     "4x256x128": (DP, None, "tensor"),         # vision MLP activation
     "2048x64": ("tensor", None),               # token table read by the lookup ("vocab", None)
 }
